@@ -1,0 +1,50 @@
+"""``KvmError``: the one exception type of guestmem, carrying the errno the kernel would return.
+
+Both backends raise it for every refused operation, so callers (and the conformance suite) can
+compare ``err.errno`` across backends.  ``error_offset`` is set where the uAPI reports one
+(``KVM_SET_MEMORY_ATTRIBUTES2``).
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import os
+
+
+class KvmError(OSError):
+    """A KVM/guest_memfd operation failed with ``errno``; nothing was changed unless documented."""
+
+    def __init__(self, err: int, operation: str, message: str = "", *, error_offset: int | None = None):
+        text = message or os.strerror(err)
+        super().__init__(err, f"{operation}: {text}")
+        self.operation = operation
+        self.message = text
+        self.error_offset = error_offset
+
+    @property
+    def errname(self) -> str:
+        return _errno.errorcode.get(self.errno or 0, str(self.errno))
+
+    def __str__(self) -> str:
+        tail = f" (error_offset={self.error_offset:#x})" if self.error_offset is not None else ""
+        return f"[{self.errname}] {self.operation}: {self.message}{tail}"
+
+
+class GuestAccessFault(KvmError):
+    """Host userspace touched guest_memfd memory it may not access (the kernel delivers SIGBUS).
+
+    Raised by ``Mapping`` reads/writes on private pages, beyond the file size, or on a guest_memfd
+    without host-shared pages.  ``offset`` is the faulting offset within the mapping.
+    """
+
+    def __init__(self, operation: str, offset: int, message: str = "SIGBUS"):
+        super().__init__(_errno.EFAULT, operation, message)
+        self.offset = offset
+
+
+class CapabilityMissing(RuntimeError):
+    """The chosen backend/host lacks a capability an operation or scenario needs (named in ``cap``)."""
+
+    def __init__(self, cap: str, detail: str = ""):
+        super().__init__(f"host lacks {cap}" + (f": {detail}" if detail else ""))
+        self.cap = cap

@@ -1,0 +1,15 @@
+"""Guest programs: a small op language run by the model's vCPU and compiled to x86 for the kernel's."""
+
+from guestmem.guest.ops import (
+    Access,
+    Accept,
+    Halt,
+    MapGpaRange,
+    Op,
+    Program,
+    Sync,
+    Verify,
+    Write,
+)
+
+__all__ = ["Access", "Accept", "Halt", "MapGpaRange", "Op", "Program", "Sync", "Verify", "Write"]
