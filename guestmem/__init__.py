@@ -17,7 +17,7 @@ __version__ = "0.1.0"
 BACKENDS = ("model", "kernel")
 
 
-def open(backend: str = "model", **options: Any) -> Kvm:  # noqa: A001 - mirrors os.open / guestmem.open
+def open(backend: str = "model", **options: Any) -> Kvm:
     """Open a backend by name: ``"model"`` (default) or ``"kernel"``.
 
     Options are the model's switches (its equivalent of kernel module parameters); the kernel

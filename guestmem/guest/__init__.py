@@ -1,8 +1,8 @@
 """Guest programs: a small op language run by the model's vCPU and compiled to x86 for the kernel's."""
 
 from guestmem.guest.ops import (
-    Access,
     Accept,
+    Access,
     Halt,
     MapGpaRange,
     Op,
@@ -12,4 +12,4 @@ from guestmem.guest.ops import (
     Write,
 )
 
-__all__ = ["Access", "Accept", "Halt", "MapGpaRange", "Op", "Program", "Sync", "Verify", "Write"]
+__all__ = ["Accept", "Access", "Halt", "MapGpaRange", "Op", "Program", "Sync", "Verify", "Write"]

@@ -1,0 +1,84 @@
+"""Ordinary host memory of the model: anonymous mappings and regular memfds.
+
+Both are shmem-like files over the frame pool: pages appear zero-filled on first touch, any page
+may be read and written by the host, and each can back a memslot's shared memory through its
+mapping's address.  A regular memfd is also what a "not a guest_memfd" fd looks like to
+``KVM_SET_USER_MEMORY_REGION2``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from guestmem import uapi as u
+from guestmem.model.mm.frames import FramePool
+from guestmem.model.mm.pagecache import PageCache
+from guestmem.model.process import HostFault, ModelMapping, Process
+
+PS = u.PAGE_SIZE
+
+
+class ShmemBacking:
+    """A sized shmem-like file: anonymous memory (``kind="anon"``) or a memfd (``kind="memfd"``)."""
+
+    def __init__(self, pool: FramePool, process: Process, size: int, kind: str, folio_order: int = 0) -> None:
+        self.pool = pool
+        self.process = process
+        self.size = size
+        self.kind = kind
+        self.folio_order = folio_order
+        self.cache = PageCache(pool)
+        self.fd = -1
+        self._refs = 0
+
+    @property
+    def npages(self) -> int:
+        return (self.size + PS - 1) // PS
+
+    # --- MappableFile -----------------------------------------------------------------------------
+    def host_fault(self, start: int, end: int, write: bool) -> list[tuple[int, int, int]]:
+        stop = min(end, self.npages)
+        if stop <= start:
+            raise HostFault(start, "SIGBUS: beyond the end of the file")
+        self.cache.populate(start, stop, self.folio_order, limit=self.npages)
+        self.cache.prepare(start, stop)
+        return [(s, e, pfn) for s, e, pfn, _ in self.cache.lookup_range(start, stop) if pfn is not None]
+
+    def folio_runs(self, start: int, end: int) -> list[tuple[int, int, int, int]]:
+        """Like :meth:`host_fault` but with each run's folio order (for mapping-level decisions)."""
+        self.host_fault(start, end, True)
+        stop = min(end, self.npages)
+        return [(s, e, pfn, o) for s, e, pfn, o in self.cache.lookup_range(start, stop) if pfn is not None]
+
+    def pin_pages(self, start: int, end: int, delta: int) -> None:
+        self.cache.add_ref(start, end, delta)
+
+    def frame_view(self, pfn: int, npages: int) -> np.ndarray:
+        return self.pool.view(pfn, npages)
+
+    def get_file(self) -> None:
+        self._refs += 1
+
+    def put_file(self) -> None:
+        self._refs -= 1
+        if self._refs == 0:
+            self.cache.clear()
+            self.on_release()
+
+    def on_release(self) -> None:
+        """Hook for the owner (the system unregisters the file here)."""
+
+    # --- HostFile ---------------------------------------------------------------------------------
+    def close(self) -> None:
+        if self.fd >= 0 and self.process.close_fd(self.fd) is self:
+            self.fd = -1
+            self.put_file()
+
+    def mmap(self, length: int | None = None, offset: int = 0) -> ModelMapping:
+        return self.process.mmap(self, self.size if length is None else length, offset // PS)
+
+    def __enter__(self) -> ShmemBacking:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

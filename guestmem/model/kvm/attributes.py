@@ -1,0 +1,73 @@
+"""Per-VM memory attributes: ``KVM_SET_MEMORY_ATTRIBUTES`` (kvm_main.c + the x86 arch hooks).
+
+The attribute of every gfn lives in the VM's RangeMap (default 0 = shared), covering gfns with no
+memslot too.  An update that changes nothing returns early without invalidating; otherwise the
+memslots intersecting the range go through one invalidation: begin, the range added, the x86
+head/tail hugepage rule, SPTEs zapped, the attributes stored, MIXED tracking recomputed, end.
+"""
+
+from __future__ import annotations
+
+import errno
+from typing import TYPE_CHECKING
+
+from guestmem import uapi as u
+from guestmem.errors import KvmError
+from guestmem.model.kvm import mmu as mmu_mod
+
+if TYPE_CHECKING:
+    from guestmem.model.kvm.memslot import Memslot
+    from guestmem.model.kvm.vm import ModelVm
+
+OP = "KVM_SET_MEMORY_ATTRIBUTES"
+PS = u.PAGE_SIZE
+
+
+def set_vm_memory_attributes(vm: ModelVm, address: int, size: int, attributes: int, flags: int) -> None:
+    if vm.system.options.gmem_attributes:
+        raise KvmError(errno.ENOTTY, OP, "per-VM attributes are disabled (in-place conversion mode)")
+    if flags:
+        raise KvmError(errno.EINVAL, OP, "flags must be 0")
+    if attributes & ~vm.supported_mem_attributes():
+        raise KvmError(errno.EINVAL, OP, f"unsupported attributes {attributes:#x}")
+    if size == 0 or address + size >= 1 << 64:
+        raise KvmError(errno.EINVAL, OP, "size is 0 or the range wraps")
+    if address % PS or size % PS:
+        raise KvmError(errno.EINVAL, OP, "address and size must be page aligned")
+    start, end = address // PS, (address + size) // PS
+    with vm.slots_lock():
+        if vm.attributes.all_equal(start, end, attributes):
+            return
+        apply_vm_attributes(vm, start, end, attributes)
+    vm.system.stats["conversions"] += 1
+
+
+def _intersecting_slots(vm: ModelVm, start: int, end: int) -> list[tuple[Memslot, int, int]]:
+    out = []
+    for ms in vm.memslots:
+        for s, e, slot in ms.in_range(start, end):
+            if slot is not None:
+                out.append((slot, s, e))
+    return out
+
+
+def apply_vm_attributes(vm: ModelVm, start: int, end: int, attributes: int) -> None:
+    """``kvm_vm_set_mem_attributes`` after validation, under slots_lock."""
+    targets = _intersecting_slots(vm, start, end)
+    mmu = vm.mmu
+    if not targets:
+        vm.attributes.set(start, end, attributes)
+        return
+    # Zap the SPTEs of the old kind (the filter matters only for mirrored roots).
+    flt = mmu_mod.FILTER_SHARED if attributes & u.KVM_MEMORY_ATTRIBUTE_PRIVATE else mmu_mod.FILTER_PRIVATE
+    with vm.mmu_lock():
+        mmu.invalidate_begin()
+        flush = False
+        for slot, s, e in targets:
+            mmu.range_add(s, e)
+            mmu_mod.pre_set_attributes_range_add(vm, slot, s, e)
+            flush |= mmu.unmap_gfn_range(slot, s, e, flt)
+        vm.attributes.set(start, end, attributes)
+        for slot, s, e in targets:
+            mmu_mod.post_set_attributes(vm, slot, s, e, attributes)
+        mmu.invalidate_end()

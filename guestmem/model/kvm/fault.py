@@ -1,0 +1,125 @@
+"""The guest page-fault path: seed 003's decision table over a run of gfns.
+
+``page_fault`` is ``kvm_mmu_page_fault`` -> ``kvm_mmu_faultin_pfn`` -> install, applied to a run
+of consecutive gfns at once.  It takes the longest prefix of the run over which every input to
+the decision is uniform (memslot, attribute, access kind), decides it the way upstream decides a
+single gfn, and returns either how far it mapped or the exit the first gfn produces.  The per-gfn
+semantics are unchanged; only the bookkeeping is per range.
+
+Order, as upstream: private-ness of the access; mismatch with the gfn's attribute -> memory-fault
+exit; no memslot -> memory-fault exit if private, else emulated MMIO; snapshot ``mmu_seq``; from
+guest_memfd when private or the slot is GMEM_ONLY (no guest_memfd -> memory-fault exit; a
+``get_pfn`` error -> memory-fault exit with that errno); else from the host mapping at
+``userspace_addr``; finally, under ``mmu_lock``, retry if an invalidation raced, else install.
+"""
+
+from __future__ import annotations
+
+import errno
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from guestmem import uapi as u
+from guestmem.api import ExitMemoryFault
+from guestmem.errors import KvmError
+from guestmem.model.kvm import mmu as mmu_mod
+from guestmem.model.process import HostFault
+
+if TYPE_CHECKING:
+    from guestmem.guest.ops import Access
+    from guestmem.model.kvm.memslot import Memslot
+    from guestmem.model.kvm.vm import ModelVm
+
+PS = u.PAGE_SIZE
+MAX_RETRIES = 10_000
+
+
+@dataclass
+class Emulate:
+    """No memslot and a shared access: KVM emulates the instruction as MMIO (RET_PF_EMULATE)."""
+
+    gfn: int
+
+
+def memory_fault(gfn: int, private: bool, err: int = errno.EFAULT) -> ExitMemoryFault:
+    """``kvm_prepare_memory_fault_exit``: gpa of the gfn, one page, PRIVATE flag per the access."""
+    return ExitMemoryFault(gfn << u.PAGE_SHIFT, PS, u.KVM_MEMORY_EXIT_FLAG_PRIVATE if private else 0, err)
+
+
+def page_fault(vm: ModelVm, gfn: int, end: int, access: Access, write: bool, as_id: int = 0
+               ) -> int | ExitMemoryFault | Emulate:
+    """Fault in gfns from ``gfn`` (up to ``end``).  Returns the gfn up to which the range is now
+    mapped (> ``gfn``), an :class:`ExitMemoryFault`, or :class:`Emulate` for MMIO.  Raises
+    ``KvmError(EFAULT)`` where ``KVM_RUN`` itself fails (an unmapped ``userspace_addr``)."""
+    mmu = vm.mmu
+    mmu.stats["faults"] += 1
+    for _ in range(MAX_RETRIES):
+        seq = mmu.seq
+        is_private = vm.arch.fault_is_private(gfn, access)
+        if is_private != vm.mem_is_private(gfn):
+            return memory_fault(gfn, is_private)
+        slot = vm.memslots[as_id].lookup(gfn)
+        if slot is None:
+            return memory_fault(gfn, True) if is_private else Emulate(gfn)
+        stop = min(end, slot.end_gfn, vm.attribute_run_end(gfn, end))
+        if write and slot.readonly:
+            return Emulate(gfn)  # a write to a read-only slot is emulated MMIO
+        if mmu.in_progress and mmu.retry(seq, gfn, gfn + 1):
+            mmu.stats["retries"] += 1
+            _yield()
+            continue
+        if is_private or slot.gmem_only:
+            if not slot.has_gmem:
+                return memory_fault(gfn, is_private)
+            gfile = slot.gmem_file
+            if gfile is None:
+                return memory_fault(gfn, is_private, errno.EFAULT)
+            runs, err = gfile.get_pfn_range(slot, gfn, stop)
+            if not runs:
+                return memory_fault(gfn, is_private, err or errno.EFAULT)
+        else:
+            runs = host_runs(vm, slot, gfn, stop, write)
+        covered = gfn
+        for s, e, _, _ in sorted(runs):
+            if s <= covered < e:
+                covered = min(e, stop)
+        covered = max(covered, gfn + 1)
+        with vm.mmu_lock():
+            if mmu.retry(seq, gfn, covered):
+                mmu.stats["retries"] += 1
+                continue
+            top = mmu_mod.max_order_for(vm, is_private)
+            writable = not slot.readonly
+            for s, e, pfn, order in runs:
+                mmu.install(slot, gfn, covered, s, e, pfn, order, is_private, writable, top)
+        return covered
+    raise KvmError(errno.EIO, "KVM_RUN", f"fault at gfn {gfn:#x} retried {MAX_RETRIES} times")
+
+
+def host_runs(vm: ModelVm, slot: Memslot, gfn: int, stop: int, write: bool
+              ) -> list[tuple[int, int, int, int]]:
+    """Resolve gfns through ``userspace_addr`` (``hva_to_pfn``/GUP): runs ``(s, e, pfn, order)``."""
+    hva = slot.gfn_to_hva(gfn)
+    hit = vm.system.process.resolve(hva)
+    if hit is None:
+        raise KvmError(errno.EFAULT, "KVM_RUN", f"gfn {gfn:#x}: userspace_addr {hva:#x} is not mapped")
+    mapping, off = hit
+    first = mapping.pgoff + off // PS
+    n = min(stop - gfn, (mapping.length - off + PS - 1) // PS)
+    try:
+        folio_runs = getattr(mapping.file, "folio_runs", None)
+        if folio_runs is not None:
+            raw = folio_runs(first, first + n)
+        else:
+            raw = [(s, e, pfn, 0) for s, e, pfn in mapping.file.host_fault(first, first + n, write)]
+    except HostFault:
+        raise KvmError(errno.EFAULT, "KVM_RUN", f"gfn {gfn:#x}: host access to {hva:#x} faults") from None
+    base = gfn - first
+    return [(s + base, e + base, pfn, order) for s, e, pfn, order in raw]
+
+
+def _yield() -> None:
+    import time
+
+    time.sleep(0)
+

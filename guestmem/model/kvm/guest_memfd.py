@@ -1,0 +1,423 @@
+"""guest_memfd: fd-based guest memory owned by KVM (virt/kvm/guest_memfd.c, as merged in 6.8..6.18).
+
+Two objects, as upstream: a :class:`GmemInode` is the storage (its size, flags, page cache, and the
+per-page state that lives with folios: uptodate, hwpoison, extra references; in the in-place
+design also the shared/private attributes), and a :class:`GmemFile` is one VM's view of it (the
+fd, its memslot bindings, the reference on the VM).  Pages live with the inode; closing the file
+zaps every SPTE it backs but frees nothing until the inode goes.
+
+Invalidation follows upstream exactly: for each file, for each binding that intersects the range,
+``invalidate_begin`` (under the VM's mmu_lock, once) and an unmap of the bound gfns; afterwards
+``invalidate_end`` if any binding intersects.  Punch, bind, unbind and release hold the inode's
+``filemap_invalidate_lock`` exclusive; allocation and the guest fault path hold it shared.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from guestmem import uapi as u
+from guestmem.errors import KvmError
+from guestmem.model.process import HostFault, ModelMapping
+from guestmem.model.vfs import vfs_fallocate_checks
+from guestmem.ranges import RangeMap
+from guestmem.sync import RwSem
+
+if TYPE_CHECKING:
+    from guestmem.model.kvm.memslot import Memslot
+    from guestmem.model.kvm.system import ModelKvm
+    from guestmem.model.kvm.vm import ModelVm
+
+PS = u.PAGE_SIZE
+ALL = 1 << (63 - u.PAGE_SHIFT)  # "-1ul": past the last index a file can have
+_inode_numbers = itertools.count(0x4000)
+
+
+class GmemInode:
+    """The storage behind a guest_memfd (``struct gmem_inode``)."""
+
+    def __init__(self, system: ModelKvm, size: int, flags: int, folio_order: int) -> None:
+        from guestmem.model.mm.pagecache import PageCache
+
+        self.system = system
+        self.size = size
+        self.flags = flags
+        self.ino = next(_inode_numbers)
+        self.folio_order = folio_order
+        self.cache = PageCache(system.pool)  # folios, uptodate and extra references live here
+        self.hwpoison: RangeMap[bool] = RangeMap(False)
+        # In-place conversion: shared/private per page lives here, covering [0, size) whether or
+        # not a page is allocated.  Default private; INIT_SHARED starts shared.
+        init = 0 if flags & u.GUEST_MEMFD_FLAG_INIT_SHARED else u.KVM_MEMORY_ATTRIBUTE_PRIVATE
+        self.attributes: RangeMap[int] = RangeMap(init)
+        self.invalidate_lock = RwSem("filemap_invalidate_lock")
+        self.files: list[GmemFile] = []
+        self.freed = False
+        system.register_file(self)
+
+    @property
+    def npages(self) -> int:
+        return self.size // PS
+
+    @property
+    def mmap_supported(self) -> bool:
+        return bool(self.flags & u.GUEST_MEMFD_FLAG_MMAP)
+
+    @property
+    def init_shared(self) -> bool:
+        return bool(self.flags & u.GUEST_MEMFD_FLAG_INIT_SHARED)
+
+    def is_private(self, index: int) -> bool:
+        return bool(self.attributes.get(index) & u.KVM_MEMORY_ATTRIBUTE_PRIVATE)
+
+    # --- page cache ---------------------------------------------------------------------------
+    def get_folios(self, start: int, end: int, *, zero: bool) -> list[tuple[int, int, int, int]]:
+        """Get or create the folios backing [start, end); return runs ``(s, e, pfn_of_s, order)``.
+
+        With ``zero`` the pages not yet up to date are cleared and marked up to date (the
+        "zeroed at most once, before first use" rule); allocation alone does neither.
+        """
+        self.cache.populate(start, end, self.folio_order, limit=self.npages)
+        if zero:
+            self.cache.prepare(start, end)
+        return [(s, e, pfn, order) for s, e, pfn, order in self.cache.lookup_range(start, end)
+                if pfn is not None]
+
+    def remove_pages(self, start: int, end: int) -> int:
+        """Truncate [start, end) from the page cache: frees the frames and forgets folio state."""
+        n = self.cache.remove(start, end)
+        self.hwpoison.set(start, end, False)
+        return n
+
+    def free(self) -> None:
+        """The inode's last reference is gone: give every frame back."""
+        if not self.freed:
+            self.freed = True
+            self.remove_pages(0, ALL)
+            self.system.unregister_file(self)
+
+    # --- invalidation -------------------------------------------------------------------------
+    def invalidate_filter(self) -> int:
+        """Which SPTEs an invalidation zaps where the arch keeps private and shared apart
+        (TDX mirror roots): upstream derives it from INIT_SHARED; the in-place design from the
+        attributes in range (see :meth:`GmemFile.invalidate_begin`)."""
+        from guestmem.model.kvm.mmu import FILTER_PRIVATE, FILTER_SHARED
+
+        return FILTER_SHARED if self.init_shared else FILTER_PRIVATE
+
+    def invalidate_begin(self, start: int, end: int, attr_filter: int | None = None) -> None:
+        if attr_filter is None:
+            attr_filter = self.filter_for(start, end)
+        for f in list(self.files):
+            f.invalidate_begin(start, end, attr_filter)
+
+    def invalidate_end(self, start: int, end: int) -> None:
+        for f in list(self.files):
+            f.invalidate_end(start, end)
+
+    def filter_for(self, start: int, end: int) -> int:
+        from guestmem.model.kvm.mmu import FILTER_PRIVATE, FILTER_SHARED
+
+        if not self.system.options.gmem_attributes:
+            return self.invalidate_filter()
+        flt = 0
+        for _, _, v in self.attributes.segments(start, min(end, self.npages) if end > start else end):
+            flt |= FILTER_PRIVATE if v & u.KVM_MEMORY_ATTRIBUTE_PRIVATE else FILTER_SHARED
+        return flt or (FILTER_PRIVATE | FILTER_SHARED)
+
+
+class GmemFile:
+    """One VM's guest_memfd file (``struct gmem_file`` + the ``struct file``).
+
+    Refcounted like a ``struct file``: the fd holds one reference and every mmap holds one; the
+    file is released (``kvm_gmem_release``) when the last goes.
+    """
+
+    kind = "guest_memfd"
+
+    def __init__(self, vm: ModelVm, inode: GmemInode) -> None:
+        self.vm = vm
+        self.inode = inode
+        self.bindings: RangeMap[Memslot | None] = RangeMap(None)
+        self.fd = -1
+        self._refs = 0
+        self.released = False
+        vm.get()  # the file pins the VM, not the other way round
+        inode.files.append(self)
+
+    # --- Protocol attributes --------------------------------------------------------------------
+    @property
+    def size(self) -> int:
+        return self.inode.size
+
+    @property
+    def flags(self) -> int:
+        return self.inode.flags
+
+    @property
+    def system(self) -> ModelKvm:
+        return self.vm.system
+
+    # --- file lifetime ------------------------------------------------------------------------
+    def get_file(self) -> None:
+        self._refs += 1
+
+    def put_file(self) -> None:
+        self._refs -= 1
+        if self._refs == 0:
+            self._release()
+
+    def close(self) -> None:
+        """Close the fd.  The file is released once no mapping holds it either."""
+        if self.fd >= 0 and self.system.process.close_fd(self.fd) is self:
+            self.fd = -1
+            self.put_file()
+
+    def __enter__(self) -> GmemFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _release(self) -> None:
+        """``kvm_gmem_release``: detach every bound slot and zap all SPTEs this file backs."""
+        vm, inode = self.vm, self.inode
+        with vm.slots_lock(), inode.invalidate_lock.write():
+            for _, _, slot in list(self.bindings.items()):
+                if slot is not None:
+                    slot.gmem_file = None
+            self.invalidate_begin(0, ALL, inode.filter_for(0, inode.npages))
+            self.invalidate_end(0, ALL)
+            inode.files.remove(self)
+            self.released = True
+        self.bindings.clear()
+        if not inode.files:
+            inode.free()
+        vm.put()
+
+    # --- file operations ----------------------------------------------------------------------
+    def fallocate(self, mode: int, offset: int, length: int) -> None:
+        vfs_fallocate_checks(mode, offset, length)
+        op = "fallocate"
+        if not mode & u.FALLOC_FL_KEEP_SIZE:
+            raise KvmError(errno.EOPNOTSUPP, op, "guest_memfd requires FALLOC_FL_KEEP_SIZE")
+        if mode & ~(u.FALLOC_FL_KEEP_SIZE | u.FALLOC_FL_PUNCH_HOLE):
+            raise KvmError(errno.EOPNOTSUPP, op, f"mode {mode:#x} not supported by guest_memfd")
+        if offset % PS or length % PS:
+            raise KvmError(errno.EINVAL, op, "offset and length must be page aligned")
+        if mode & u.FALLOC_FL_PUNCH_HOLE:
+            self._punch_hole(offset, length)
+        else:
+            self._allocate(offset, length)
+
+    def allocate(self, offset: int, length: int) -> None:
+        self.fallocate(u.FALLOC_FL_KEEP_SIZE, offset, length)
+
+    def punch_hole(self, offset: int, length: int) -> None:
+        self.fallocate(u.FALLOC_FL_KEEP_SIZE | u.FALLOC_FL_PUNCH_HOLE, offset, length)
+
+    def _punch_hole(self, offset: int, length: int) -> None:
+        inode = self.inode
+        start, end = offset // PS, (offset + length) // PS
+        with inode.invalidate_lock.write():
+            inode.invalidate_begin(start, end)
+            inode.remove_pages(start, end)
+            inode.invalidate_end(start, end)
+        self.system.stats["punches"] += 1
+
+    def _allocate(self, offset: int, length: int) -> None:
+        inode = self.inode
+        if offset + length > inode.size:
+            raise KvmError(errno.EINVAL, "fallocate", "range beyond the guest_memfd's size")
+        with inode.invalidate_lock.read():
+            # Allocation neither zeroes nor marks up to date (first use does).
+            inode.get_folios(offset // PS, (offset + length) // PS, zero=False)
+
+    def read(self, length: int, offset: int | None = None) -> bytes:
+        # No read handler: read(2) fails in vfs_read with EINVAL; pread(2) fails earlier with
+        # ESPIPE, because the file is not opened FMODE_PREAD.
+        if offset is not None:
+            raise KvmError(errno.ESPIPE, "pread")
+        raise KvmError(errno.EINVAL, "read")
+
+    def write(self, data: bytes, offset: int | None = None) -> int:
+        if offset is not None:
+            raise KvmError(errno.ESPIPE, "pwrite")
+        raise KvmError(errno.EINVAL, "write")
+
+    def truncate(self, size: int) -> None:
+        raise KvmError(errno.EINVAL, "ftruncate", "guest_memfd's size is immutable")
+
+    def stat(self) -> tuple[int, int, int]:
+        return self.inode.size, PS, self.inode.ino
+
+    def mmap(self, length: int | None = None, offset: int = 0, *, shared: bool = True) -> ModelMapping:
+        length = self.inode.size if length is None else length
+        if length <= 0 or offset % PS or offset < 0:
+            raise KvmError(errno.EINVAL, "mmap")
+        if not self.inode.mmap_supported:
+            raise KvmError(errno.ENODEV, "mmap", "guest_memfd created without GUEST_MEMFD_FLAG_MMAP")
+        if not shared:
+            raise KvmError(errno.EINVAL, "mmap", "guest_memfd mappings must be MAP_SHARED")
+        return self.system.process.mmap(self, length, offset // PS)
+
+    def set_memory_attributes2(self, offset: int, size: int, attributes: int, flags: int = 0) -> None:
+        from guestmem.model.kvm.inplace import set_memory_attributes2
+
+        set_memory_attributes2(self, offset, size, attributes, flags)
+
+    # --- host userspace faults (MappableFile) ---------------------------------------------------
+    def host_fault(self, start: int, end: int, write: bool) -> list[tuple[int, int, int]]:
+        """``kvm_gmem_fault_user_mapping`` over a run of pages: SIGBUS past i_size, and on a page
+        the host may not touch (upstream: any page without INIT_SHARED; in-place: a private one)."""
+        inode = self.inode
+        with inode.invalidate_lock.read():
+            stop = min(end, inode.npages)
+            if not self.system.options.gmem_attributes:
+                if not inode.init_shared:
+                    stop = start
+            else:
+                first_private = inode.attributes.first_match(
+                    start, stop, lambda v: bool(v & u.KVM_MEMORY_ATTRIBUTE_PRIVATE))
+                if first_private is not None:
+                    stop = first_private
+            poisoned = inode.hwpoison.first_match(start, stop, bool) if stop > start else None
+            if poisoned is not None:
+                stop = poisoned
+            if stop <= start:
+                raise HostFault(start, "SIGBUS")
+            runs = inode.get_folios(start, stop, zero=True)
+            return [(s, e, pfn) for s, e, pfn, _ in runs]
+
+    def pin_pages(self, start: int, end: int, delta: int) -> None:
+        self.inode.cache.add_ref(start, end, delta)
+
+    def frame_view(self, pfn: int, npages: int) -> np.ndarray:
+        return self.system.pool.view(pfn, npages)
+
+    # --- bindings (kvm_gmem_bind / kvm_gmem_unbind) ---------------------------------------------
+    def bind(self, slot: Memslot, offset: int) -> None:
+        """Bind ``slot`` to pages starting at ``offset``; the caller has done the fget/type checks."""
+        inode = self.inode
+        size = slot.npages * PS
+        if offset < 0 or offset % PS or offset + size > inode.size:
+            raise KvmError(errno.EINVAL, "KVM_SET_USER_MEMORY_REGION2",
+                           "guest_memfd_offset unaligned or range beyond the guest_memfd")
+        with inode.invalidate_lock.write():
+            start, end = offset // PS, offset // PS + slot.npages
+            if self.bindings.any_match(start, end, lambda s: s is not None):
+                raise KvmError(errno.EINVAL, "KVM_SET_USER_MEMORY_REGION2",
+                               "guest_memfd range already bound to another memslot")
+            from guestmem.model.kvm.memslot import KVM_MEMSLOT_GMEM_ONLY
+
+            slot.gmem_file = self
+            slot.gmem_pgoff = start
+            if inode.mmap_supported:
+                slot.flags |= KVM_MEMSLOT_GMEM_ONLY
+            self.bindings.set(start, end, slot)
+
+    def unbind(self, slot: Memslot) -> None:
+        if slot.gmem_file is not self:
+            return  # already released: kvm_gmem_release nullified the binding
+        with self.inode.invalidate_lock.write():
+            self.bindings.set(slot.gmem_pgoff, slot.gmem_pgoff + slot.npages, None)
+            slot.gmem_file = None
+
+    def bound_slots(self, start: int, end: int) -> list[tuple[Memslot, int, int]]:
+        """Slots bound in [start, end) with the gfn range each covers there."""
+        out = []
+        seen: set[int] = set()
+        for _s, _e, slot in self.bindings.segments(start, min(end, ALL)):
+            if slot is None or id(slot) in seen:
+                continue
+            seen.add(id(slot))
+            pg = slot.gmem_pgoff
+            g0 = slot.base_gfn + max(pg, start) - pg
+            g1 = slot.base_gfn + min(pg + slot.npages, end) - pg
+            out.append((slot, g0, g1))
+        return out
+
+    def invalidate_begin(self, start: int, end: int, attr_filter: int) -> None:
+        vm = self.vm
+        targets = self.bound_slots(start, end)
+        if not targets:
+            return
+        with vm.mmu_lock():
+            vm.mmu.invalidate_begin()
+            for slot, g0, g1 in targets:
+                vm.mmu.unmap_gfn_range(slot, g0, g1, attr_filter)
+        self.system.stats["invalidations"] += 1
+
+    def invalidate_end(self, start: int, end: int) -> None:
+        if self.bindings.any_match(start, min(end, ALL), lambda s: s is not None):
+            with self.vm.mmu_lock():
+                self.vm.mmu.invalidate_end()
+
+    # --- the guest side (kvm_gmem_get_pfn over a run of gfns) -------------------------------------
+    def get_pfn_range(self, slot: Memslot, gfn: int, end_gfn: int
+                      ) -> tuple[list[tuple[int, int, int, int]], int]:
+        """Look up (allocating and zeroing on first use) the pages backing gfns [gfn, end_gfn).
+
+        Returns ``(runs, err)``: runs ``(gfn_s, gfn_e, pfn_of_gfn_s, max_order)`` for the longest
+        servable prefix, and the errno that stops it (0 if the whole range was served).  An
+        error at ``gfn`` itself yields no runs.
+        """
+        inode = self.inode
+        if self.released or slot.gmem_file is not self:
+            return [], errno.EFAULT
+        i0, i1 = slot.gfn_to_index(gfn), slot.gfn_to_index(end_gfn)
+        if inode.folio_order:
+            # A large folio is handed out whole (so it can be mapped huge): widen to folio
+            # boundaries, within this slot's binding and the file.
+            mask = (1 << inode.folio_order) - 1
+            lo, hi = slot.gmem_pgoff, min(slot.gmem_pgoff + slot.npages, inode.npages)
+            i0, i1 = max(i0 & ~mask, lo), min((i1 + mask) & ~mask, hi)
+        with inode.invalidate_lock.read():
+            err = 0
+            bad = self.bindings.first_match(i0, i1, lambda s: s is not slot)
+            if bad is not None:
+                i1, err = bad, errno.EIO
+            poisoned = inode.hwpoison.first_match(i0, i1, bool) if i1 > i0 else None
+            if poisoned is not None:
+                i1, err = poisoned, errno.EHWPOISON
+            if i1 <= i0:
+                return [], err
+            runs = inode.get_folios(i0, i1, zero=True)
+            out = []
+            for s, e, pfn, order in runs:
+                # A folio maps huge only where the gfn and the index agree in their low bits.
+                if order and (slot.gfn_to_index(slot.base_gfn) - slot.base_gfn) % (1 << order):
+                    order = 0
+                out.append((slot.index_to_gfn(s), slot.index_to_gfn(e), pfn, order))
+            self.vm.arch.gmem_prepare(self, slot, out)
+            return out, err
+
+    def __repr__(self) -> str:
+        return f"GmemFile(fd={self.fd}, size={self.inode.size:#x}, flags={self.inode.flags:#x})"
+
+
+def create_guest_memfd(vm: ModelVm, size: int, flags: int) -> GmemFile:
+    """``kvm_gmem_create``: validate, then make an inode and a file, installed at a new fd."""
+    op = "KVM_CREATE_GUEST_MEMFD"
+    if flags < 0 or flags >= 1 << 64:
+        raise KvmError(errno.EINVAL, op, "flags out of range")
+    if flags & ~vm.gmem_supported_flags():
+        raise KvmError(errno.EINVAL, op, f"unsupported flags {flags:#x}")
+    if size >= 1 << 63:
+        size -= 1 << 64  # loff_t is signed
+    if size <= 0 or size % PS:
+        raise KvmError(errno.EINVAL, op, "size must be a positive multiple of the page size")
+    inode = GmemInode(vm.system, size, flags, vm.system.options.gmem_folio_order)
+    f = GmemFile(vm, inode)
+    f.fd = vm.system.process.install(f)
+    f.get_file()
+    return f
+
+
+def is_guest_memfd(obj: object) -> bool:
+    return isinstance(obj, GmemFile)
+

@@ -1,0 +1,123 @@
+"""The invariants of DESIGN.md, checkable at any quiescent moment: ``vm.check_invariants()``.
+
+Each check walks ranges (SPTE runs, attribute runs, page-cache runs), never pages, so it is cheap
+enough to run after every step of every test.  A violation raises :class:`InvariantError` naming
+the invariant and the gfn range.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from guestmem import uapi as u
+from guestmem.model.kvm.mmu import Spte
+
+if TYPE_CHECKING:
+    from guestmem.model.kvm.memslot import Memslot
+    from guestmem.model.kvm.system import ModelKvm
+    from guestmem.model.kvm.vm import ModelVm
+
+PS = u.PAGE_SIZE
+
+
+class InvariantError(AssertionError):
+    pass
+
+
+def _fail(n: int, msg: str) -> None:
+    raise InvariantError(f"invariant {n} violated: {msg}")
+
+
+def _backing_pfns(vm: ModelVm, slot: Memslot, sp: Spte, s: int, e: int
+                  ) -> list[tuple[int, int, int | None, int]]:
+    """What the backing store holds for gfns [s, e): pieces (gs, ge, pfn_of_gs or None, order)."""
+    if sp.private or slot.gmem_only:
+        f = slot.gmem_file
+        if f is None or f.released:
+            _fail(1, f"SPTE at gfn {s:#x} maps guest_memfd memory of a closed file")
+        assert f is not None
+        i0 = slot.gfn_to_index(s)
+        return [(slot.index_to_gfn(a), slot.index_to_gfn(b), pfn, o)
+                for a, b, pfn, o in f.inode.cache.lookup_range(i0, i0 + (e - s))]
+    hit = vm.system.process.resolve(slot.gfn_to_hva(s))
+    if hit is None:
+        _fail(1, f"shared SPTE at gfn {s:#x} maps an unmapped host address")
+    assert hit is not None
+    mapping, off = hit
+    cache = getattr(mapping.file, "cache", None)
+    if cache is None:
+        inode = getattr(mapping.file, "inode", None)
+        cache = inode.cache if inode is not None else None
+    if cache is None:
+        return []
+    first = mapping.pgoff + off // PS
+    pieces = cache.lookup_range(first, first + (e - s))
+    return [(a - first + s, b - first + s, pfn, o) for a, b, pfn, o in pieces]
+
+
+def check_vm(vm: ModelVm) -> None:
+    mmu = vm.mmu
+    # 5: no invalidation left open once everything is quiescent.
+    if mmu.in_progress:
+        _fail(5, f"{mmu.in_progress} invalidation(s) still in progress")
+    vm.attributes.check()
+    for as_id, sptes in enumerate(mmu.sptes):
+        sptes.check()
+        for s, e, sp in sptes.items():
+            assert sp is not None
+            slot = vm.memslots[as_id].lookup(s)
+            if slot is None or e > slot.end_gfn:
+                _fail(1, f"SPTEs [{s:#x},{e:#x}) outside any memslot")
+            assert slot is not None
+            # 1: the frame is still the one the backing store holds at that index.
+            for gs, ge, pfn, order in _backing_pfns(vm, slot, sp, s, e):
+                if pfn is None:
+                    _fail(1, f"SPTE maps gfns [{gs:#x},{ge:#x}) whose pages were removed")
+                elif pfn - gs != sp.delta:
+                    _fail(1, f"SPTE at gfn {gs:#x} maps pfn {gs + sp.delta:#x}, backing holds {pfn:#x}")
+                # 3: a hugepage SPTE never exceeds its folio.
+                if sp.order > order:
+                    _fail(3, f"{1 << sp.order}-page SPTE at gfn {gs:#x} over an order-{order} folio")
+            # 2: the SPTE's kind matches the gfn's current attribute.
+            if vm.has_private_mem:
+                g = s
+                while g < e:
+                    ge = min(e, vm.attribute_run_end(g, e))
+                    if vm.mem_is_private(g) != sp.private:
+                        _fail(2, f"{'private' if sp.private else 'shared'} SPTE over gfns "
+                                 f"[{g:#x},{ge:#x}) whose attribute differs")
+                    g = ge
+                if sp.private and not slot.has_gmem:
+                    _fail(2, f"private SPTE at gfn {s:#x} in a slot without guest_memfd")
+            # 3: no hugepage over mixed attributes.
+            if sp.order and vm.has_private_mem:
+                size = 1 << sp.order
+                g = s
+                while g < e:
+                    g = vm.attribute_run_end(g, e)
+                    if g < e and g % size:
+                        _fail(3, f"hugepage SPTE at gfn {g & ~(size - 1):#x} spans mixed attributes")
+    for ms in vm.memslots:
+        for slot in ms:
+            for mixed in slot.lpage_mixed.values():
+                mixed.check()
+    check_system(vm.system)
+
+
+def check_system(system: ModelKvm) -> None:
+    # 6: frames are conserved: every allocated frame is held by exactly the live page caches.
+    held = sum(f.cache.nr_pages for f in system.live_files())
+    allocated = system.pool.allocated
+    if held != allocated:
+        _fail(6, f"{allocated} frames allocated but page caches hold {held}")
+    # 4: no host pin on a private guest_memfd page (conversion to private refuses pinned pages).
+    if system.options.gmem_attributes:
+        for owner in system.live_files():
+            inode = getattr(owner, "attributes", None)
+            if inode is None:
+                continue
+            pinned = owner.cache.first_elevated(0, owner.npages)
+            while pinned is not None:
+                if owner.is_private(pinned):
+                    _fail(4, f"host pin on private guest_memfd page {pinned:#x}")
+                pinned = owner.cache.first_elevated(pinned + 1, owner.npages)

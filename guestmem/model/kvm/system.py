@@ -1,0 +1,134 @@
+"""The model's ``/dev/kvm``: the system object, its capabilities, and the simulated host.
+
+``ModelKvm`` owns what the whole host shares: the frame pool (physical memory), the host process
+(fd table and address space), the options, and run statistics.  Capability answers follow
+upstream's ``kvm_vm_ioctl_check_extension_generic`` and the x86 ``kvm_vm_ioctl_check_extension``,
+on the system fd (``kvm == NULL``) and on a VM fd, for the configuration the options describe.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections import Counter
+
+from guestmem import uapi as u
+from guestmem.errors import KvmError
+from guestmem.model.anon import ShmemBacking
+from guestmem.model.kvm.arch import FLAVOURS
+from guestmem.model.kvm.vm import KVM_EXIT_HYPERCALL_VALID_MASK, ModelVm
+from guestmem.model.mm.frames import FramePool
+from guestmem.model.options import ModelOptions
+from guestmem.model.process import ModelMapping, Process
+
+
+class ModelKvm:
+    """Implements :class:`guestmem.api.Kvm` for the model."""
+
+    backend = "model"
+    kind = "kvm"
+
+    def __init__(self, options: ModelOptions | None = None) -> None:
+        self.options = options or ModelOptions()
+        self.pool = FramePool(self.options.pool_bytes)
+        self.process = Process()
+        self.fd = self.process.install(self)
+        self.vms: set[ModelVm] = set()
+        self.stats: Counter[str] = Counter()
+        self.closed = False
+        self._files: set[object] = set()  # every live file with a page cache (frame conservation)
+
+    def register_file(self, f: object) -> None:
+        self._files.add(f)
+
+    def unregister_file(self, f: object) -> None:
+        self._files.discard(f)
+
+    def live_files(self) -> list:
+        return list(self._files)
+
+    # --- Kvm ------------------------------------------------------------------------------------
+    def api_version(self) -> int:
+        return u.KVM_API_VERSION
+
+    def check_extension(self, cap: int) -> int:
+        return self.cap_value(cap, None)
+
+    def create_vm(self, vm_type: int = u.KVM_X86_DEFAULT_VM) -> ModelVm:
+        if vm_type not in self.options.vm_types or vm_type not in FLAVOURS:
+            raise KvmError(errno.EINVAL, "KVM_CREATE_VM", f"VM type {vm_type} not supported")
+        vm = ModelVm(self, vm_type)
+        self.vms.add(vm)
+        return vm
+
+    def mmap_anonymous(self, size: int) -> ModelMapping:
+        if size <= 0:
+            raise KvmError(errno.EINVAL, "mmap", "length must be positive")
+        backing = ShmemBacking(self.pool, self.process, size, "anon", self.options.anon_folio_order)
+        self.register_file(backing)
+        backing.on_release = lambda: self.unregister_file(backing)  # type: ignore[method-assign]
+        return self.process.mmap(backing, size, 0)
+
+    def memfd_create(self, size: int) -> ShmemBacking:
+        f = ShmemBacking(self.pool, self.process, size, "memfd", self.options.anon_folio_order)
+        self.register_file(f)
+        f.on_release = lambda: self.unregister_file(f)  # type: ignore[method-assign]
+        f.fd = self.process.install(f)
+        f.get_file()
+        return f
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.process.close_fd(self.fd)
+
+    def __enter__(self) -> ModelKvm:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- capabilities -------------------------------------------------------------------------------
+    def gmem_supported_flags(self, vm: ModelVm | None) -> int:
+        """``kvm_gmem_get_supported_flags``: MMAP always; INIT_SHARED where the arch allows it
+        (x86 upstream: VMs without private memory; in-place mode: every VM)."""
+        flags = u.GUEST_MEMFD_FLAG_MMAP
+        if vm is None or not vm.has_private_mem or self.options.gmem_attributes:
+            flags |= u.GUEST_MEMFD_FLAG_INIT_SHARED
+        return flags
+
+    def cap_value(self, cap: int, vm: ModelVm | None) -> int:
+        o = self.options
+        private = vm is None or vm.has_private_mem
+        table = {
+            u.KVM_CAP_USER_MEMORY: 1,
+            u.KVM_CAP_SYNC_MMU: 1,
+            u.KVM_CAP_IMMEDIATE_EXIT: 1,
+            u.KVM_CAP_USER_MEMORY2: 1,
+            u.KVM_CAP_MEMORY_FAULT_INFO: 1,
+            u.KVM_CAP_NR_MEMSLOTS: u.KVM_USER_MEM_SLOTS,
+            u.KVM_CAP_NR_VCPUS: min(os.cpu_count() or 1, o.max_vcpus),
+            u.KVM_CAP_MAX_VCPUS: o.max_vcpus,
+            u.KVM_CAP_READONLY_MEM: 1 if vm is None else int(not vm.arch.has_protected_state),
+            u.KVM_CAP_MULTI_ADDRESS_SPACE: 0 if not o.smm else (2 if vm is None else vm.nr_as),
+            u.KVM_CAP_EXIT_HYPERCALL: KVM_EXIT_HYPERCALL_VALID_MASK,
+            u.KVM_CAP_GUEST_MEMFD: 1,
+            u.KVM_CAP_GUEST_MEMFD_FLAGS: self.gmem_supported_flags(vm),
+            u.KVM_CAP_VM_TYPES: sum(1 << t for t in o.vm_types if t in FLAVOURS),
+            u.KVM_CAP_PRE_FAULT_MEMORY: int(o.tdp_mmu),
+            u.KVM_CAP_MEMORY_ATTRIBUTES: 0 if o.gmem_attributes else (
+                u.KVM_MEMORY_ATTRIBUTE_PRIVATE if private else 0),
+        }
+        if cap in table:
+            return table[cap]
+        if cap == o.cap_guest_memfd_memory_attributes:
+            if not o.gmem_attributes:
+                return 0
+            if o.inplace_revision == "v8":
+                return u.KVM_MEMORY_ATTRIBUTE_PRIVATE if private else 0
+            return u.KVM_MEMORY_ATTRIBUTE_PRIVATE if private else 0
+        if cap == o.cap_memory_attributes2_flags and o.content_modes:
+            from guestmem.model.kvm.inplace import content_modes_for_cap
+
+            return content_modes_for_cap(vm)
+        return 0

@@ -1,0 +1,223 @@
+"""A vCPU of the model: runs a guest program directly and returns the same typed exits as the
+kernel backend's vCPU.
+
+There is no instruction emulation: each op of :mod:`guestmem.guest.ops` is carried out against
+guest physical memory through the MMU, exactly as the hardware would touch it — through present
+SPTEs, and through the fault path where none is present.  Progress inside an op is kept, so an
+exit in the middle of a 1 GiB write (a memory fault the VMM resolves by converting) resumes where
+it stopped, as the faulting instruction would be re-executed.
+"""
+
+from __future__ import annotations
+
+import errno
+import threading
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from guestmem import uapi as u
+from guestmem.api import (
+    Exit,
+    ExitGuestAssert,
+    ExitHalt,
+    ExitHypercall,
+    ExitMmio,
+    ExitSync,
+)
+from guestmem.errors import KvmError
+from guestmem.guest.ops import Accept, Halt, MapGpaRange, Program, Sync, Verify, Write
+from guestmem.model.kvm.fault import Emulate, page_fault
+
+if TYPE_CHECKING:
+    from guestmem.model.kvm.vm import ModelVm
+
+PS = u.PAGE_SIZE
+U64 = (1 << 64) - 1
+
+
+class ModelVcpu:
+    """Implements :class:`guestmem.api.Vcpu` for the model."""
+
+    def __init__(self, vm: ModelVm, vcpu_id: int) -> None:
+        self.vm = vm
+        self.id = vcpu_id
+        self.program: Program | None = None
+        self.pc = 0
+        self.progress = 0  # bytes of the current Write/Verify already done
+        self.halted = False
+        self.closed = False
+        self._pending: Exit | None = None  # a hypercall or MMIO exit awaiting completion
+        self._running = threading.Lock()
+        self.stats = {"exits": 0, "faults": 0, "bytes_written": 0, "bytes_verified": 0}
+
+    # --- Vcpu -----------------------------------------------------------------------------------
+    def load(self, program: Program) -> None:
+        if not isinstance(program, Program):
+            program = Program(program)
+        self.program = program
+        self.pc = 0
+        self.progress = 0
+        self.halted = False
+        self._pending = None
+
+    def close(self) -> None:
+        self.closed = True
+
+    def run(self) -> Exit:
+        if self.closed:
+            raise KvmError(errno.EBADF, "KVM_RUN", "vCPU is closed")
+        if self.program is None:
+            raise KvmError(errno.EINVAL, "KVM_RUN", "no guest program loaded")
+        if not self._running.acquire(blocking=False):
+            raise KvmError(errno.EBUSY, "KVM_RUN", "vCPU is already running on another thread")
+        try:
+            ex = self._run()
+        finally:
+            self._running.release()
+        self.stats["exits"] += 1
+        return ex
+
+    def pre_fault_memory(self, gpa: int, size: int, flags: int = 0) -> int:
+        """``KVM_PRE_FAULT_MEMORY``: map [gpa, gpa+size) as if the guest had touched it.  Returns
+        the bytes left unmapped (0 when done); raises if not even the first page could be."""
+        op = "KVM_PRE_FAULT_MEMORY"
+        vm = self.vm
+        if flags:
+            raise KvmError(errno.EINVAL, op, "flags must be 0")
+        if gpa % PS or size % PS or gpa + size <= gpa or gpa + size > U64:
+            raise KvmError(errno.EINVAL, op, "range unaligned, empty or wrapping")
+        if not vm.system.options.tdp_mmu:
+            raise KvmError(errno.EOPNOTSUPP, op, "pre-faulting needs a TDP MMU")
+        if not vm.arch.pre_fault_allowed():
+            raise KvmError(errno.EOPNOTSUPP, op, "VM is not finalized")
+        gfn, end = gpa // PS, (gpa + size) // PS
+        start = gfn
+        while gfn < end:
+            private = vm.has_private_mem and vm.mem_is_private(gfn)
+            res = page_fault(vm, gfn, end, "private" if private else "shared", False)
+            if isinstance(res, int):
+                gfn = res
+                continue
+            err = errno.ENOENT if isinstance(res, Emulate) else res.errno
+            if gfn == start:
+                raise KvmError(err, op, f"gpa {gfn * PS:#x} cannot be mapped")
+            break
+        return (end - gfn) * PS
+
+    # --- the interpreter ------------------------------------------------------------------------
+    def _run(self) -> Exit:
+        assert self.program is not None
+        if self.halted:
+            return ExitHalt()
+        pending, self._pending = self._pending, None
+        if isinstance(pending, ExitHypercall):
+            op = self.program[self.pc]
+            assert isinstance(op, MapGpaRange)
+            self.pc += 1
+            if op.expect_ret is not None and (pending.ret & U64) != (op.expect_ret & U64):
+                return self._assert_hypercall(op, pending.ret)
+        while True:
+            op = self.program[self.pc]
+            if isinstance(op, Write | Verify):
+                ex = self._access(op, pending if isinstance(pending, ExitMmio) else None)
+                pending = None
+                if ex is not None:
+                    return ex
+                self.pc += 1
+                self.progress = 0
+            elif isinstance(op, MapGpaRange):
+                ex = self._hypercall(op)
+                if ex is not None:
+                    return ex
+            elif isinstance(op, Accept):
+                ex = self.vm.arch.accept(self, op.gpa, op.size)
+                if ex is not None:
+                    return ex
+                self.pc += 1
+            elif isinstance(op, Sync):
+                self.pc += 1
+                return ExitSync(op.value)
+            elif isinstance(op, Halt):
+                self.halted = True
+                return ExitHalt()
+            else:  # pragma: no cover - Program validates ops
+                raise TypeError(op)
+
+    def _hypercall(self, op: MapGpaRange) -> Exit | None:
+        """``__kvm_emulate_hypercall`` for KVM_HC_MAP_GPA_RANGE."""
+        vm = self.vm
+        ret: int
+        if not vm.exit_hypercall_mask & (1 << u.KVM_HC_MAP_GPA_RANGE):
+            ret = -u.KVM_ENOSYS
+        elif op.gpa % PS or op.npages <= 0 or (op.gpa >> u.PAGE_SHIFT) + op.npages > U64:
+            ret = -u.KVM_EINVAL
+        else:
+            ex = ExitHypercall(u.KVM_HC_MAP_GPA_RANGE, (op.gpa, op.npages, op.attrs, 0, 0, 0), 0, True)
+            self._pending = ex
+            return ex
+        self.pc += 1
+        if op.expect_ret is not None and (ret & U64) != (op.expect_ret & U64):
+            return self._assert_hypercall(op, ret)
+        return None
+
+    def _assert_hypercall(self, op: MapGpaRange, ret: int) -> ExitGuestAssert:
+        return ExitGuestAssert(op.gpa, op.expect_ret or 0, ret & U64, self.pc - 1,
+                               f"MAP_GPA_RANGE returned {ret & U64:#x}, expected {op.expect_ret}")
+
+    def _access(self, op: Write | Verify, mmio_done: ExitMmio | None) -> Exit | None:
+        """Carry out a Write or Verify from its saved progress; return an exit or None when done."""
+        vm = self.vm
+        write = isinstance(op, Write)
+        end = op.gpa + op.size
+        pos = op.gpa + self.progress
+        if mmio_done is not None:
+            if not write:
+                data = bytes(mmio_done.data[: mmio_done.len])
+                for i, b in enumerate(data):
+                    if b != op.pattern:
+                        return self._fail(op, pos + i, b)
+            pos += mmio_done.len
+            self.progress = pos - op.gpa
+        want = vm.arch.access_kind(op.access)
+        while pos < end:
+            gfn = pos // PS
+            end_gfn = (end + PS - 1) // PS
+            with vm.mmu_lock():
+                runs = vm.mmu.translate(0, gfn, end_gfn, want, write)
+                for s, e, pfn, private in runs:
+                    a, b = max(pos, s * PS), min(end, e * PS)
+                    view = vm.system.pool.view(pfn, e - s).reshape(-1)[a - s * PS : b - s * PS]
+                    if write:
+                        vm.arch.guest_write(view, op.pattern, pfn, a - s * PS, private)
+                        self.stats["bytes_written"] += b - a
+                    else:
+                        seen = vm.arch.guest_read(view, pfn, a - s * PS, private)
+                        bad = np.flatnonzero(seen != op.pattern)
+                        if bad.size:
+                            k = int(bad[0])
+                            self.progress = a + k - op.gpa
+                            return self._fail(op, a + k, int(seen[k]))
+                        self.stats["bytes_verified"] += b - a
+                    pos = b
+                    self.progress = pos - op.gpa
+            if pos >= end:
+                break
+            gfn = pos // PS
+            self.stats["faults"] += 1
+            res = page_fault(vm, gfn, end_gfn, op.access, write)
+            if isinstance(res, int):
+                continue
+            if isinstance(res, Emulate):
+                n = min(8, end - pos, PS - pos % PS)
+                ex = ExitMmio(pos, n, write, bytes([op.pattern]) * n if write else bytes(8))
+                self._pending = ex
+                return ex
+            return res
+        return None
+
+    def _fail(self, op: Verify | Write, gpa: int, found: int) -> ExitGuestAssert:
+        return ExitGuestAssert(gpa, op.pattern, found, self.pc, "Verify")
+
+    def __repr__(self) -> str:
+        return f"ModelVcpu(id={self.id}, pc={self.pc})"

@@ -1,0 +1,297 @@
+"""A VM of the model: memslots, per-VM memory attributes, the MMU, vCPUs (virt/kvm/kvm_main.c).
+
+Every ioctl validates in upstream's order, so the first failing check decides the errno, and
+fails before it changes anything.  Memslot updates, attribute updates and guest_memfd
+invalidations all go through the MMU's invalidation protocol under ``mmu_lock``, so vCPU threads
+faulting concurrently either see the old state or retry.
+"""
+
+from __future__ import annotations
+
+import errno
+import threading
+from typing import TYPE_CHECKING
+
+from guestmem import uapi as u
+from guestmem.errors import KvmError
+from guestmem.model.kvm import mmu as mmu_mod
+from guestmem.model.kvm.arch import FLAVOURS, Flavour
+from guestmem.model.kvm.guest_memfd import GmemFile, create_guest_memfd
+from guestmem.model.kvm.memslot import Memslot, Memslots
+from guestmem.ranges import RangeMap
+from guestmem.sync import NamedLock
+
+if TYPE_CHECKING:
+    from guestmem.model.kvm.system import ModelKvm
+    from guestmem.model.kvm.vcpu import ModelVcpu
+
+PS = u.PAGE_SIZE
+TASK_SIZE_MAX = (1 << 47) - PS  # x86-64, 4-level user address space: access_ok's bound
+KVM_EXIT_HYPERCALL_VALID_MASK = 1 << u.KVM_HC_MAP_GPA_RANGE
+
+
+class ModelVm:
+    """Implements :class:`guestmem.api.Vm`."""
+
+    kind = "kvm-vm"
+
+    def __init__(self, system: ModelKvm, vm_type: int) -> None:
+        self.system = system
+        self.vm_type = vm_type
+        self.arch: Flavour = FLAVOURS[vm_type](self)
+        self.slots_lock = NamedLock("slots_lock")
+        self.mmu_lock = NamedLock("mmu_lock")
+        self.nr_as = 2 if (system.options.smm and not self.arch.has_private_mem) else 1
+        self.memslots = [Memslots() for _ in range(self.nr_as)]
+        self.attributes: RangeMap[int] = RangeMap(0)  # per-VM attributes; all shared by default
+        self.mmu = mmu_mod.Mmu(self, self.nr_as)
+        self.vcpus: dict[int, ModelVcpu] = {}
+        self.exit_hypercall_mask = 0
+        self._refs = 1
+        self._refs_lock = threading.Lock()
+        self.destroyed = False
+        self.fd = system.process.install(self)
+
+    # --- lifetime -------------------------------------------------------------------------------
+    def get(self) -> None:
+        with self._refs_lock:
+            self._refs += 1
+
+    def put(self) -> None:
+        with self._refs_lock:
+            self._refs -= 1
+            last = self._refs == 0
+        if last:
+            self._destroy()
+
+    def close(self) -> None:
+        """Close the VM fd.  The VM lives on while guest_memfd files still reference it."""
+        if self.fd >= 0 and self.system.process.close_fd(self.fd) is self:
+            self.fd = -1
+            for vcpu in list(self.vcpus.values()):
+                vcpu.close()
+            self.put()
+
+    def _destroy(self) -> None:
+        with self.slots_lock():
+            for ms in self.memslots:
+                for slot in ms:
+                    self._delete_slot(slot)
+        self.destroyed = True
+        self.system.vms.discard(self)
+
+    def __enter__(self) -> ModelVm:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- properties ------------------------------------------------------------------------------
+    @property
+    def has_private_mem(self) -> bool:
+        return self.arch.has_private_mem
+
+    def supported_mem_attributes(self) -> int:
+        return u.KVM_MEMORY_ATTRIBUTE_PRIVATE if self.has_private_mem else 0
+
+    def mem_is_private(self, gfn: int) -> bool:
+        """``kvm_mem_is_private``: per-VM attribute, or (in-place mode) the guest_memfd's attribute
+        at the gfn's index, false when no slot or no live file backs the gfn."""
+        if not self.has_private_mem:
+            return False
+        if not self.system.options.gmem_attributes:
+            return bool(self.attributes.get(gfn) & u.KVM_MEMORY_ATTRIBUTE_PRIVATE)
+        slot = self.memslots[0].lookup(gfn)
+        if slot is None or slot.gmem_file is None:
+            return False
+        return slot.gmem_file.inode.is_private(slot.gfn_to_index(gfn))
+
+    def attribute_run_end(self, gfn: int, end: int) -> int:
+        """The end of the run of gfns from ``gfn`` (before ``end``) whose private-ness is uniform."""
+        if not self.has_private_mem:
+            return end
+        if not self.system.options.gmem_attributes:
+            for _, e, _ in self.attributes.segments(gfn, end):
+                return e
+            return end
+        for _, e, slot in self.memslots[0].in_range(gfn, end):
+            if slot is None or slot.gmem_file is None:
+                return e
+            attrs = slot.gmem_file.inode.attributes
+            i = slot.gfn_to_index(gfn)
+            for _, ie, _ in attrs.segments(i, slot.gfn_to_index(e)):
+                return slot.index_to_gfn(ie)
+        return end
+
+    def gmem_supported_flags(self) -> int:
+        return self.system.gmem_supported_flags(self)
+
+    def check_extension(self, cap: int) -> int:
+        return self.system.cap_value(cap, self)
+
+    def enable_cap(self, cap: int, flags: int = 0, args: tuple[int, ...] = ()) -> None:
+        args = tuple(args) + (0,) * (4 - len(args))
+        if cap == u.KVM_CAP_EXIT_HYPERCALL:
+            if args[0] & ~KVM_EXIT_HYPERCALL_VALID_MASK:
+                raise KvmError(errno.EINVAL, "KVM_ENABLE_CAP", "unsupported hypercall exit mask")
+            self.exit_hypercall_mask = args[0]
+            return
+        raise KvmError(errno.EINVAL, "KVM_ENABLE_CAP", f"capability {cap} cannot be enabled on a VM")
+
+    # --- guest_memfd ------------------------------------------------------------------------------
+    def create_guest_memfd(self, size: int, flags: int = 0) -> GmemFile:
+        return create_guest_memfd(self, size, flags)
+
+    # --- memslots ---------------------------------------------------------------------------------
+    def set_user_memory_region(self, slot: int, flags: int, guest_phys_addr: int, memory_size: int,
+                               userspace_addr: int) -> None:
+        if flags & ~(u.KVM_MEM_LOG_DIRTY_PAGES | u.KVM_MEM_READONLY):
+            raise KvmError(errno.EINVAL, "KVM_SET_USER_MEMORY_REGION", "flag not valid for v1")
+        self._set_memory_region("KVM_SET_USER_MEMORY_REGION", slot, flags, guest_phys_addr,
+                                memory_size, userspace_addr, None, 0)
+
+    def set_user_memory_region2(self, slot: int, flags: int, guest_phys_addr: int, memory_size: int,
+                                userspace_addr: int, guest_memfd: GmemFile | int | None = None,
+                                guest_memfd_offset: int = 0) -> None:
+        self._set_memory_region("KVM_SET_USER_MEMORY_REGION2", slot, flags, guest_phys_addr,
+                                memory_size, userspace_addr, guest_memfd, guest_memfd_offset)
+
+    def _check_flags(self, op: str, flags: int) -> None:
+        valid = u.KVM_MEM_LOG_DIRTY_PAGES | u.KVM_MEM_GUEST_MEMFD
+        if flags & u.KVM_MEM_GUEST_MEMFD:
+            valid &= ~u.KVM_MEM_LOG_DIRTY_PAGES
+        if not self.arch.has_protected_state and not flags & u.KVM_MEM_GUEST_MEMFD:
+            valid |= u.KVM_MEM_READONLY
+        if flags & ~valid:
+            raise KvmError(errno.EINVAL, op, f"invalid memslot flags {flags:#x}")
+
+    def _set_memory_region(self, op: str, slot_arg: int, flags: int, gpa: int, size: int, hva: int,
+                           gmem: GmemFile | int | None, gmem_offset: int) -> None:
+        with self.slots_lock():
+            if (slot_arg & 0xFFFF) >= u.KVM_USER_MEM_SLOTS:
+                raise KvmError(errno.EINVAL, op, "slot id beyond KVM_USER_MEM_SLOTS")
+            self._check_flags(op, flags)
+            as_id, sid = slot_arg >> 16, slot_arg & 0xFFFF
+            if size % PS or size >= 1 << 64:
+                raise KvmError(errno.EINVAL, op, "memory_size not page aligned")
+            if gpa % PS:
+                raise KvmError(errno.EINVAL, op, "guest_phys_addr not page aligned")
+            if hva % PS or hva + size > TASK_SIZE_MAX:
+                raise KvmError(errno.EINVAL, op, "userspace_addr unaligned or not a user address")
+            if flags & u.KVM_MEM_GUEST_MEMFD and (gmem_offset % PS or gmem_offset + size >= 1 << 64):
+                raise KvmError(errno.EINVAL, op, "guest_memfd_offset unaligned or wrapping")
+            if as_id >= self.nr_as or sid >= u.KVM_MEM_SLOTS_NUM:
+                raise KvmError(errno.EINVAL, op, "address space or slot id out of range")
+            if gpa + size >= 1 << 64:
+                raise KvmError(errno.EINVAL, op, "guest physical range wraps")
+            npages = size // PS
+            if npages > u.KVM_MEM_MAX_NR_PAGES:
+                raise KvmError(errno.EINVAL, op, "memslot too large")
+            slots = self.memslots[as_id]
+            old = slots.get(sid)
+            if size == 0:
+                if old is None:
+                    raise KvmError(errno.EINVAL, op, "deleting a memslot that does not exist")
+                self._delete_slot(old)
+                return
+            base_gfn = gpa // PS
+            if old is not None:
+                # guest_memfd memslots are immutable: they can only be deleted.
+                if flags & u.KVM_MEM_GUEST_MEMFD or old.has_gmem:
+                    raise KvmError(errno.EINVAL, op, "a guest_memfd memslot cannot be modified")
+                if (hva != old.userspace_addr or npages != old.npages
+                        or (flags ^ old.flags) & u.KVM_MEM_READONLY):
+                    raise KvmError(errno.EINVAL, op, "only the GPA or dirty-logging of a slot may change")
+                if base_gfn == old.base_gfn:
+                    old.flags = (old.flags & ~0xFFFF) | flags  # FLAGS_ONLY (or a no-op)
+                    return
+                if slots.overlaps(sid, base_gfn, base_gfn + npages):
+                    raise KvmError(errno.EEXIST, op, "memslot overlaps another")
+                self._check_max_gfn(op, base_gfn, npages)
+                self._move_slot(old, base_gfn)
+                return
+            if slots.overlaps(sid, base_gfn, base_gfn + npages):
+                raise KvmError(errno.EEXIST, op, "memslot overlaps another")
+            new = Memslot(as_id, sid, base_gfn, npages, flags, hva)
+            gfile: GmemFile | None = None
+            if flags & u.KVM_MEM_GUEST_MEMFD:
+                gfile = self._fget_gmem(op, gmem)
+                gfile.bind(new, gmem_offset)
+            try:
+                self._check_max_gfn(op, base_gfn, npages)
+            except KvmError:
+                if gfile is not None:
+                    gfile.unbind(new)
+                raise
+            mmu_mod.init_memslot_lpage(self, new)
+            with self.mmu_lock():
+                slots.insert(new)
+
+    def _check_max_gfn(self, op: str, base_gfn: int, npages: int) -> None:
+        opts = self.system.options
+        bits = opts.phys_bits if opts.tdp_mmu else 52
+        if base_gfn + npages - 1 > (1 << (bits - u.PAGE_SHIFT)) - 1:
+            raise KvmError(errno.EINVAL, op, f"memslot beyond the {bits}-bit guest physical space")
+
+    def _fget_gmem(self, op: str, gmem: GmemFile | int | None) -> GmemFile:
+        fd = gmem.fd if isinstance(gmem, GmemFile) else (gmem if gmem is not None else 0)
+        obj = self.system.process.fget(fd) if fd >= 0 else None
+        if obj is None:
+            raise KvmError(errno.EBADF, op, f"guest_memfd {fd} is not an open fd")
+        if not isinstance(obj, GmemFile):
+            raise KvmError(errno.EINVAL, op, f"fd {fd} is not a guest_memfd")
+        if obj.vm is not self:
+            raise KvmError(errno.EINVAL, op, "guest_memfd belongs to another VM")
+        return obj
+
+    def _delete_slot(self, slot: Memslot) -> None:
+        with self.mmu_lock():
+            self.mmu.invalidate_begin()
+            self.mmu.range_add(slot.base_gfn, slot.end_gfn)
+            self.mmu.zap(slot.as_id, slot.base_gfn, slot.end_gfn)
+            self.memslots[slot.as_id].remove(slot)
+            self.mmu.invalidate_end()
+        if slot.gmem_file is not None:
+            slot.gmem_file.unbind(slot)
+
+    def _move_slot(self, slot: Memslot, base_gfn: int) -> None:
+        with self.mmu_lock():
+            self.mmu.invalidate_begin()
+            self.mmu.range_add(slot.base_gfn, slot.end_gfn)
+            self.mmu.zap(slot.as_id, slot.base_gfn, slot.end_gfn)
+            self.memslots[slot.as_id].remove(slot)
+            slot.base_gfn = base_gfn
+            slot.lpage_mixed.clear()
+            mmu_mod.init_memslot_lpage(self, slot)
+            self.memslots[slot.as_id].insert(slot)
+            self.mmu.invalidate_end()
+
+    def slot_for(self, gfn: int, as_id: int = 0) -> Memslot | None:
+        return self.memslots[as_id].lookup(gfn)
+
+    # --- memory attributes ------------------------------------------------------------------------
+    def set_memory_attributes(self, address: int, size: int, attributes: int, flags: int = 0) -> None:
+        from guestmem.model.kvm.attributes import set_vm_memory_attributes
+
+        set_vm_memory_attributes(self, address, size, attributes, flags)
+
+    # --- vCPUs ------------------------------------------------------------------------------------
+    def create_vcpu(self, vcpu_id: int = 0) -> ModelVcpu:
+        from guestmem.model.kvm.vcpu import ModelVcpu
+
+        if vcpu_id < 0 or vcpu_id >= self.system.options.max_vcpus:
+            raise KvmError(errno.EINVAL, "KVM_CREATE_VCPU", "vcpu id out of range")
+        if vcpu_id in self.vcpus:
+            raise KvmError(errno.EEXIST, "KVM_CREATE_VCPU", f"vcpu {vcpu_id} exists")
+        vcpu = ModelVcpu(self, vcpu_id)
+        self.vcpus[vcpu_id] = vcpu
+        return vcpu
+
+    # --- checking -----------------------------------------------------------------------------------
+    def check_invariants(self) -> None:
+        from guestmem.model.kvm.invariants import check_vm
+
+        check_vm(self)
+
+    def __repr__(self) -> str:
+        return f"ModelVm(type={u.VM_TYPE_NAMES.get(self.vm_type, self.vm_type)}, fd={self.fd})"

@@ -1,0 +1,208 @@
+"""The host process of the model: its fd table and its address space (mappings).
+
+The kernel backend hands out real fds and real virtual addresses; the model needs the same two
+namespaces so that the interface behaves identically: memslots name memory by ``userspace_addr``
+(resolved here to a mapping and offset), ``KVM_SET_USER_MEMORY_REGION2`` names a guest_memfd by
+fd number (resolved here; a closed or foreign fd behaves as the kernel's ``fget`` would), and host
+reads/writes through a mapping go through the mapped file's fault handler, which is where SIGBUS
+(``GuestAccessFault``) comes from.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Protocol
+
+import numpy as np
+
+from guestmem import uapi as u
+from guestmem.errors import GuestAccessFault, KvmError
+from guestmem.ranges import RangeMap
+
+PS = u.PAGE_SIZE
+_MMAP_BASE = 0x7F00_0000_0000  # model addresses grow down from here, like the kernel's mmap_base
+
+
+class HostFault(Exception):
+    """Raised by a mapped file's fault handler: host access to page ``index`` would SIGBUS."""
+
+    def __init__(self, index: int, reason: str = "SIGBUS") -> None:
+        super().__init__(reason)
+        self.index = index
+        self.reason = reason
+
+
+class MappableFile(Protocol):
+    """What a file must offer to be mmap'ed in the model."""
+
+    def host_fault(self, start: int, end: int, write: bool) -> list[tuple[int, int, int]]:
+        """Fault in page indices [start, end) for host access; return runs ``(s, e, pfn_of_s)``.
+        Raise :class:`HostFault` for the first index that would SIGBUS (runs before it are
+        returned by a prior call; callers fault page-run by page-run)."""
+        ...
+
+    def pin_pages(self, start: int, end: int, delta: int) -> None:
+        """Take (+1) or drop (-1) an extra reference on pages [start, end) (GUP pin)."""
+        ...
+
+    def frame_view(self, pfn: int, npages: int) -> np.ndarray: ...
+
+    def get_file(self) -> None: ...
+    def put_file(self) -> None: ...
+
+
+class ModelMapping:
+    """A mapping of a file (anonymous memory is a private shmem file) in the model's address space.
+
+    Accesses resolve through the file on every call (the model keeps no host page tables to go
+    stale), so a conversion or hole punch is visible to every mapping, in this process or a
+    forked child, at once.  Implements :class:`guestmem.api.Mapping`.
+    """
+
+    def __init__(self, process: Process, file: MappableFile, addr: int, length: int, pgoff: int) -> None:
+        self.process = process
+        self.file = file
+        self.addr = addr
+        self.length = length
+        self.pgoff = pgoff
+        self.closed = False
+        self._pins: list[tuple[int, int]] = []
+
+    # --- access --------------------------------------------------------------------------------
+    def _runs(self, offset: int, length: int, write: bool, op: str) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield ``(mapping_offset, byte_view)`` pieces covering [offset, offset+length)."""
+        if self.closed:
+            raise KvmError(14, op, "mapping is closed")  # EFAULT, as an access to an unmapped address
+        if offset < 0 or length < 0 or offset + length > self.length:
+            raise GuestAccessFault(op, max(offset, self.length), "SIGSEGV: outside the mapping")
+        if length == 0:
+            return
+        first = offset // PS
+        last = (offset + length + PS - 1) // PS
+        pos = offset
+        end = offset + length
+        idx = first
+        while idx < last:
+            try:
+                runs = self.file.host_fault(self.pgoff + idx, self.pgoff + last, write)
+            except HostFault as f:
+                bad = max((f.index - self.pgoff) * PS, pos)
+                raise GuestAccessFault(op, bad, f.reason) from None
+            for s, e, pfn in runs:
+                view = self.file.frame_view(pfn, e - s).reshape(-1)
+                lo = (s - self.pgoff) * PS
+                a, b = max(pos, lo), min(end, (e - self.pgoff) * PS)
+                if a < b:
+                    yield a, view[a - lo : b - lo]
+                    pos = b
+                idx = e - self.pgoff
+            if not runs:
+                break
+
+    def read(self, offset: int, length: int) -> bytes:
+        out = bytearray(length)
+        for pos, view in self._runs(offset, length, False, "mapping.read"):
+            out[pos - offset : pos - offset + len(view)] = view.tobytes()
+        return bytes(out)
+
+    def write(self, offset: int, data: bytes) -> None:
+        src = np.frombuffer(bytes(data), dtype=np.uint8)
+        for pos, view in self._runs(offset, len(src), True, "mapping.write"):
+            view[:] = src[pos - offset : pos - offset + len(view)]
+
+    def fill(self, offset: int, length: int, byte: int) -> None:
+        for _, view in self._runs(offset, length, True, "mapping.fill"):
+            view.fill(byte)
+
+    @contextmanager
+    def pin(self, offset: int, length: int) -> Iterator[None]:
+        """A long-term pin (get_user_pages / an IOMMU DMA mapping) on the pages of the range."""
+        if offset % PS or length <= 0 or length % PS:
+            raise KvmError(22, "mapping.pin", "offset and length must be page aligned")
+        # Fault the pages in, as GUP does (for write: DMA targets are written).
+        for _ in self._runs(offset, length, True, "mapping.pin"):
+            pass
+        start, end = self.pgoff + offset // PS, self.pgoff + (offset + length) // PS
+        self.file.pin_pages(start, end, +1)
+        try:
+            yield
+        finally:
+            self.file.pin_pages(start, end, -1)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.process.munmap(self)
+
+    def __enter__(self) -> ModelMapping:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"ModelMapping(addr={self.addr:#x}, length={self.length:#x}, pgoff={self.pgoff:#x})"
+
+
+class Process:
+    """The fd table and address space of the (single) host process the model simulates."""
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._fds: dict[int, object] = {}
+        self._vmas: RangeMap[int | None] = RangeMap(None)  # virtual page -> mapping id
+        self._mappings: dict[int, ModelMapping] = {}
+        self._next_top = _MMAP_BASE
+
+    # --- fds -----------------------------------------------------------------------------------
+    def install(self, obj: object) -> int:
+        """Install ``obj`` at the lowest free fd >= 3 (0-2 are stdio), as the kernel does."""
+        with self._lock:
+            fd = 3
+            while fd in self._fds:
+                fd += 1
+            self._fds[fd] = obj
+            return fd
+
+    def fget(self, fd: int) -> object | None:
+        with self._lock:
+            return self._fds.get(fd)
+
+    def close_fd(self, fd: int) -> object | None:
+        with self._lock:
+            return self._fds.pop(fd, None)
+
+    # --- address space -------------------------------------------------------------------------
+    def mmap(self, file: MappableFile, length: int, pgoff: int = 0) -> ModelMapping:
+        npages = (length + PS - 1) // PS
+        with self._lock:
+            # Leave a guard page between mappings so neighbours never look contiguous.
+            self._next_top -= (npages + 1) * PS
+            addr = self._next_top
+            m = ModelMapping(self, file, addr, length, pgoff)
+            self._mappings[id(m)] = m
+            self._vmas.set(addr // PS, addr // PS + npages, id(m))
+        file.get_file()
+        return m
+
+    def munmap(self, m: ModelMapping) -> None:
+        with self._lock:
+            if self._mappings.pop(id(m), None) is None:
+                return
+            self._vmas.set(m.addr // PS, (m.addr + m.length + PS - 1) // PS, None)
+        m.file.put_file()
+
+    def resolve(self, addr: int) -> tuple[ModelMapping, int] | None:
+        """The mapping holding virtual address ``addr`` and the offset within it."""
+        with self._lock:
+            mid = self._vmas.get(addr // PS)
+            if mid is None:
+                return None
+            m = self._mappings[mid]
+            return m, addr - m.addr
+
+    def mappings(self) -> list[ModelMapping]:
+        with self._lock:
+            return list(self._mappings.values())
