@@ -50,6 +50,9 @@ class ShmemBacking:
         stop = min(end, self.npages)
         return [(s, e, pfn, o) for s, e, pfn, o in self.cache.lookup_range(start, stop) if pfn is not None]
 
+    def discard_pages(self, start: int, end: int) -> None:
+        self.cache.remove(start, end)
+
     def pin_pages(self, start: int, end: int, delta: int) -> None:
         self.cache.add_ref(start, end, delta)
 

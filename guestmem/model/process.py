@@ -34,6 +34,13 @@ class HostFault(Exception):
         self.reason = reason
 
 
+class MmuNotifier(Protocol):
+    """A secondary MMU (a VM) that must drop mappings of host virtual ranges that change."""
+
+    def invalidate_range_start(self, start: int, end: int) -> None: ...
+    def invalidate_range_end(self, start: int, end: int) -> None: ...
+
+
 class MappableFile(Protocol):
     """What a file must offer to be mmap'ed in the model."""
 
@@ -48,6 +55,10 @@ class MappableFile(Protocol):
         ...
 
     def frame_view(self, pfn: int, npages: int) -> np.ndarray: ...
+
+    def discard_pages(self, start: int, end: int) -> None:
+        """Free pages [start, end) as a hole punch would (MADV_REMOVE)."""
+        ...
 
     def get_file(self) -> None: ...
     def put_file(self) -> None: ...
@@ -131,6 +142,15 @@ class ModelMapping:
         finally:
             self.file.pin_pages(start, end, -1)
 
+    def discard(self, offset: int, length: int) -> None:
+        """``madvise(MADV_REMOVE)``: punch the range out of the mapped file."""
+        if offset % PS or length % PS or offset < 0 or length < 0 or offset + length > self.length:
+            raise KvmError(22, "madvise", "range must be page aligned and inside the mapping")
+        if length:
+            start, end = self.pgoff + offset // PS, self.pgoff + (offset + length) // PS
+            self.process.invalidate_file_range(self.file, start, end,
+                                               lambda: self.file.discard_pages(start, end))
+
     def close(self) -> None:
         if not self.closed:
             self.closed = True
@@ -155,6 +175,7 @@ class Process:
         self._vmas: RangeMap[int | None] = RangeMap(None)  # virtual page -> mapping id
         self._mappings: dict[int, ModelMapping] = {}
         self._next_top = _MMAP_BASE
+        self.mmu_notifiers: list[MmuNotifier] = []
 
     # --- fds -----------------------------------------------------------------------------------
     def install(self, obj: object) -> int:
@@ -189,10 +210,51 @@ class Process:
 
     def munmap(self, m: ModelMapping) -> None:
         with self._lock:
-            if self._mappings.pop(id(m), None) is None:
+            if id(m) not in self._mappings:
                 return
-            self._vmas.set(m.addr // PS, (m.addr + m.length + PS - 1) // PS, None)
+        end = m.addr + (m.length + PS - 1) // PS * PS
+        self._notify(m.addr, end, self._unmap_locked(m))
         m.file.put_file()
+
+    def _unmap_locked(self, m: ModelMapping):  # -> Callable[[], None]
+        def action() -> None:
+            with self._lock:
+                self._mappings.pop(id(m), None)
+                self._vmas.set(m.addr // PS, (m.addr + m.length + PS - 1) // PS, None)
+        return action
+
+    # --- MMU notifiers (mm/mmu_notifier.c): secondary MMUs hear about host PTE changes --------
+    def _notify(self, start: int, end: int, action) -> None:  # action: Callable[[], None]
+        subs = list(self.mmu_notifiers)
+        for n in subs:
+            n.invalidate_range_start(start, end)
+        try:
+            action()
+        finally:
+            for n in subs:
+                n.invalidate_range_end(start, end)
+
+    def invalidate_file_range(self, file: object, start: int, end: int, action) -> None:
+        """Run ``action`` (which removes pages [start, end) of ``file``) inside MMU-notifier
+        invalidations of every host virtual range that maps those pages."""
+        ranges = []
+        for m in self.mappings():
+            if m.file is not file:
+                continue
+            npages = (m.length + PS - 1) // PS
+            a, b = max(start, m.pgoff), min(end, m.pgoff + npages)
+            if a < b:
+                ranges.append((m.addr + (a - m.pgoff) * PS, m.addr + (b - m.pgoff) * PS))
+        subs = list(self.mmu_notifiers)
+        for n in subs:
+            for a, b in ranges:
+                n.invalidate_range_start(a, b)
+        try:
+            action()
+        finally:
+            for n in subs:
+                for a, b in ranges:
+                    n.invalidate_range_end(a, b)
 
     def resolve(self, addr: int) -> tuple[ModelMapping, int] | None:
         """The mapping holding virtual address ``addr`` and the offset within it."""

@@ -225,7 +225,10 @@ class GmemFile:
         start, end = offset // PS, (offset + length) // PS
         with inode.invalidate_lock.write():
             inode.invalidate_begin(start, end)
-            inode.remove_pages(start, end)
+            # Removing pages from the page cache also zaps host PTEs (unmap_mapping_range),
+            # which secondary MMUs hear about through their MMU notifiers.
+            self.system.process.invalidate_file_range(self, start, end,
+                                                      lambda: inode.remove_pages(start, end))
             inode.invalidate_end(start, end)
         self.system.stats["punches"] += 1
 
@@ -292,6 +295,10 @@ class GmemFile:
                 raise HostFault(start, "SIGBUS")
             runs = inode.get_folios(start, stop, zero=True)
             return [(s, e, pfn) for s, e, pfn, _ in runs]
+
+    def discard_pages(self, start: int, end: int) -> None:
+        """MADV_REMOVE on a guest_memfd mapping punches the hole through the file."""
+        self._punch_hole(start * PS, (end - start) * PS)
 
     def pin_pages(self, start: int, end: int, delta: int) -> None:
         self.inode.cache.add_ref(start, end, delta)

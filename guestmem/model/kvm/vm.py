@@ -51,6 +51,8 @@ class ModelVm:
         self._refs_lock = threading.Lock()
         self.destroyed = False
         self.fd = system.process.install(self)
+        self._notifier_begun: list[bool] = []
+        system.process.mmu_notifiers.append(self)  # kvm_init_mmu_notifier
 
     # --- lifetime -------------------------------------------------------------------------------
     def get(self) -> None:
@@ -79,6 +81,36 @@ class ModelVm:
                     self._delete_slot(slot)
         self.destroyed = True
         self.system.vms.discard(self)
+        if self in self.system.process.mmu_notifiers:
+            self.system.process.mmu_notifiers.remove(self)
+
+    # --- MMU notifier (kvm_mmu_notifier_invalidate_range_start/end) -------------------------------
+    def _hva_slots(self, start: int, end: int) -> list[tuple[Memslot, int, int]]:
+        out = []
+        for ms in self.memslots:
+            for slot in ms:
+                s_hva, e_hva = slot.userspace_addr, slot.userspace_addr + slot.npages * PS
+                a, b = max(start, s_hva), min(end, e_hva)
+                if a < b:
+                    g0 = slot.base_gfn + (a - s_hva) // PS
+                    g1 = slot.base_gfn + (b - s_hva + PS - 1) // PS
+                    out.append((slot, g0, g1))
+        return out
+
+    def invalidate_range_start(self, start: int, end: int) -> None:
+        targets = self._hva_slots(start, end)
+        self._notifier_begun.append(bool(targets))
+        if not targets:
+            return
+        with self.mmu_lock():
+            self.mmu.invalidate_begin()
+            for slot, g0, g1 in targets:
+                self.mmu.unmap_gfn_range(slot, g0, g1, mmu_mod.FILTER_SHARED)
+
+    def invalidate_range_end(self, start: int, end: int) -> None:
+        if self._notifier_begun and self._notifier_begun.pop():
+            with self.mmu_lock():
+                self.mmu.invalidate_end()
 
     def __enter__(self) -> ModelVm:
         return self
