@@ -53,8 +53,6 @@ class ModelOptions:
             raise TypeError(f"unknown model option(s): {', '.join(sorted(unknown))}; "
                             f"known: {', '.join(sorted(known))}")
         opts = cls(**kwargs)
-        if opts.attributes == "gmem":
-            raise ValueError("attributes='gmem' (in-place conversion) is not built into the model yet")
         if opts.attributes not in ("vm", "gmem"):
             raise ValueError(f"attributes must be 'vm' or 'gmem', not {opts.attributes!r}")
         if opts.inplace_revision not in ("v5", "v8"):

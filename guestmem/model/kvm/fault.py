@@ -53,6 +53,7 @@ def page_fault(vm: ModelVm, gfn: int, end: int, access: Access, write: bool, as_
     ``KvmError(EFAULT)`` where ``KVM_RUN`` itself fails (an unmapped ``userspace_addr``)."""
     mmu = vm.mmu
     mmu.stats["faults"] += 1
+    vm.arch.check_fault_allowed()
     for _ in range(MAX_RETRIES):
         seq = mmu.seq
         is_private = vm.arch.fault_is_private(gfn, access)

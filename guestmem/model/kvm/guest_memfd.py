@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import itertools
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -57,6 +58,7 @@ class GmemInode:
         self.invalidate_lock = RwSem("filemap_invalidate_lock")
         self.files: list[GmemFile] = []
         self.freed = False
+        self.arch_invalidate = None  # set by the owning VM's flavour (kvm_arch_gmem_invalidate)
         system.register_file(self)
 
     @property
@@ -89,6 +91,11 @@ class GmemInode:
 
     def remove_pages(self, start: int, end: int) -> int:
         """Truncate [start, end) from the page cache: frees the frames and forgets folio state."""
+        if self.arch_invalidate is not None:
+            # free_folio -> kvm_arch_gmem_invalidate (SNP: give the frames back to the host).
+            for s, e, pfn, _ in list(self.cache.lookup_range(start, end)):
+                if pfn is not None:
+                    self.arch_invalidate(pfn, e - s)
         n = self.cache.remove(start, end)
         self.hwpoison.set(start, end, False)
         return n
@@ -268,10 +275,11 @@ class GmemFile:
             raise KvmError(errno.EINVAL, "mmap", "guest_memfd mappings must be MAP_SHARED")
         return self.system.process.mmap(self, length, offset // PS)
 
-    def set_memory_attributes2(self, offset: int, size: int, attributes: int, flags: int = 0) -> None:
+    def set_memory_attributes2(self, offset: int, size: int, attributes: int, flags: int = 0,
+                               reserved: Sequence[int] = ()) -> None:
         from guestmem.model.kvm.inplace import set_memory_attributes2
 
-        set_memory_attributes2(self, offset, size, attributes, flags)
+        set_memory_attributes2(self, offset, size, attributes, flags, reserved)
 
     # --- host userspace faults (MappableFile) ---------------------------------------------------
     def host_fault(self, start: int, end: int, write: bool) -> list[tuple[int, int, int]]:
@@ -294,7 +302,18 @@ class GmemFile:
             if stop <= start:
                 raise HostFault(start, "SIGBUS")
             runs = inode.get_folios(start, stop, zero=True)
-            return [(s, e, pfn) for s, e, pfn, _ in runs]
+            out = []
+            for s, e, pfn, _ in runs:
+                bad = self.vm.arch.host_may_access(pfn, e - s)
+                if bad is not None:
+                    if bad == pfn:
+                        if not out:
+                            raise HostFault(s, "SIGBUS: RMP violation (frame owned by the guest)")
+                        break
+                    out.append((s, s + (bad - pfn), pfn))
+                    break
+                out.append((s, e, pfn))
+            return out
 
     def discard_pages(self, start: int, end: int) -> None:
         """MADV_REMOVE on a guest_memfd mapping punches the hole through the file."""
@@ -419,6 +438,7 @@ def create_guest_memfd(vm: ModelVm, size: int, flags: int) -> GmemFile:
     if size <= 0 or size % PS:
         raise KvmError(errno.EINVAL, op, "size must be a positive multiple of the page size")
     inode = GmemInode(vm.system, size, flags, vm.system.options.gmem_folio_order)
+    inode.arch_invalidate = vm.arch.gmem_invalidate
     f = GmemFile(vm, inode)
     f.fd = vm.system.process.install(f)
     f.get_file()

@@ -63,45 +63,52 @@ def check_vm(vm: ModelVm) -> None:
     vm.attributes.check()
     for as_id, sptes in enumerate(mmu.sptes):
         sptes.check()
-        for s, e, sp in sptes.items():
+        for rs, re_, sp in sptes.items():
             assert sp is not None
-            slot = vm.memslots[as_id].lookup(s)
-            if slot is None or e > slot.end_gfn:
-                _fail(1, f"SPTEs [{s:#x},{e:#x}) outside any memslot")
-            assert slot is not None
-            # 1: the frame is still the one the backing store holds at that index.
-            for gs, ge, pfn, order in _backing_pfns(vm, slot, sp, s, e):
-                if pfn is None:
-                    _fail(1, f"SPTE maps gfns [{gs:#x},{ge:#x}) whose pages were removed")
-                elif pfn - gs != sp.delta:
-                    _fail(1, f"SPTE at gfn {gs:#x} maps pfn {gs + sp.delta:#x}, backing holds {pfn:#x}")
-                # 3: a hugepage SPTE never exceeds its folio.
-                if sp.order > order:
-                    _fail(3, f"{1 << sp.order}-page SPTE at gfn {gs:#x} over an order-{order} folio")
-            # 2: the SPTE's kind matches the gfn's current attribute.
-            if vm.has_private_mem:
-                g = s
-                while g < e:
-                    ge = min(e, vm.attribute_run_end(g, e))
-                    if vm.mem_is_private(g) != sp.private:
-                        _fail(2, f"{'private' if sp.private else 'shared'} SPTE over gfns "
-                                 f"[{g:#x},{ge:#x}) whose attribute differs")
-                    g = ge
-                if sp.private and not slot.has_gmem:
-                    _fail(2, f"private SPTE at gfn {s:#x} in a slot without guest_memfd")
-            # 3: no hugepage over mixed attributes.
-            if sp.order and vm.has_private_mem:
-                size = 1 << sp.order
-                g = s
-                while g < e:
-                    g = vm.attribute_run_end(g, e)
-                    if g < e and g % size:
-                        _fail(3, f"hugepage SPTE at gfn {g & ~(size - 1):#x} spans mixed attributes")
+            # A merged SPTE run may cross adjacent memslots: check it slot by slot.
+            for s, e, slot in vm.memslots[as_id].in_range(rs, re_):
+                if slot is None:
+                    _fail(1, f"SPTEs [{s:#x},{e:#x}) outside any memslot")
+                assert slot is not None
+                _check_run(vm, slot, sp, s, e)
     for ms in vm.memslots:
         for slot in ms:
             for mixed in slot.lpage_mixed.values():
                 mixed.check()
     check_system(vm.system)
+
+
+def _check_run(vm: ModelVm, slot: Memslot, sp: Spte, s: int, e: int) -> None:
+    """Invariants 1-3 for SPTEs [s, e) of one memslot."""
+    # 1: the frame is still the one the backing store holds at that index.
+    for gs, ge, pfn, order in _backing_pfns(vm, slot, sp, s, e):
+        if pfn is None:
+            _fail(1, f"SPTE maps gfns [{gs:#x},{ge:#x}) whose pages were removed")
+        elif pfn - gs != sp.delta:
+            _fail(1, f"SPTE at gfn {gs:#x} maps pfn {gs + sp.delta:#x}, backing holds {pfn:#x}")
+        # 3: a hugepage SPTE never exceeds its folio.
+        if sp.order > order:
+            _fail(3, f"{1 << sp.order}-page SPTE at gfn {gs:#x} over an order-{order} folio")
+    if not vm.has_private_mem:
+        return
+    # 2: the SPTE's kind matches the gfn's current attribute.
+    g = s
+    while g < e:
+        ge = min(e, vm.attribute_run_end(g, e))
+        if vm.mem_is_private(g) != sp.private:
+            _fail(2, f"{'private' if sp.private else 'shared'} SPTE over gfns "
+                     f"[{g:#x},{ge:#x}) whose attribute differs")
+        g = ge
+    if sp.private and not slot.has_gmem:
+        _fail(2, f"private SPTE at gfn {s:#x} in a slot without guest_memfd")
+    # 3: no hugepage over mixed attributes.
+    if sp.order:
+        size = 1 << sp.order
+        g = s
+        while g < e:
+            g = vm.attribute_run_end(g, e)
+            if g < e and g % size:
+                _fail(3, f"hugepage SPTE at gfn {g & ~(size - 1):#x} spans mixed attributes")
 
 
 def check_system(system: ModelKvm) -> None:

@@ -139,6 +139,8 @@ class Mmu:
                 if wsp == sp:
                     m.set(ws, we, None)
                     self.stats["zapped_pages"] += we - ws
+                    if sp.private:
+                        self.vm.arch.private_zapped(ws, we)
             zapped = True
         if zapped:
             self.stats["zaps"] += 1

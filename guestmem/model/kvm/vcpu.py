@@ -67,6 +67,8 @@ class ModelVcpu:
     def run(self) -> Exit:
         if self.closed:
             raise KvmError(errno.EBADF, "KVM_RUN", "vCPU is closed")
+        if self.vm.bugged:
+            raise KvmError(errno.EIO, "KVM_RUN", "the VM is bugged (KVM_BUG_ON)")
         if self.program is None:
             raise KvmError(errno.EINVAL, "KVM_RUN", "no guest program loaded")
         if not self._running.acquire(blocking=False):
@@ -131,10 +133,11 @@ class ModelVcpu:
                 if ex is not None:
                     return ex
             elif isinstance(op, Accept):
-                ex = self.vm.arch.accept(self, op.gpa, op.size)
+                ex = self._accept(op)
                 if ex is not None:
                     return ex
                 self.pc += 1
+                self.progress = 0
             elif isinstance(op, Sync):
                 self.pc += 1
                 return ExitSync(op.value)
@@ -169,8 +172,9 @@ class ModelVcpu:
         """Carry out a Write or Verify from its saved progress; return an exit or None when done."""
         vm = self.vm
         write = isinstance(op, Write)
-        end = op.gpa + op.size
-        pos = op.gpa + self.progress
+        gpa, access = vm.arch.decode_gpa(op.gpa, op.access)
+        end = gpa + op.size
+        pos = gpa + self.progress
         if mmio_done is not None:
             if not write:
                 data = bytes(mmio_done.data[: mmio_done.len])
@@ -178,8 +182,8 @@ class ModelVcpu:
                     if b != op.pattern:
                         return self._fail(op, pos + i, b)
             pos += mmio_done.len
-            self.progress = pos - op.gpa
-        want = vm.arch.access_kind(op.access)
+            self.progress = pos - gpa
+        want = vm.arch.access_kind(access)
         while pos < end:
             gfn = pos // PS
             end_gfn = (end + PS - 1) // PS
@@ -187,25 +191,30 @@ class ModelVcpu:
                 runs = vm.mmu.translate(0, gfn, end_gfn, want, write)
                 for s, e, pfn, private in runs:
                     a, b = max(pos, s * PS), min(end, e * PS)
-                    view = vm.system.pool.view(pfn, e - s).reshape(-1)[a - s * PS : b - s * PS]
+                    exc = vm.arch.guest_access_fault(a // PS, (b + PS - 1) // PS, private, write)
+                    if exc is not None:
+                        self.progress = max(a, exc[0] * PS) - gpa
+                        return ExitGuestAssert(max(a, exc[0] * PS), op.pattern, 0, self.pc, exc[1])
+                    off = a - s * PS
+                    pool = vm.system.pool
                     if write:
-                        vm.arch.guest_write(view, op.pattern, pfn, a - s * PS, private)
+                        vm.arch.guest_write(pool, pfn, off, b - a, op.pattern, private)
                         self.stats["bytes_written"] += b - a
                     else:
-                        seen = vm.arch.guest_read(view, pfn, a - s * PS, private)
+                        seen = vm.arch.guest_read(pool, pfn, off, b - a, private)
                         bad = np.flatnonzero(seen != op.pattern)
                         if bad.size:
                             k = int(bad[0])
-                            self.progress = a + k - op.gpa
+                            self.progress = a + k - gpa
                             return self._fail(op, a + k, int(seen[k]))
                         self.stats["bytes_verified"] += b - a
                     pos = b
-                    self.progress = pos - op.gpa
+                    self.progress = pos - gpa
             if pos >= end:
                 break
             gfn = pos // PS
             self.stats["faults"] += 1
-            res = page_fault(vm, gfn, end_gfn, op.access, write)
+            res = page_fault(vm, gfn, end_gfn, access, write)
             if isinstance(res, int):
                 continue
             if isinstance(res, Emulate):
@@ -213,6 +222,33 @@ class ModelVcpu:
                 ex = ExitMmio(pos, n, write, bytes([op.pattern]) * n if write else bytes(8))
                 self._pending = ex
                 return ex
+            return res
+        return None
+
+    def _accept(self, op: Accept) -> Exit | None:
+        """TDG.MEM.PAGE.ACCEPT / PVALIDATE over the op's range, from its saved progress: each page
+        is faulted in as private (a shared attribute makes that a memory-fault exit, i.e. the
+        guest asking for the conversion), then marked accepted by the flavour."""
+        vm = self.vm
+        gpa, _ = vm.arch.decode_gpa(op.gpa, "private")
+        end = gpa + op.size
+        pos = gpa + self.progress
+        pool = vm.system.pool
+        while pos < end:
+            gfn, end_gfn = pos // PS, (end + PS - 1) // PS
+            with vm.mmu_lock():
+                runs = vm.mmu.translate(0, gfn, end_gfn, True, False)
+                for s, e, pfn, _private in runs:
+                    vm.arch.on_accept(pool, s, e, pfn)
+                    pos = min(end, e * PS)
+                    self.progress = pos - gpa
+            if pos >= end:
+                break
+            res = page_fault(vm, pos // PS, end_gfn, "private", False)
+            if isinstance(res, int):
+                continue
+            if isinstance(res, Emulate):
+                return ExitGuestAssert(pos, 0, 0, self.pc, "accept of a gpa with no memory behind it")
             return res
         return None
 

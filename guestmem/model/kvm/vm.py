@@ -50,6 +50,7 @@ class ModelVm:
         self._refs = 1
         self._refs_lock = threading.Lock()
         self.destroyed = False
+        self.bugged = False  # KVM_BUG_ON: every later vCPU ioctl fails with EIO
         self.fd = system.process.install(self)
         self._notifier_begun: list[bool] = []
         system.process.mmu_notifiers.append(self)  # kvm_init_mmu_notifier
@@ -171,6 +172,10 @@ class ModelVm:
         raise KvmError(errno.EINVAL, "KVM_ENABLE_CAP", f"capability {cap} cannot be enabled on a VM")
 
     # --- guest_memfd ------------------------------------------------------------------------------
+    @property
+    def flavour(self) -> str:
+        return self.arch.name
+
     def create_guest_memfd(self, size: int, flags: int = 0) -> GmemFile:
         return create_guest_memfd(self, size, flags)
 
@@ -262,8 +267,21 @@ class ModelVm:
     def _check_max_gfn(self, op: str, base_gfn: int, npages: int) -> None:
         opts = self.system.options
         bits = opts.phys_bits if opts.tdp_mmu else 52
-        if base_gfn + npages - 1 > (1 << (bits - u.PAGE_SHIFT)) - 1:
+        last = base_gfn + npages - 1
+        if last > (1 << (bits - u.PAGE_SHIFT)) - 1:
             raise KvmError(errno.EINVAL, op, f"memslot beyond the {bits}-bit guest physical space")
+        if self.arch.gfn_alias_bit and last >= self.arch.gfn_alias_bit:
+            raise KvmError(errno.EINVAL, op, "memslot reaches the shared-GPA alias (kvm_is_gfn_alias)")
+
+    # --- confidential launch (SNP_LAUNCH_UPDATE/FINISH, TDX_INIT_MEM_REGION/FINALIZE_VM) ---------
+    def launch_update(self, gpa: int, size: int, src: bytes | None = None) -> int:
+        """Populate initial private memory (measured); ``src=None`` encrypts in place."""
+        with self.slots_lock():
+            return self.arch.launch_update(gpa, size, src)
+
+    def launch_finalize(self) -> None:
+        """End the launch: the guest may run, pre-faulting is allowed, PRESERVE-to-private is not."""
+        self.arch.launch_finalize()
 
     def _fget_gmem(self, op: str, gmem: GmemFile | int | None) -> GmemFile:
         fd = gmem.fd if isinstance(gmem, GmemFile) else (gmem if gmem is not None else 0)

@@ -9,19 +9,25 @@ SPTEs live in separate trees (TDX's mirror roots).
 
 from __future__ import annotations
 
+import errno
+import os
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from guestmem import uapi as u
+from guestmem.errors import KvmError
+
+PS = u.PAGE_SIZE
 
 if TYPE_CHECKING:
     from guestmem.api import Exit
     from guestmem.guest.ops import Access
-    from guestmem.model.kvm.guest_memfd import GmemFile
+    from guestmem.model.kvm.guest_memfd import GmemFile, GmemInode
     from guestmem.model.kvm.memslot import Memslot
     from guestmem.model.kvm.vcpu import ModelVcpu
     from guestmem.model.kvm.vm import ModelVm
+    from guestmem.model.mm.frames import FramePool
 
 
 class Flavour:
@@ -57,13 +63,18 @@ class Flavour:
             return None
         return access != "shared"
 
-    def guest_write(self, view: np.ndarray, byte: int, pfn: int, offset: int, private: bool) -> None:
-        """The guest stores ``byte`` over ``view`` (frames at ``pfn``, from byte ``offset``)."""
-        view.fill(byte)
+    def guest_write(self, pool: FramePool, pfn: int, off: int, n: int, byte: int, private: bool) -> None:
+        """The guest stores ``byte`` over ``n`` bytes at byte ``off`` of the frames from ``pfn``."""
+        pool.view(pfn, (off + n + PS - 1) // PS).reshape(-1)[off : off + n].fill(byte)
 
-    def guest_read(self, view: np.ndarray, pfn: int, offset: int, private: bool) -> np.ndarray:
-        """What the guest reads from ``view`` (a memory-encryption engine decrypts here)."""
-        return view
+    def guest_read(self, pool: FramePool, pfn: int, off: int, n: int, private: bool) -> np.ndarray:
+        """What the guest reads there (a memory-encryption engine decrypts private pages)."""
+        return pool.view(pfn, (off + n + PS - 1) // PS).reshape(-1)[off : off + n]
+
+    def guest_access_fault(self, gfn: int, end: int, private: bool, write: bool) -> tuple[int, str] | None:
+        """A guest-side exception before the access (SNP #VC on an unvalidated page, TDX #VE on an
+        unaccepted one): ``(gfn, reason)`` for the first such gfn in [gfn, end), else None."""
+        return None
 
     def accept(self, vcpu: ModelVcpu, gpa: int, size: int) -> Exit | None:
         """Guest acceptance of private pages (TDX ACCEPT / SNP PVALIDATE); nothing to do here."""
@@ -72,6 +83,39 @@ class Flavour:
     def pre_fault_allowed(self) -> bool:
         """``kvm->arch.pre_fault_allowed``: false for SNP/TDX until the launch is finalized."""
         return True
+
+    finalized = True
+    gfn_alias_bit = 0  # TDX: the shared bit, which no memslot may reach
+
+    def check_fault_allowed(self) -> None:
+        """Raise (and bug the VM) where a guest fault is not allowed yet."""
+
+    def decode_gpa(self, gpa: int, access: Access) -> tuple[int, Access]:
+        """Split a guest address into the gpa KVM sees and the access kind it implies."""
+        return gpa, access
+
+    def private_zapped(self, gfn: int, end: int) -> None:
+        """Private SPTEs over [gfn, end) were removed (TDX: the pages leave the TD)."""
+
+    def host_may_access(self, pfn: int, n: int) -> int | None:
+        """The first frame of the run the host may not touch (SNP: guest-owned in the RMP)."""
+        return None
+
+    def on_accept(self, pool: FramePool, gfn: int, end: int, pfn: int) -> None:
+        """The guest accepted private gfns [gfn, end); nothing to record without acceptance."""
+
+    def launch_update(self, gpa: int, size: int, src: bytes | None) -> int:
+        raise KvmError(errno.ENOTTY, "launch_update", f"{self.name} VMs have no launch flow")
+
+    def launch_finalize(self) -> None:
+        raise KvmError(errno.ENOTTY, "launch_finalize", f"{self.name} VMs have no launch flow")
+
+    # --- content modes (in-place conversion RFC v5, kvm_arch_gmem_supported_content_modes) ----
+    def supported_content_modes(self, to_private: bool) -> int:
+        return 0
+
+    def apply_content_mode(self, inode: GmemInode, start: int, end: int, mode: int, to_private: bool) -> None:
+        """Carry out ``mode`` on the allocated pages of [start, end) (only supported modes reach here)."""
 
     def gmem_prepare(self, gmem: GmemFile, slot: Memslot, runs: list[tuple[int, int, int, int]]) -> None:
         """``kvm_arch_gmem_prepare``: make freshly handed-out pages usable as private memory."""
@@ -87,8 +131,51 @@ class SwProtectedFlavour(Flavour):
     vm_type = u.KVM_X86_SW_PROTECTED_VM
     has_private_mem = True
 
+    def supported_content_modes(self, to_private: bool) -> int:
+        return u.KVM_SET_MEMORY_ATTRIBUTES2_MODE_ZERO | u.KVM_SET_MEMORY_ATTRIBUTES2_MODE_PRESERVE
 
-FLAVOURS: dict[int, type[Flavour]] = {
-    u.KVM_X86_DEFAULT_VM: Flavour,
-    u.KVM_X86_SW_PROTECTED_VM: SwProtectedFlavour,
-}
+    def apply_content_mode(self, inode: GmemInode, start: int, end: int, mode: int, to_private: bool) -> None:
+        pool = self.vm.system.pool
+        for s, e, pfn, _ in inode.cache.lookup_range(start, end):
+            if pfn is None:
+                continue
+            frames = pool.view(pfn, e - s).reshape(-1)
+            if mode == u.KVM_SET_MEMORY_ATTRIBUTES2_MODE_ZERO:
+                frames.fill(0)
+            elif mode == u.KVM_SET_MEMORY_ATTRIBUTES2_MODE_UNSPECIFIED:
+                # The test vehicle scrambles, so that relying on UNSPECIFIED shows up in tests.
+                frames[:] = np.frombuffer(os.urandom(frames.size), dtype=np.uint8)
+            # PRESERVE: nothing to do without encryption.
+
+
+def _flavours() -> dict[int, type[Flavour]]:
+    from guestmem.model.kvm.arch.snp import SnpFlavour
+    from guestmem.model.kvm.arch.tdx import TdxFlavour
+
+    return {
+        u.KVM_X86_DEFAULT_VM: Flavour,
+        u.KVM_X86_SW_PROTECTED_VM: SwProtectedFlavour,
+        u.KVM_X86_SNP_VM: SnpFlavour,
+        u.KVM_X86_TDX_VM: TdxFlavour,
+    }
+
+
+class _Registry(dict):  # type: ignore[type-arg]
+    """VM type -> flavour class, filled on first use (the flavours import this module)."""
+
+    def _load(self) -> None:
+        if not dict.__len__(self):
+            self.update(_flavours())
+
+    def __getitem__(self, key: int) -> type[Flavour]:
+        self._load()
+        return dict.__getitem__(self, key)
+
+    def __contains__(self, key: object) -> bool:
+        self._load()
+        return dict.__contains__(self, key)
+
+
+FLAVOURS: dict[int, type[Flavour]] = _Registry()
+FLAVOUR_NAMES = {"default": u.KVM_X86_DEFAULT_VM, "sw-protected": u.KVM_X86_SW_PROTECTED_VM,
+                 "snp": u.KVM_X86_SNP_VM, "tdx": u.KVM_X86_TDX_VM}
