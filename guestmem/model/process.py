@@ -265,6 +265,25 @@ class Process:
             m = self._mappings[mid]
             return m, addr - m.addr
 
+    def fork(self) -> Process:
+        """A child process: the same open files and the same MAP_SHARED mappings at the same
+        addresses (what fork(2) gives a VMM's child).  Its accesses go through the same files,
+        so it sees conversions and hole punches exactly as the parent does."""
+        child = Process()
+        with self._lock:
+            child._fds = dict(self._fds)
+            child._next_top = self._next_top
+            for m in self._mappings.values():
+                cm = ModelMapping(child, m.file, m.addr, m.length, m.pgoff)
+                child._mappings[id(cm)] = cm
+                child._vmas.set(m.addr // PS, (m.addr + m.length + PS - 1) // PS, id(cm))
+                m.file.get_file()
+        return child
+
+    def mapping_at(self, addr: int) -> ModelMapping | None:
+        hit = self.resolve(addr)
+        return None if hit is None else hit[0]
+
     def mappings(self) -> list[ModelMapping]:
         with self._lock:
             return list(self._mappings.values())

@@ -291,9 +291,9 @@ def max_order_for(vm: ModelVm, private: bool) -> int:
     top = 18
     if private:
         top = min(top, vm.arch.max_private_order)
-    if vm.system.options.gmem_attributes and vm.has_private_mem:
-        # In-place series v6+: mapping levels are never derived from gmem attributes; 4K only.
-        top = 0
+    # With guest_memfd attributes the series never derives a level from attributes (v6+ bugs the
+    # VM if asked); the level comes from the folio order alone.  Upstream folios are order 0, so
+    # that is 4K; with the hugepage extension, split/merge keep every large folio uniform.
     return top
 
 

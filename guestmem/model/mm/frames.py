@@ -1,0 +1,373 @@
+"""``FramePool``: the model's host physical memory — page frames backed by real, measurable memory.
+
+Every frame the model hands out is a 4 KiB page of one ``memfd`` (a tmpfs file), sized sparse to
+the pool's capacity with ``ftruncate`` — a 1 TiB pool costs one inode and no memory.  The file is
+mapped lazily in naturally aligned chunks (1 GiB by default, so no folio up to order 18 ever
+straddles two mappings), and page contents are reached through ``numpy`` ``uint8`` views of those
+mappings.  Only frames that were touched are resident; freeing frames punches them out of the file
+(``fallocate(PUNCH_HOLE | KEEP_SIZE)``), so resident memory really drops, and
+:meth:`FramePool.resident_bytes` reads the truth from ``fstat().st_blocks``.
+
+Free space is a :class:`~guestmem.ranges.RangeMap` of free runs (cost grows with fragmentation,
+never with pages).  Allocation is first-fit for a naturally aligned block of the requested order,
+starting from a per-order hint below which no such block is free; so consecutive allocations on a
+fresh pool return consecutive frames, which lets page caches store their index->pfn maps as a few
+merged ranges.  Freed space coalesces on its own (adjacent free runs merge in the map) and is
+reusable by any later allocation whose alignment fits — no buddy lists needed.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import threading
+import weakref
+from collections.abc import Iterator
+
+import numpy as np
+
+from guestmem.errors import KvmError
+from guestmem.model.mm._libc import punch_hole
+from guestmem.model.mm.stats import FrameStats
+from guestmem.ranges import RangeMap
+from guestmem.uapi import PAGE_SHIFT, PAGE_SIZE
+
+DEFAULT_CAPACITY_BYTES = 1 << 40  # 1 TiB of frames, sparse
+DEFAULT_CHUNK_BYTES = 1 << 30  # mapping granule; also bounds the largest folio order (18)
+
+_Buffer = bytes | bytearray | memoryview | np.ndarray
+
+
+def _is_pow2(x: int) -> bool:
+    return x > 0 and x & (x - 1) == 0
+
+
+class FramePool:
+    """Physical frames (pfns ``0 .. capacity_pages-1``) over one sparse memfd.
+
+    ``capacity_bytes`` is rounded up to whole chunks; ``chunk_bytes`` (a power of two) is the
+    mapping granule and bounds the folio order (``max_order``: 18 for 1 GiB chunks).
+
+    ``poison``: if set, every newly allocated frame is filled with this byte, as a fresh kernel page
+    holds arbitrary old data; with it, a path that forgets to zero a page before first use shows the
+    poison instead of (accidentally correct) zeros.  Default off: fresh frames read as zeros and cost
+    no memory until written.
+
+    Allocator state is guarded by an internal lock, so the pool may be shared by threads.  Frame
+    *contents* are not locked: whoever owns a frame serialises access to it.
+    """
+
+    def __init__(
+        self,
+        capacity_bytes: int = DEFAULT_CAPACITY_BYTES,
+        *,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        poison: int | None = None,
+        name: str = "guestmem-frames",
+    ) -> None:
+        if not _is_pow2(chunk_bytes) or chunk_bytes < PAGE_SIZE:
+            raise ValueError("chunk_bytes must be a power of two of at least one page")
+        if capacity_bytes <= 0:
+            raise ValueError("capacity_bytes must be positive")
+        if poison is not None and not 0 <= poison <= 255:
+            raise ValueError("poison must be a byte value")
+        capacity_bytes = -(-capacity_bytes // chunk_bytes) * chunk_bytes
+        self.capacity_pages: int = capacity_bytes >> PAGE_SHIFT
+        self.chunk_pages: int = chunk_bytes >> PAGE_SHIFT
+        self.max_order: int = self.chunk_pages.bit_length() - 1
+        self.poison = poison
+        self._fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        self._finalizer = weakref.finalize(self, os.close, self._fd)
+        os.ftruncate(self._fd, capacity_bytes)
+        nchunks = self.capacity_pages // self.chunk_pages
+        self._maps: list[mmap.mmap | None] = [None] * nchunks
+        self._arrays: list[np.ndarray | None] = [None] * nchunks
+        self._free: RangeMap[bool] = RangeMap(False)
+        self._free.set(0, self.capacity_pages, True)
+        self._nfree = self.capacity_pages
+        # _hint[k]: no free, naturally aligned 2^k block starts below this pfn.
+        self._hint = [0] * (self.max_order + 1)
+        self._lock = threading.Lock()
+        self._stats = FrameStats()
+
+    # --- allocation -----------------------------------------------------------------------------
+    def alloc(self, order: int = 0) -> int:
+        """Allocate one naturally aligned folio of ``2**order`` frames; return its base pfn."""
+        return self.alloc_range(1 << order, order)[0][0]
+
+    def alloc_range(self, npages: int, order: int = 0) -> list[tuple[int, int]]:
+        """Allocate ``npages`` frames as order-``order`` folios; return runs ``(base_pfn, npages)``.
+
+        Runs are maximal physically contiguous stretches (a fresh pool answers one run); every run
+        starts and ends on a ``2**order`` boundary, so each aligned block inside is one folio.
+        All or nothing: on ``ENOMEM`` nothing is allocated.
+        """
+        self.check_order(order)
+        size = 1 << order
+        if npages < 0 or npages % size:
+            raise ValueError(f"npages {npages} is not a multiple of the folio size {size}")
+        if npages == 0:
+            return []
+        with self._lock:
+            self._check_open()
+            runs = self._find(npages, order) if npages <= self._nfree else None
+            if runs is None:
+                self._stats.alloc_failures += 1
+                raise KvmError(errno.ENOMEM, "alloc_folio", f"no {npages} frames of order {order}")
+            for base, n in runs:
+                self._free.set(base, base + n, False)
+            self._nfree -= npages
+            base, n = runs[-1]
+            self._hint[order] = base + n
+            st = self._stats
+            st.alloc_calls += 1
+            st.allocated_total += npages
+            st.allocated = self.capacity_pages - self._nfree
+            st.peak_allocated = max(st.peak_allocated, st.allocated)
+        if self.poison is not None:
+            for base, n in runs:
+                self.fill(base, n, self.poison)
+        return runs
+
+    def _find(self, npages: int, order: int) -> list[tuple[int, int]] | None:
+        """First-fit runs of aligned blocks from the order's hint; None if they do not suffice."""
+        size = 1 << order
+        mask = size - 1
+        runs: list[tuple[int, int]] = []
+        remaining = npages
+        for s, e, free in self._free.segments(self._hint[order], self.capacity_pages):
+            if not free:
+                continue
+            a = (s + mask) & ~mask
+            b = e & ~mask
+            if a >= b:
+                continue
+            take = min(b - a, remaining)
+            runs.append((a, take))  # free runs never touch, so neither do these
+            remaining -= take
+            if remaining == 0:
+                return runs
+        return None
+
+    def free(self, pfn: int, npages: int) -> None:
+        """Give back ``npages`` allocated frames from ``pfn`` (any piece of earlier allocations).
+
+        The frames are punched out of the backing file first, so their memory returns to the host
+        at once and a later allocation of them reads zeros.
+        """
+        self._check_run(pfn, npages)
+        if npages == 0:
+            return
+        with self._lock:
+            self._check_open()
+            if self._free.any_match(pfn, pfn + npages, bool):
+                raise ValueError(f"free of frames not allocated in [{pfn:#x}, {pfn + npages:#x})")
+            punch_hole(self._fd, pfn << PAGE_SHIFT, npages << PAGE_SHIFT)
+            self._free.set(pfn, pfn + npages, True)
+            self._nfree += npages
+            for k in range(self.max_order + 1):
+                h = pfn & ~((1 << k) - 1)
+                if h < self._hint[k]:
+                    self._hint[k] = h
+            st = self._stats
+            st.free_calls += 1
+            st.freed_total += npages
+            st.punched_bytes += npages << PAGE_SHIFT
+            st.allocated = self.capacity_pages - self._nfree
+
+    # --- queries --------------------------------------------------------------------------------
+    @property
+    def stats(self) -> FrameStats:
+        """A snapshot of the counters (allocated, peak_allocated, frees, ...)."""
+        with self._lock:
+            return self._stats.snapshot()
+
+    @property
+    def allocated(self) -> int:
+        """Frames currently allocated."""
+        return self.capacity_pages - self._nfree
+
+    @property
+    def free_pages(self) -> int:
+        return self._nfree
+
+    def is_allocated(self, pfn: int, npages: int = 1) -> bool:
+        """True if every frame of ``[pfn, pfn + npages)`` is allocated."""
+        self._check_run(pfn, npages)
+        with self._lock:
+            return not self._free.any_match(pfn, pfn + npages, bool)
+
+    def allocated_runs(self) -> list[tuple[int, int]]:
+        """Maximal allocated runs ``(pfn, npages)``, for invariant checks."""
+        with self._lock:
+            return [
+                (s, e - s) for s, e, free in self._free.segments(0, self.capacity_pages) if not free
+            ]
+
+    def free_runs(self) -> int:
+        """How many separate free runs there are (1 on a fresh or fully freed pool)."""
+        return len(self._free)
+
+    def resident_bytes(self) -> int:
+        """Bytes of host memory the frames really occupy now (the memfd's ``st_blocks * 512``)."""
+        self._check_open()
+        return os.fstat(self._fd).st_blocks * 512
+
+    def fileno(self) -> int:
+        return self._fd
+
+    # --- contents -------------------------------------------------------------------------------
+    def view(self, pfn: int, npages: int = 1) -> np.ndarray:
+        """A writable ``uint8`` view of the bytes of frames ``[pfn, pfn + npages)``.
+
+        The run must lie within one mapping chunk (any folio does); use :meth:`views` or the
+        byte helpers for arbitrary runs.
+        """
+        self._check_run(pfn, npages)
+        c = pfn // self.chunk_pages
+        if npages and (pfn + npages - 1) // self.chunk_pages != c:
+            raise ValueError(f"frames [{pfn:#x}, {pfn + npages:#x}) cross a chunk boundary")
+        off = (pfn - c * self.chunk_pages) << PAGE_SHIFT
+        return self._chunk(c)[off : off + (npages << PAGE_SHIFT)]
+
+    def views(self, pfn: int, npages: int) -> Iterator[np.ndarray]:
+        """Views covering ``[pfn, pfn + npages)`` in order, one per mapping chunk crossed."""
+        self._check_run(pfn, npages)
+        for arr, _ in self._spans(pfn << PAGE_SHIFT, npages << PAGE_SHIFT):
+            yield arr
+
+    def _spans(self, addr: int, n: int) -> Iterator[tuple[np.ndarray, int]]:
+        """Pieces ``(view, position)`` covering physical bytes ``[addr, addr + n)``, chunk by chunk."""
+        if addr < 0 or addr + n > self.capacity_pages << PAGE_SHIFT:
+            raise ValueError(f"physical range [{addr:#x}, {addr + n:#x}) outside the pool")
+        chunk_bytes = self.chunk_pages << PAGE_SHIFT
+        pos = 0
+        while pos < n:
+            c, off = divmod(addr + pos, chunk_bytes)
+            take = min(n - pos, chunk_bytes - off)
+            yield self._chunk(c)[off : off + take], pos
+            pos += take
+
+    def read(self, pfn: int, offset: int, n: int) -> bytes:
+        """``n`` bytes starting ``offset`` bytes into frame ``pfn`` (may run across frames/chunks)."""
+        out = np.empty(n, dtype=np.uint8)
+        self.read_into(pfn, offset, out)
+        return out.tobytes()
+
+    def read_into(self, pfn: int, offset: int, out: np.ndarray) -> None:
+        """Fill the contiguous ``uint8`` array ``out`` from the bytes ``offset`` into frame ``pfn``.
+
+        Reads go through ``preadv`` on the memfd rather than the mapping: reading a hole (a frame
+        never written, or zeroed by punching) then costs no memory, where a load through a shared
+        mapping would fault a fresh page into the file.
+        """
+        addr = (pfn << PAGE_SHIFT) + offset
+        n = len(out)
+        if addr < 0 or addr + n > self.capacity_pages << PAGE_SHIFT:
+            raise ValueError(f"physical range [{addr:#x}, {addr + n:#x}) outside the pool")
+        self._check_open()
+        buf = out.data.cast("B")
+        done = 0
+        while done < n:
+            got = os.preadv(self._fd, [buf[done:]], addr + done)
+            if got <= 0:  # pragma: no cover - a memfd never reads short inside its size
+                raise OSError(errno.EIO, "short read from the frame pool")
+            done += got
+
+    def write(self, pfn: int, offset: int, data: _Buffer) -> None:
+        """Store ``data`` starting ``offset`` bytes into frame ``pfn``."""
+        if isinstance(data, np.ndarray):
+            src = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
+        else:
+            src = np.frombuffer(data, dtype=np.uint8)
+        for arr, pos in self._spans((pfn << PAGE_SHIFT) + offset, len(src)):
+            arr[:] = src[pos : pos + len(arr)]
+
+    def fill(self, pfn: int, npages: int, byte: int) -> None:
+        """Set every byte of frames ``[pfn, pfn + npages)`` to ``byte``."""
+        self.fill_bytes(pfn, 0, npages << PAGE_SHIFT, byte)
+
+    def fill_bytes(self, pfn: int, offset: int, n: int, byte: int) -> None:
+        """Set ``n`` bytes starting ``offset`` bytes into frame ``pfn`` to ``byte``."""
+        for arr, _ in self._spans((pfn << PAGE_SHIFT) + offset, n):
+            arr.fill(byte)
+
+    def copy(self, dst_pfn: int, src_pfn: int, npages: int) -> None:
+        """Copy the contents of ``npages`` frames from ``src_pfn`` to ``dst_pfn`` (runs must not overlap)."""
+        for arr, pos in self._spans(dst_pfn << PAGE_SHIFT, npages << PAGE_SHIFT):
+            self.read_into(src_pfn, pos, arr)
+
+    def zero(self, pfn: int, npages: int) -> None:
+        """Zero frames ``[pfn, pfn + npages)`` by punching them out of the file.
+
+        The frames stay allocated; their memory goes back to the host until next written, and
+        they read as zeros meanwhile.
+        """
+        self._check_run(pfn, npages)
+        if npages == 0:
+            return
+        self._check_open()
+        punch_hole(self._fd, pfn << PAGE_SHIFT, npages << PAGE_SHIFT)
+        with self._lock:
+            self._stats.punched_bytes += npages << PAGE_SHIFT
+
+    # --- lifetime -------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Release the memfd and the mappings (a mapping with live views is left to the GC)."""
+        with self._lock:
+            if not self._finalizer.alive:
+                return
+            self._finalizer()
+            self._arrays = [None] * len(self._arrays)
+            for i, m in enumerate(self._maps):
+                if m is not None:
+                    try:
+                        m.close()
+                    except BufferError:  # a caller still holds a view; the GC unmaps it later
+                        pass
+                    self._maps[i] = None
+
+    @property
+    def closed(self) -> bool:
+        return not self._finalizer.alive
+
+    def __enter__(self) -> FramePool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"FramePool(capacity={self.capacity_pages} frames, allocated={self.allocated}, "
+            f"free_runs={len(self._free)})"
+        )
+
+    # --- internals ------------------------------------------------------------------------------
+    def _chunk(self, c: int) -> np.ndarray:
+        arr = self._arrays[c]
+        if arr is not None:
+            return arr
+        with self._lock:
+            self._check_open()
+            arr = self._arrays[c]
+            if arr is None:
+                chunk_bytes = self.chunk_pages << PAGE_SHIFT
+                m = mmap.mmap(self._fd, chunk_bytes, mmap.MAP_SHARED, offset=c * chunk_bytes)
+                self._maps[c] = m
+                arr = self._arrays[c] = np.frombuffer(m, dtype=np.uint8)
+            return arr
+
+    def _check_open(self) -> None:
+        if not self._finalizer.alive:
+            raise ValueError("frame pool is closed")
+
+    def check_order(self, order: int) -> None:
+        """ValueError unless ``order`` is a folio order this pool can allocate (0..max_order)."""
+        if not 0 <= order <= self.max_order:
+            raise ValueError(f"folio order {order} outside 0..{self.max_order}")
+
+    def _check_run(self, pfn: int, npages: int) -> None:
+        if pfn < 0 or npages < 0 or pfn + npages > self.capacity_pages:
+            raise ValueError(f"frames [{pfn:#x}, {pfn + npages:#x}) outside the pool")
