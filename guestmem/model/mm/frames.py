@@ -4,9 +4,11 @@ Every frame the model hands out is a 4 KiB page of one ``memfd`` (a tmpfs file),
 the pool's capacity with ``ftruncate`` — a 1 TiB pool costs one inode and no memory.  The file is
 mapped lazily in naturally aligned chunks (1 GiB by default, so no folio up to order 18 ever
 straddles two mappings), and page contents are reached through ``numpy`` ``uint8`` views of those
-mappings.  Only frames that were touched are resident; freeing frames punches them out of the file
-(``fallocate(PUNCH_HOLE | KEEP_SIZE)``), so resident memory really drops, and
-:meth:`FramePool.resident_bytes` reads the truth from ``fstat().st_blocks``.
+mappings (a run that crosses chunks gets a mapping of its own).  Only frames that were touched
+are resident; freeing frames punches them out of the file (``fallocate(PUNCH_HOLE | KEEP_SIZE)``),
+so resident memory really drops, and :meth:`FramePool.resident_bytes` reads the truth from
+``fstat().st_blocks``.  Reads go through ``preadv`` so that reading a never-written frame costs
+nothing.
 
 Free space is a :class:`~guestmem.ranges.RangeMap` of free runs (cost grows with fragmentation,
 never with pages).  Allocation is first-fit for a naturally aligned block of the requested order,
@@ -221,13 +223,16 @@ class FramePool:
     def view(self, pfn: int, npages: int = 1) -> np.ndarray:
         """A writable ``uint8`` view of the bytes of frames ``[pfn, pfn + npages)``.
 
-        The run must lie within one mapping chunk (any folio does); use :meth:`views` or the
-        byte helpers for arbitrary runs.
+        A run inside one chunk (any folio is) is a slice of the cached chunk mapping.  A run that
+        crosses chunks gets its own shared mapping of the same frames (coherent with the chunk
+        mappings), which lives as long as the returned array does.
         """
         self._check_run(pfn, npages)
         c = pfn // self.chunk_pages
         if npages and (pfn + npages - 1) // self.chunk_pages != c:
-            raise ValueError(f"frames [{pfn:#x}, {pfn + npages:#x}) cross a chunk boundary")
+            self._check_open()
+            m = mmap.mmap(self._fd, npages << PAGE_SHIFT, mmap.MAP_SHARED, offset=pfn << PAGE_SHIFT)
+            return np.frombuffer(m, dtype=np.uint8)
         off = (pfn - c * self.chunk_pages) << PAGE_SHIFT
         return self._chunk(c)[off : off + (npages << PAGE_SHIFT)]
 

@@ -359,6 +359,11 @@ class PageCache:
     def is_uptodate(self, index: int) -> bool:
         return self._uptodate.get(index)
 
+    def uptodate(self, start: int, end: int) -> list[tuple[int, int]]:
+        """The uptodate pieces ``(s, e)`` of ``[start, end)``."""
+        with self._lock:
+            return [(s, e) for s, e, up in self._uptodate.segments(start, end) if up]
+
     def uptodate_count(self, start: int, end: int) -> int:
         with self._lock:
             return self._uptodate.count(start, end, bool)
