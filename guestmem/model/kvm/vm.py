@@ -338,10 +338,15 @@ class ModelVm:
         return vcpu
 
     # --- checking -----------------------------------------------------------------------------------
-    def check_invariants(self) -> None:
+    def check_invariants(self, quiescent: bool = True) -> None:
+        """Check DESIGN.md's invariants.  Safe from any thread: it holds slots_lock and mmu_lock
+        while it looks.  With ``quiescent=False`` (other threads may be mid-operation) the
+        invariants that only hold between operations (no invalidation open, frame totals) are
+        skipped."""
         from guestmem.model.kvm.invariants import check_vm
 
-        check_vm(self)
+        with self.slots_lock(), self.mmu_lock():
+            check_vm(self, quiescent)
 
     def __repr__(self) -> str:
         return f"ModelVm(type={u.VM_TYPE_NAMES.get(self.vm_type, self.vm_type)}, fd={self.fd})"

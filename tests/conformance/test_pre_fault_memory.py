@@ -1,0 +1,210 @@
+"""Port of upstream ``tools/testing/selftests/kvm/pre_fault_memory_test.c``, plus the argument checks
+of ``kvm_vcpu_pre_fault_memory`` (virt/kvm/kvm_main.c) that run before any architecture code.
+
+Upstream: a slot of 2 MiB + 4 KiB (slot 10); pre-fault [0, 2M) -> all done; [2M, 2M+8K) -> one
+page done, then ENOENT (no memslot: the page beyond the slot would be emulated MMIO);
+[2M+4K, 2M+8K) -> ENOENT with nothing done.  Each call races a worker thread that deletes and
+re-creates the slot; the result is stable once the slot is back.  Then the guest reads every
+page.  Run on DEFAULT (shared), SW_PROTECTED (shared) and SW_PROTECTED with the slot bound to a
+guest_memfd and the range set private.
+
+Departures: the slot sits at 4 GiB instead of the top of the guest physical address space
+(guestmem.api does not expose max_gfn); the guest *verifies* the pages read as zero where
+upstream only reads them.
+
+KVM_PRE_FAULT_MEMORY needs a TDP MMU on x86: ``KVM_CAP_PRE_FAULT_MEMORY`` is 0 without one and
+every well-formed call fails with EOPNOTSUPP; the upstream port skips then, and
+``test_pre_fault_memory_unsupported_is_eopnotsupp`` checks that answer.
+"""
+
+from __future__ import annotations
+
+import errno
+import threading
+
+import pytest
+
+import guestmem.uapi as u
+from guestmem.api import GuestMemfd, Kvm, Mapping, Vcpu, Vm
+from guestmem.errors import KvmError
+from guestmem.guest.ops import Verify
+
+from .support import (
+    HANG_TIMEOUT,
+    PAGE,
+    SZ_2M,
+    SZ_4G,
+    GuestScript,
+    check,
+    drive,
+    raises_errno,
+    require_cap,
+    require_vm_type,
+)
+
+TEST_SIZE = SZ_2M + PAGE
+TEST_NPAGES = TEST_SIZE // PAGE
+TEST_SLOT = 10
+TEST_GPA = SZ_4G
+
+PRIVATE = u.KVM_MEMORY_ATTRIBUTE_PRIVATE
+
+
+class PrefaultSlot:
+    """The test memslot, re-creatable (upstream vm_userspace_mem_region_add with flags 0 or
+    KVM_MEM_GUEST_MEMFD, which also creates a fresh guest_memfd for the private side)."""
+
+    def __init__(self, kvm: Kvm, vm: Vm, private: bool) -> None:
+        self.vm = vm
+        self.private = private
+        self.backing: Mapping = kvm.mmap_anonymous(TEST_SIZE)
+        self.gmems: list[GuestMemfd] = []
+
+    def add(self) -> None:
+        if self.private:
+            gmem = self.vm.create_guest_memfd(TEST_SIZE, 0)
+            self.gmems.append(gmem)
+            self.vm.set_user_memory_region2(TEST_SLOT, u.KVM_MEM_GUEST_MEMFD, TEST_GPA, TEST_SIZE,
+                                            self.backing.addr, guest_memfd=gmem, guest_memfd_offset=0)
+        else:
+            self.vm.set_user_memory_region2(TEST_SLOT, 0, TEST_GPA, TEST_SIZE, self.backing.addr)
+
+    def delete(self) -> None:
+        self.vm.set_user_memory_region2(TEST_SLOT, 0, TEST_GPA, 0, 0)
+
+    def close(self) -> None:
+        for gmem in self.gmems:
+            gmem.close()
+        self.backing.close()
+
+
+def pre_fault_memory(vcpu: Vcpu, slot: PrefaultSlot, offset: int, size: int, expected_left: int) -> None:
+    """upstream pre_fault_memory(): pre-fault [TEST_GPA+offset, +size) while a worker deletes and
+    re-creates the slot; retry until stable; check the bytes left and the final errno."""
+    gpa, left = TEST_GPA + offset, size
+    prefault_ready = threading.Event()
+    recreate_slot = threading.Event()
+    worker_error: list[BaseException] = []
+
+    def delete_slot_worker() -> None:
+        try:
+            prefault_ready.wait(HANG_TIMEOUT)
+            slot.delete()
+            recreate_slot.wait(HANG_TIMEOUT)
+            slot.add()
+        except BaseException as exc:  # reported on the main thread
+            worker_error.append(exc)
+
+    worker = threading.Thread(target=delete_slot_worker, name="delete-slot-worker", daemon=True)
+    worker.start()
+    prefault_ready.set()
+
+    slot_recreated = False
+    err = 0
+    while True:
+        try:
+            new_left = vcpu.pre_fault_memory(gpa, left)
+            err = 0
+            assert new_left < left, "a successful KVM_PRE_FAULT_MEMORY must make progress"
+            gpa, left = gpa + (left - new_left), new_left
+        except KvmError as exc:
+            err = exc.errno or -1
+            if err == errno.EINTR:  # interrupted by an unrelated signal: retry at once
+                continue
+        if not slot_recreated:
+            recreate_slot.set()
+            worker.join(HANG_TIMEOUT)
+            assert not worker.is_alive(), "delete-slot worker hung"
+            assert not worker_error, f"delete-slot worker failed: {worker_error[0]!r}"
+            slot_recreated = True
+            check(slot.vm)
+            if left:
+                continue  # retry for a stable result
+        if not left or err:
+            break
+
+    assert left == expected_left, f"completed with {left} bytes left, expected {expected_left}"
+    if expected_left:
+        assert err == errno.ENOENT, f"expected ENOENT, got {errno.errorcode.get(err, err)}"
+    else:
+        assert err == 0
+
+
+def prefault_vm(kvm: Kvm, vm_type: int, private: bool) -> Vm:
+    require_cap(kvm, u.KVM_CAP_PRE_FAULT_MEMORY)
+    vm = require_vm_type(kvm, vm_type)
+    require_cap(vm, u.KVM_CAP_PRE_FAULT_MEMORY)
+    if private:
+        require_cap(vm, u.KVM_CAP_MEMORY_ATTRIBUTES, PRIVATE)
+    return vm
+
+
+@pytest.mark.parametrize(("vm_type", "private"), [
+    pytest.param(u.KVM_X86_DEFAULT_VM, False, id="DEFAULT-shared"),
+    pytest.param(u.KVM_X86_SW_PROTECTED_VM, False, id="SW_PROTECTED-shared"),
+    pytest.param(u.KVM_X86_SW_PROTECTED_VM, True, id="SW_PROTECTED-private"),
+])
+def test_pre_fault_memory(backend: Kvm, vm_type: int, private: bool) -> None:
+    with prefault_vm(backend, vm_type, private) as vm:
+        slot = PrefaultSlot(backend, vm, private)
+        slot.add()
+        check(vm)
+        if private:
+            vm.set_memory_attributes(TEST_GPA, TEST_SIZE, PRIVATE)
+            check(vm)
+        vcpu = vm.create_vcpu(0)
+
+        pre_fault_memory(vcpu, slot, 0, SZ_2M, 0)
+        pre_fault_memory(vcpu, slot, SZ_2M, PAGE * 2, PAGE)
+        pre_fault_memory(vcpu, slot, TEST_SIZE, PAGE, PAGE)
+
+        drive(vm, vcpu, GuestScript()(*(Verify(TEST_GPA + i * PAGE, 8, 0) for i in range(TEST_NPAGES))))
+        vcpu.close()
+        slot.delete()
+        check(vm)
+        slot.close()
+
+
+# --- extra: argument checks (kvm_vcpu_pre_fault_memory), on every host -----------------------------
+
+
+@pytest.mark.parametrize(("gpa", "size", "flags"), [
+    pytest.param(TEST_GPA, PAGE, 1, id="flags"),
+    pytest.param(TEST_GPA, PAGE, 1 << 63, id="flags-high"),
+    pytest.param(TEST_GPA + 1, PAGE, 0, id="gpa-unaligned"),
+    pytest.param(TEST_GPA, 1, 0, id="size-unaligned"),
+    pytest.param(TEST_GPA, PAGE + 1, 0, id="size-unaligned-2"),
+    pytest.param(TEST_GPA, 0, 0, id="size-zero"),
+    pytest.param((1 << 64) - PAGE, 2 * PAGE, 0, id="wraps"),
+    pytest.param((1 << 64) - PAGE, PAGE, 0, id="ends-at-zero"),
+])
+def test_pre_fault_memory_invalid_args(backend: Kvm, gpa: int, size: int, flags: int) -> None:
+    """flags != 0, an unaligned gpa or size, or ``gpa + size <= gpa`` (size 0, wrap) are EINVAL,
+    checked before anything else -- so also on hosts where the call is otherwise EOPNOTSUPP."""
+    with require_vm_type(backend, u.KVM_X86_DEFAULT_VM) as vm, backend.mmap_anonymous(TEST_SIZE) as backing:
+        vm.set_user_memory_region2(TEST_SLOT, 0, TEST_GPA, TEST_SIZE, backing.addr)
+        vcpu = vm.create_vcpu(0)
+        with raises_errno(errno.EINVAL):
+            vcpu.pre_fault_memory(gpa, size, flags)
+        check(vm)
+        vcpu.close()
+
+
+def test_pre_fault_memory_unsupported_is_eopnotsupp(backend: Kvm) -> None:
+    """Where KVM_CAP_PRE_FAULT_MEMORY is 0 (x86 without a TDP MMU), a well-formed call is
+    EOPNOTSUPP whether or not a memslot covers the range; where it is set, the same calls pre-fault
+    a slot's page and give ENOENT outside any slot."""
+    with require_vm_type(backend, u.KVM_X86_DEFAULT_VM) as vm, backend.mmap_anonymous(TEST_SIZE) as backing:
+        vm.set_user_memory_region2(TEST_SLOT, 0, TEST_GPA, TEST_SIZE, backing.addr)
+        vcpu = vm.create_vcpu(0)
+        if vm.check_extension(u.KVM_CAP_PRE_FAULT_MEMORY):
+            assert vcpu.pre_fault_memory(TEST_GPA, PAGE) == 0
+            check(vm)
+            with raises_errno(errno.ENOENT):
+                vcpu.pre_fault_memory(TEST_GPA + TEST_SIZE, PAGE)
+        else:
+            for gpa in (TEST_GPA, TEST_GPA + TEST_SIZE, 0):
+                with raises_errno(errno.EOPNOTSUPP):
+                    vcpu.pre_fault_memory(gpa, PAGE)
+        check(vm)
+        vcpu.close()

@@ -1,0 +1,322 @@
+"""Port of the guest_memfd parts of upstream ``tools/testing/selftests/kvm/set_memory_region_test.c``
+(``test_invalid_memory_region_flags``, ``test_add_private_memory_region``,
+``test_add_overlapping_private_memory_regions``), plus extra memslot/binding cases from the
+kernel's ``kvm_set_memory_region`` and ``kvm_gmem_bind`` (spec sections 2.4 and 2.5), each
+confirmed on a 6.18 host.
+
+Upstream runs the guest_memfd cases on a KVM_X86_SW_PROTECTED_VM only, because older kernels
+allowed KVM_MEM_GUEST_MEMFD only for VMs with private memory.  Current kernels allow it for every
+VM type that reports KVM_CAP_GUEST_MEMFD, so these run on DEFAULT VMs too (and thus on hosts
+without SW_PROTECTED VMs).
+
+Every refused call is also checked to have changed nothing: the slot it tried to create does not
+exist afterwards (creating it for real succeeds) and the guest_memfd range it tried to bind is
+still free (binding it for real succeeds).
+
+Not ported (no guest_memfd involvement): zero/max memory regions, MOVE and DELETE of in-use slots.
+"""
+
+from __future__ import annotations
+
+import errno
+
+import pytest
+
+import guestmem.uapi as u
+from guestmem.api import Kvm, Mapping, Vm
+
+from .support import (
+    MEM_REGION_GPA,
+    MEM_REGION_SIZE,
+    MEM_REGION_SLOT,
+    PAGE,
+    check,
+    raises_errno,
+    require_cap,
+    require_vm_type,
+)
+
+GMEM = u.KVM_MEM_GUEST_MEMFD
+
+GMEM_VM_TYPES = [
+    pytest.param(u.KVM_X86_DEFAULT_VM, id="DEFAULT"),
+    pytest.param(u.KVM_X86_SW_PROTECTED_VM, id="SW_PROTECTED"),
+]
+
+
+def gmem_slot_vm(kvm: Kvm, vm_type: int) -> Vm:
+    """A VM that accepts KVM_MEM_GUEST_MEMFD memslots (upstream: KVM_CAP_GUEST_MEMFD + the VM type)."""
+    require_cap(kvm, u.KVM_CAP_GUEST_MEMFD)
+    vm = require_vm_type(kvm, vm_type)
+    if not vm.check_extension(u.KVM_CAP_GUEST_MEMFD):
+        vm.close()
+        pytest.skip(f"host lacks KVM_CAP_GUEST_MEMFD for {u.VM_TYPE_NAMES[vm_type]} VMs")
+    return vm
+
+
+def assert_slot_free(vm: Vm, backing: Mapping, slot: int = MEM_REGION_SLOT,
+                     gpa: int = MEM_REGION_GPA, size: int = MEM_REGION_SIZE) -> None:
+    """The slot id and GPA range are unused: creating a plain slot there succeeds (then delete it)."""
+    vm.set_user_memory_region2(slot, 0, gpa, size, backing.addr)
+    check(vm)
+    vm.set_user_memory_region2(slot, 0, gpa, 0, 0)
+    check(vm)
+
+
+@pytest.mark.parametrize("vm_type", GMEM_VM_TYPES)
+def test_invalid_memory_region_flags(backend: Kvm, vm_type: int) -> None:
+    """Every unsupported flag bit is EINVAL on KVM_SET_USER_MEMORY_REGION2; v2-only flags
+    (GUEST_MEMFD) are EINVAL on KVM_SET_USER_MEMORY_REGION; LOG_DIRTY_PAGES|GUEST_MEMFD is EINVAL.
+
+    Differences from upstream: GUEST_MEMFD counts as supported when the VM reports
+    KVM_CAP_GUEST_MEMFD (upstream still keys it on KVM_CAP_MEMORY_ATTRIBUTES & PRIVATE, from before
+    guest_memfd was allowed for all VM types); the GUEST_MEMFD combinations are tried with a real
+    guest_memfd (upstream passes fd 0, which would fail the bind anyway), and READONLY|GUEST_MEMFD
+    is added (READONLY is valid only without GUEST_MEMFD).
+    """
+    supported = u.KVM_MEM_LOG_DIRTY_PAGES | u.KVM_MEM_READONLY  # x86
+    v2_only = GMEM
+    vm = require_vm_type(backend, vm_type)
+    with vm, backend.mmap_anonymous(MEM_REGION_SIZE) as backing:
+        if vm.check_extension(u.KVM_CAP_GUEST_MEMFD):
+            supported |= GMEM
+        for bit in range(32):
+            flag = 1 << bit
+            if flag & supported and not flag & v2_only:
+                continue
+            with raises_errno(errno.EINVAL):
+                vm.set_user_memory_region(MEM_REGION_SLOT, flag, MEM_REGION_GPA, MEM_REGION_SIZE, 0)
+            check(vm)
+            if flag & supported:
+                continue
+            with raises_errno(errno.EINVAL):
+                vm.set_user_memory_region2(MEM_REGION_SLOT, flag, MEM_REGION_GPA, MEM_REGION_SIZE, 0)
+            check(vm)
+        assert_slot_free(vm, backing)
+
+        if supported & GMEM:
+            with vm.create_guest_memfd(MEM_REGION_SIZE, 0) as gmem:
+                for bad in (u.KVM_MEM_LOG_DIRTY_PAGES | GMEM, u.KVM_MEM_READONLY | GMEM):
+                    with raises_errno(errno.EINVAL):
+                        vm.set_user_memory_region2(MEM_REGION_SLOT, bad, MEM_REGION_GPA, MEM_REGION_SIZE, 0,
+                                                   guest_memfd=gmem)
+                    check(vm)
+                # Nothing was created or bound: the same slot with GUEST_MEMFD alone works.
+                vm.set_user_memory_region2(MEM_REGION_SLOT, GMEM, MEM_REGION_GPA, MEM_REGION_SIZE, 0,
+                                           guest_memfd=gmem)
+                check(vm)
+
+
+@pytest.mark.parametrize("vm_type", GMEM_VM_TYPES)
+def test_add_private_memory_region(backend: Kvm, vm_type: int) -> None:
+    """Binding something that is not this VM's guest_memfd is EINVAL: the /dev/kvm fd, the VM fd, a
+    regular memfd, another VM's guest_memfd (which its own VM binds fine); so is every unaligned
+    guest_memfd_offset 1..PAGE_SIZE-1.  Offset 0 then succeeds."""
+    with gmem_slot_vm(backend, vm_type) as vm, backend.mmap_anonymous(MEM_REGION_SIZE) as backing:
+
+        def bind(fd: object, offset: int = 0) -> None:
+            vm.set_user_memory_region2(MEM_REGION_SLOT, GMEM, MEM_REGION_GPA, MEM_REGION_SIZE, 0,
+                                       guest_memfd=fd, guest_memfd_offset=offset)  # type: ignore[arg-type]
+
+        with raises_errno(errno.EINVAL):
+            bind(backend.fd)  # KVM fd
+        check(vm)
+        with raises_errno(errno.EINVAL):
+            bind(vm.fd)  # VM's fd
+        check(vm)
+        memfd = backend.memfd_create(MEM_REGION_SIZE)
+        with raises_errno(errno.EINVAL):
+            bind(memfd.fd)  # regular memfd
+        check(vm)
+        memfd.close()
+
+        with gmem_slot_vm(backend, vm_type) as vm2:
+            other = vm2.create_guest_memfd(MEM_REGION_SIZE, 0)
+            with raises_errno(errno.EINVAL):
+                bind(other)  # other VM's guest_memfd
+            check(vm, vm2)
+            vm2.set_user_memory_region2(MEM_REGION_SLOT, GMEM, MEM_REGION_GPA, MEM_REGION_SIZE, 0,
+                                        guest_memfd=other, guest_memfd_offset=0)
+            check(vm2)
+            other.close()
+        assert_slot_free(vm, backing)
+
+        gmem = vm.create_guest_memfd(MEM_REGION_SIZE, 0)
+        for offset in range(1, PAGE):
+            with raises_errno(errno.EINVAL):
+                bind(gmem, offset)
+        check(vm)
+        bind(gmem, 0)
+        check(vm)
+        gmem.close()
+        check(vm)
+
+
+@pytest.mark.parametrize("vm_type", GMEM_VM_TYPES)
+def test_add_overlapping_private_memory_regions(backend: Kvm, vm_type: int) -> None:
+    """Slot A = [G, 2S) at file offset 0 and slot B = [2G, 2S) at offset 2S of one 4S file; delete A
+    (flags GUEST_MEMFD, guest_memfd = -1, as upstream); recreating A at GPA 2G-S or 2G+S is EEXIST.
+
+    Upstream calls these "overlapping guest_memfd bindings", but the file ranges [0, 2S) and
+    [2S, 4S) are disjoint: the EEXIST comes from the GPA overlap with B, checked before the bind.
+    Extra: a binding that overlaps B only in the *file* (disjoint GPAs) is EINVAL (kvm_gmem_bind),
+    and after all that, A can be recreated where it was.
+    """
+    S, G = MEM_REGION_SIZE, MEM_REGION_GPA
+    with gmem_slot_vm(backend, vm_type) as vm:
+        gmem = vm.create_guest_memfd(S * 4, 0)
+        vm.set_user_memory_region2(MEM_REGION_SLOT, GMEM, G, S * 2, 0, guest_memfd=gmem, guest_memfd_offset=0)
+        check(vm)
+        vm.set_user_memory_region2(MEM_REGION_SLOT + 1, GMEM, G * 2, S * 2, 0,
+                                   guest_memfd=gmem, guest_memfd_offset=S * 2)
+        check(vm)
+
+        vm.set_user_memory_region2(MEM_REGION_SLOT, GMEM, G, 0, 0, guest_memfd=-1, guest_memfd_offset=0)
+        check(vm)
+
+        with raises_errno(errno.EEXIST):  # front half of B
+            vm.set_user_memory_region2(MEM_REGION_SLOT, GMEM, G * 2 - S, S * 2, 0,
+                                       guest_memfd=gmem, guest_memfd_offset=0)
+        check(vm)
+        with raises_errno(errno.EEXIST):  # back half of B
+            vm.set_user_memory_region2(MEM_REGION_SLOT, GMEM, G * 2 + S, S * 2, 0,
+                                       guest_memfd=gmem, guest_memfd_offset=0)
+        check(vm)
+
+        with raises_errno(errno.EINVAL):  # disjoint GPAs, file range overlapping B's [2S, 4S)
+            vm.set_user_memory_region2(MEM_REGION_SLOT, GMEM, G * 3, S * 2, 0,
+                                       guest_memfd=gmem, guest_memfd_offset=S)
+        check(vm)
+
+        vm.set_user_memory_region2(MEM_REGION_SLOT, GMEM, G, S * 2, 0, guest_memfd=gmem, guest_memfd_offset=0)
+        check(vm)
+        gmem.close()
+        check(vm)
+
+
+# --- extra: kvm_gmem_bind / kvm_set_memory_region details -------------------------------------------
+
+
+@pytest.mark.parametrize("vm_type", GMEM_VM_TYPES)
+def test_bind_bad_fd_and_range(backend: Kvm, vm_type: int) -> None:
+    """kvm_gmem_bind: an fd that is not open is EBADF; a file range past the end of the file, or a
+    guest_memfd_offset + size that wraps, is EINVAL.  None of them leaves a slot or a binding."""
+    S = MEM_REGION_SIZE
+    with gmem_slot_vm(backend, vm_type) as vm, backend.mmap_anonymous(S) as backing:
+        gmem = vm.create_guest_memfd(S * 2, 0)
+        closed = vm.create_guest_memfd(S, 0)  # created last, so its fd number is not reused below
+        closed_fd = closed.fd
+        closed.close()
+
+        def bind(fd: object, offset: int = 0, size: int = S) -> None:
+            vm.set_user_memory_region2(MEM_REGION_SLOT, GMEM, MEM_REGION_GPA, size, 0,
+                                       guest_memfd=fd, guest_memfd_offset=offset)  # type: ignore[arg-type]
+
+        for fd in (closed_fd, 0x7FFF_FFFF):
+            with raises_errno(errno.EBADF):
+                bind(fd)
+            check(vm)
+        for offset, size in [(S * 2, S), (S + PAGE, S), (S * 3, S), (0, S * 2 + PAGE),
+                             ((1 << 64) - PAGE, S), ((1 << 63), S)]:
+            with raises_errno(errno.EINVAL):
+                bind(gmem, offset, size)
+            check(vm)
+        assert_slot_free(vm, backing)
+        bind(gmem, S, S)  # the whole second half: fine
+        check(vm)
+        gmem.close()
+
+
+@pytest.mark.parametrize("vm_type", GMEM_VM_TYPES)
+def test_bound_file_range_is_exclusive_until_deleted(backend: Kvm, vm_type: int) -> None:
+    """Two slots may not bind overlapping ranges of one file (EINVAL, even a single shared page);
+    disjoint ranges are fine; deleting a slot releases its range for another slot."""
+    S = MEM_REGION_SIZE
+    G = MEM_REGION_GPA
+    with gmem_slot_vm(backend, vm_type) as vm:
+        gmem = vm.create_guest_memfd(S * 2, 0)
+        vm.set_user_memory_region2(10, GMEM, G, S, 0, guest_memfd=gmem, guest_memfd_offset=0)
+        check(vm)
+        for offset in (0, PAGE, S - PAGE):
+            with raises_errno(errno.EINVAL):
+                vm.set_user_memory_region2(11, GMEM, G * 2, S, 0, guest_memfd=gmem, guest_memfd_offset=offset)
+            check(vm)
+        vm.set_user_memory_region2(11, GMEM, G * 2, S, 0, guest_memfd=gmem, guest_memfd_offset=S)
+        check(vm)
+        with raises_errno(errno.EINVAL):
+            vm.set_user_memory_region2(12, GMEM, G * 3, PAGE, 0, guest_memfd=gmem, guest_memfd_offset=S)
+        check(vm)
+        vm.set_user_memory_region2(10, 0, G, 0, 0)  # delete: releases [0, S)
+        check(vm)
+        vm.set_user_memory_region2(12, GMEM, G * 3, S, 0, guest_memfd=gmem, guest_memfd_offset=0)
+        check(vm)
+        gmem.close()
+        check(vm)
+
+
+@pytest.mark.parametrize("vm_type", GMEM_VM_TYPES)
+def test_gmem_memslot_can_only_be_deleted(backend: Kvm, vm_type: int) -> None:
+    """An existing guest_memfd slot cannot be modified: re-issuing it unchanged, moving it, or a
+    flags-only change are all EINVAL (and leave it bound); deleting it works once; deleting an absent
+    slot is EINVAL; a delete with invalid flags is EINVAL (flags are checked first)."""
+    S = MEM_REGION_SIZE
+    G = MEM_REGION_GPA
+    with gmem_slot_vm(backend, vm_type) as vm:
+        gmem = vm.create_guest_memfd(S * 2, 0)
+        vm.set_user_memory_region2(10, GMEM, G, S, 0, guest_memfd=gmem, guest_memfd_offset=0)
+        check(vm)
+        for flags, gpa in [(GMEM, G), (GMEM, G + S), (0, G), (u.KVM_MEM_LOG_DIRTY_PAGES, G), (0, G + S)]:
+            with raises_errno(errno.EINVAL):
+                vm.set_user_memory_region2(10, flags, gpa, S, 0, guest_memfd=gmem, guest_memfd_offset=0)
+            check(vm)
+        # Still bound: the same file range can't be bound elsewhere.
+        with raises_errno(errno.EINVAL):
+            vm.set_user_memory_region2(11, GMEM, G * 2, S, 0, guest_memfd=gmem, guest_memfd_offset=0)
+        with raises_errno(errno.EINVAL):
+            vm.set_user_memory_region2(10, 0xFF, G, 0, 0)
+        vm.set_user_memory_region2(10, 0, G, 0, 0)
+        check(vm)
+        with raises_errno(errno.EINVAL):
+            vm.set_user_memory_region2(10, 0, G, 0, 0)
+        with raises_errno(errno.EINVAL):
+            vm.set_user_memory_region2(10, GMEM, G, 0, 0, guest_memfd=-1)
+        check(vm)
+        gmem.close()
+
+
+@pytest.mark.parametrize("vm_type", GMEM_VM_TYPES)
+def test_memslot_geometry_errors(backend: Kvm, vm_type: int) -> None:
+    """kvm_set_memory_region's geometry checks, for plain and guest_memfd slots alike: unaligned size,
+    GPA or userspace_addr, unaligned guest_memfd_offset, slot id >= KVM_CAP_NR_MEMSLOTS, an address
+    space the VM does not have, a GPA range that wraps, more than KVM_MEM_MAX_NR_PAGES pages: all
+    EINVAL, none leaving a slot behind."""
+    S = MEM_REGION_SIZE
+    G = MEM_REGION_GPA
+    with gmem_slot_vm(backend, vm_type) as vm, backend.mmap_anonymous(S) as backing:
+        nr_slots = vm.check_extension(u.KVM_CAP_NR_MEMSLOTS) or backend.check_extension(u.KVM_CAP_NR_MEMSLOTS)
+        nr_as = max(1, vm.check_extension(u.KVM_CAP_MULTI_ADDRESS_SPACE))
+        gmem = vm.create_guest_memfd(S, 0)
+        cases: list[tuple[int, int, int, int, int, object, int]] = [
+            # slot, flags, gpa, size, userspace_addr, guest_memfd, offset
+            (10, 0, G, S - 1, backing.addr, None, 0),
+            (10, 0, G + 1, S, backing.addr, None, 0),
+            (10, 0, G, S, backing.addr + 1, None, 0),
+            (10, GMEM, G, S - 1, 0, gmem, 0),
+            (10, GMEM, G + 1, S, 0, gmem, 0),
+            (10, GMEM, G, S, 1, gmem, 0),
+            (nr_slots, 0, G, S, backing.addr, None, 0),
+            (nr_slots, GMEM, G, S, 0, gmem, 0),
+            ((nr_as << 16) | 10, 0, G, S, backing.addr, None, 0),
+            ((nr_as << 16) | 10, GMEM, G, S, 0, gmem, 0),
+            (10, 0, (1 << 64) - PAGE, S, backing.addr, None, 0),
+            (10, 0, 0, (u.KVM_MEM_MAX_NR_PAGES + 1) * PAGE, backing.addr, None, 0),
+        ]
+        for slot, flags, gpa, size, ua, fd, offset in cases:
+            with raises_errno(errno.EINVAL):
+                vm.set_user_memory_region2(slot, flags, gpa, size, ua, guest_memfd=fd,  # type: ignore[arg-type]
+                                           guest_memfd_offset=offset)
+            check(vm)
+        assert_slot_free(vm, backing)
+        vm.set_user_memory_region2(10, GMEM, G, S, 0, guest_memfd=gmem, guest_memfd_offset=0)
+        check(vm)
+        gmem.close()
