@@ -140,6 +140,17 @@ class ExitInternalError(Exit):
 
 
 @dataclass
+class ExitFailEntry(Exit):
+    """KVM_EXIT_FAIL_ENTRY: the CPU refused to enter the guest."""
+
+    hardware_entry_failure_reason: int = 0
+    cpu: int = 0
+
+    def __post_init__(self) -> None:
+        self.reason = u.KVM_EXIT_FAIL_ENTRY
+
+
+@dataclass
 class ExitUnknown(Exit):
     """An exit this API does not decode; ``raw_reason`` is the kernel's ``exit_reason``."""
 
@@ -231,8 +242,11 @@ class GuestMemfd(Protocol):
     def allocate(self, offset: int, length: int) -> None: ...
     def punch_hole(self, offset: int, length: int) -> None: ...
     def mmap(self, length: int | None = None, offset: int = 0, *, shared: bool = True) -> Mapping: ...
-    def read(self, length: int, offset: int = 0) -> bytes: ...
-    def write(self, data: bytes, offset: int = 0) -> int: ...
+    def read(self, length: int, offset: int | None = None) -> bytes:
+        """``read(2)`` when ``offset`` is None, else ``pread(2)`` (guest_memfd refuses both:
+        EINVAL and ESPIPE respectively)."""
+        ...
+    def write(self, data: bytes, offset: int | None = None) -> int: ...
     def truncate(self, size: int) -> None: ...
     def stat(self) -> tuple[int, int, int]: ...  # (st_size, st_blksize, st_ino)
     def set_memory_attributes2(self, offset: int, size: int, attributes: int, flags: int = 0,
@@ -248,7 +262,10 @@ class Vcpu(Protocol):
 
     def load(self, program: Program) -> None: ...
     def run(self) -> Exit: ...
-    def pre_fault_memory(self, gpa: int, size: int, flags: int = 0) -> int: ...
+    def pre_fault_memory(self, gpa: int, size: int, flags: int = 0) -> int:
+        """``KVM_PRE_FAULT_MEMORY`` once; returns the bytes left unmapped (0 when all of it was
+        mapped); raises when not even the first page could be."""
+        ...
     def close(self) -> None: ...
 
 
@@ -294,6 +311,6 @@ def iter_exits(vcpu: Vcpu, limit: int = 1_000_000) -> Iterator[Exit]:
     for _ in range(limit):
         ex = vcpu.run()
         yield ex
-        if isinstance(ex, ExitHalt | ExitShutdown | ExitInternalError | ExitGuestAssert):
+        if isinstance(ex, ExitHalt | ExitShutdown | ExitInternalError | ExitGuestAssert | ExitFailEntry):
             return
     raise RuntimeError(f"vCPU {vcpu.id} did not halt within {limit} exits")

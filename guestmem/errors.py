@@ -10,6 +10,8 @@ from __future__ import annotations
 import errno as _errno
 import os
 
+_KERNEL_NAMES = {_errno.EOPNOTSUPP: "EOPNOTSUPP", _errno.EAGAIN: "EAGAIN"}
+
 
 class KvmError(OSError):
     """A KVM/guest_memfd operation failed with ``errno``; nothing was changed unless documented."""
@@ -23,7 +25,8 @@ class KvmError(OSError):
 
     @property
     def errname(self) -> str:
-        return _errno.errorcode.get(self.errno or 0, str(self.errno))
+        """The kernel's name for the errno (EOPNOTSUPP, not Python's alias ENOTSUP)."""
+        return _KERNEL_NAMES.get(self.errno or 0) or _errno.errorcode.get(self.errno or 0, str(self.errno))
 
     def __str__(self) -> str:
         tail = f" (error_offset={self.error_offset:#x})" if self.error_offset is not None else ""

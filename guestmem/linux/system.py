@@ -1,0 +1,109 @@
+"""``/dev/kvm`` itself: the system fd, VM creation, and host memory helpers.
+
+:class:`KernelKvm` is the kernel backend's implementation of :class:`guestmem.api.Kvm`.  It also
+caches what every vCPU needs from the system fd (the ``kvm_run`` mmap size and the supported CPUID).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import weakref
+
+from guestmem import uapi as u
+from guestmem.errors import KvmError
+from guestmem.linux import _sys
+from guestmem.linux.abi import KVM_GET_SUPPORTED_CPUID, KVM_MAX_CPUID_ENTRIES, cpu_vendor, kvm_cpuid2
+from guestmem.linux.memory import KernelHostFile, KernelMapping
+from guestmem.linux.vm import KernelVm
+
+
+def _close_quiet(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
+class KernelKvm:
+    """The real KVM system (``backend = "kernel"``)."""
+
+    backend = "kernel"
+
+    def __init__(self, path: str = "/dev/kvm") -> None:
+        try:
+            self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except OSError as err:
+            raise KvmError(err.errno or errno.ENODEV, f"open {path}") from None
+        self.path = path
+        self._finalizer = weakref.finalize(self, _close_quiet, self.fd)
+        self._mmap_size: int | None = None
+        self._cpuid: kvm_cpuid2 | None = None
+        self._cpuid_error: KvmError | None = None
+
+    @property
+    def closed(self) -> bool:
+        return not self._finalizer.alive
+
+    def _fd(self, op: str) -> int:
+        if self.closed:
+            raise KvmError(errno.EBADF, op, "/dev/kvm is closed")
+        return self.fd
+
+    def api_version(self) -> int:
+        return _sys.ioctl(self._fd("KVM_GET_API_VERSION"), u.KVM_GET_API_VERSION, 0, "KVM_GET_API_VERSION")
+
+    def check_extension(self, cap: int) -> int:
+        return _sys.ioctl(self._fd("KVM_CHECK_EXTENSION"), u.KVM_CHECK_EXTENSION, cap, "KVM_CHECK_EXTENSION")
+
+    def create_vm(self, vm_type: int = u.KVM_X86_DEFAULT_VM) -> KernelVm:
+        fd = _sys.ioctl(self._fd("KVM_CREATE_VM"), u.KVM_CREATE_VM, vm_type, "KVM_CREATE_VM")
+        return KernelVm(self, fd, vm_type)
+
+    def mmap_anonymous(self, size: int) -> KernelMapping:
+        return KernelMapping.anonymous(size)
+
+    def memfd_create(self, size: int) -> KernelHostFile:
+        return KernelHostFile(size)
+
+    # -- what vCPUs need ----------------------------------------------------------------------------
+    def vcpu_mmap_size(self) -> int:
+        if self._mmap_size is None:
+            self._mmap_size = _sys.ioctl(self._fd("KVM_GET_VCPU_MMAP_SIZE"), u.KVM_GET_VCPU_MMAP_SIZE, 0,
+                                         "KVM_GET_VCPU_MMAP_SIZE")
+        return self._mmap_size
+
+    def supported_cpuid(self) -> kvm_cpuid2 | None:
+        """``KVM_GET_SUPPORTED_CPUID`` (None if the host does not offer it, e.g. a non-x86 KVM)."""
+        if self._cpuid is None and self._cpuid_error is None:
+            cpuid = kvm_cpuid2(nent=KVM_MAX_CPUID_ENTRIES)
+            try:
+                _sys.ioctl(self._fd("KVM_GET_SUPPORTED_CPUID"), KVM_GET_SUPPORTED_CPUID, cpuid,
+                           "KVM_GET_SUPPORTED_CPUID")
+                self._cpuid = cpuid
+            except KvmError as err:
+                self._cpuid_error = err
+        return self._cpuid
+
+    def cpu_vendor(self) -> str:
+        cpuid = self.supported_cpuid()
+        return cpu_vendor(cpuid) if cpuid is not None else ""
+
+    # -- lifetime -----------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Close ``/dev/kvm`` (VMs created from it stay usable: their fds are independent)."""
+        self._finalizer()
+
+    def __enter__(self) -> KernelKvm:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"KernelKvm({self.path!r}, {'closed' if self.closed else f'fd={self.fd}'})"
+
+
+def open_kernel(path: str = "/dev/kvm") -> KernelKvm:
+    """Open the real KVM at ``path``; ``KvmError`` (ENOENT, EACCES, ...) if it cannot be opened."""
+    return KernelKvm(path)
