@@ -88,6 +88,21 @@ def _cmd_demo(args: argparse.Namespace, console: Console) -> int:
     return 1 if result.get("ok") is False else 0
 
 
+def _cmd_bench(args: argparse.Namespace, console: Console) -> int:
+    from guestmem.bench import run_all
+    from guestmem.report.atomic import write_text
+
+    with console.status("measuring (model, and /dev/kvm where available)..."):
+        result = run_all(quick=args.quick)
+    text = json.dumps(result, indent=2)
+    if args.output:
+        write_text(args.output, text + "\n")
+        console.print(f"wrote {args.output}")
+    else:
+        print(text)
+    return 0
+
+
 def _size_mib(text: str) -> int:
     try:
         value = int(text)
@@ -113,6 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="guest_memfd size in MiB (multiple of 4; default 64)")
     demo.add_argument("--json", action="store_true", help="also print the step timings as JSON")
     demo.set_defaults(func=_cmd_demo)
+    bench = sub.add_parser("bench", help="measure the model (and the kernel) in one run; JSON out")
+    bench.add_argument("--quick", action="store_true", help="smaller sizes (a few seconds)")
+    bench.add_argument("-o", "--output", metavar="FILE", help="write the JSON here instead of stdout")
+    bench.set_defaults(func=_cmd_bench)
     return parser
 
 

@@ -8,8 +8,9 @@ from guestmem.guest.ops import (
     Op,
     Program,
     Sync,
+    Touch,
     Verify,
     Write,
 )
 
-__all__ = ["Accept", "Access", "Halt", "MapGpaRange", "Op", "Program", "Sync", "Verify", "Write"]
+__all__ = ["Accept", "Access", "Halt", "MapGpaRange", "Op", "Program", "Sync", "Touch", "Verify", "Write"]

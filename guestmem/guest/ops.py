@@ -62,6 +62,27 @@ class Verify:
 
 
 @dataclass(frozen=True)
+class Touch:
+    """Store ``pattern`` at one byte every ``stride`` bytes of ``[gpa, gpa+size)`` (by default the
+    first byte of every page): what a guest does to fault memory in, without writing all of it."""
+
+    gpa: int
+    size: int
+    pattern: int
+    stride: int = 4096
+    access: Access = "auto"
+
+    def __post_init__(self) -> None:
+        _check_range("Touch", self.gpa, self.size)
+        if not 0 <= self.pattern <= 0xFF:
+            raise ValueError(f"Touch: pattern must be a byte, got {self.pattern}")
+        if self.stride <= 0 or self.stride > 1 << 31:
+            raise ValueError("Touch: stride must be in (0, 2**31]")
+        if self.access not in _ACCESS:
+            raise ValueError(f"Touch: access must be one of {_ACCESS}")
+
+
+@dataclass(frozen=True)
 class MapGpaRange:
     """``KVM_HC_MAP_GPA_RANGE(gpa, npages, attrs)``: ask the host to convert.  The guest checks the
     hypercall's return against ``expect_ret`` (None = don't check) and asserts on a mismatch."""
@@ -93,7 +114,7 @@ class Halt:
     """Stop: the vCPU exits with ``ExitHalt``; further runs halt again."""
 
 
-Op = Write | Verify | MapGpaRange | Accept | Sync | Halt
+Op = Write | Touch | Verify | MapGpaRange | Accept | Sync | Halt
 
 
 class Program:
@@ -104,7 +125,7 @@ class Program:
     def __init__(self, ops: Iterable[Op] = ()) -> None:
         ops = tuple(ops)
         for op in ops:
-            if not isinstance(op, Write | Verify | MapGpaRange | Accept | Sync | Halt):
+            if not isinstance(op, Write | Touch | Verify | MapGpaRange | Accept | Sync | Halt):
                 raise TypeError(f"not a guest op: {op!r}")
         if not ops or not isinstance(ops[-1], Halt):
             ops = (*ops, Halt())

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from guestmem import uapi as u
-from guestmem.guest.ops import Accept, Halt, MapGpaRange, Program, Sync, Verify, Write
+from guestmem.guest.ops import Accept, Halt, MapGpaRange, Program, Sync, Touch, Verify, Write
 
 # --- registers --------------------------------------------------------------------------------------
 RAX, RCX, RDX, RBX, RSP, RBP, RSI, RDI = range(8)
@@ -210,7 +210,7 @@ def _repeat(pattern: int) -> int:
     return pattern * 0x0101_0101_0101_0101
 
 
-def _check_reach(op: Write | Verify) -> None:
+def _check_reach(op: Write | Verify | Touch) -> None:
     if op.gpa + op.size > IDENTITY_MAP_LIMIT:
         raise ValueError(f"{type(op).__name__}: [{op.gpa:#x}, {op.gpa + op.size:#x}) is beyond the guest's "
                          f"identity map (limit {IDENTITY_MAP_LIMIT:#x})")
@@ -229,6 +229,18 @@ def _emit_write(asm: Assembler, op: Write) -> None:
         asm.emit(mov_imm(RCX, qwords), REP_STOSQ)
     if tail:
         asm.emit(mov_imm(RCX, tail), REP_STOSB)
+
+
+def _emit_touch(asm: Assembler, op: Touch) -> None:
+    """``mov [rdi], al; add rdi, stride; dec rcx; jnz`` over every touch point."""
+    count = (op.size + op.stride - 1) // op.stride
+    loop = asm.new_label("touch")
+    asm.emit(mov_imm(RDI, op.gpa), mov_imm(RAX, op.pattern), mov_imm(RCX, count))
+    asm.bind(loop)
+    asm.emit(b"\x88\x07",                                   # mov byte [rdi], al
+             b"\x48\x81\xc7" + struct.pack("<i", op.stride),  # add rdi, imm32
+             b"\x48\xff\xc9")                                # dec rcx
+    asm.jne(loop)
 
 
 def _emit_verify(asm: Assembler, op: Verify, index: int) -> None:
@@ -282,6 +294,9 @@ def compile_program(program: Program | Iterable[object], base: int, *,
         elif isinstance(op, Verify):
             _check_reach(op)
             _emit_verify(asm, op, index)
+        elif isinstance(op, Touch):
+            _check_reach(op)
+            _emit_touch(asm, op)
         elif isinstance(op, MapGpaRange):
             has_hc = True
             _emit_map_gpa_range(asm, op, index, hypercall)

@@ -26,7 +26,7 @@ from guestmem.api import (
     ExitSync,
 )
 from guestmem.errors import KvmError
-from guestmem.guest.ops import Accept, Halt, MapGpaRange, Program, Sync, Verify, Write
+from guestmem.guest.ops import Accept, Halt, MapGpaRange, Program, Sync, Touch, Verify, Write
 from guestmem.model.kvm.fault import Emulate, page_fault
 
 if TYPE_CHECKING:
@@ -121,7 +121,7 @@ class ModelVcpu:
                 return self._assert_hypercall(op, pending.ret)
         while True:
             op = self.program[self.pc]
-            if isinstance(op, Write | Verify):
+            if isinstance(op, Write | Verify | Touch):
                 ex = self._access(op, pending if isinstance(pending, ExitMmio) else None)
                 pending = None
                 if ex is not None:
@@ -168,10 +168,11 @@ class ModelVcpu:
         return ExitGuestAssert(op.gpa, op.expect_ret or 0, ret & U64, self.pc - 1,
                                f"MAP_GPA_RANGE returned {ret & U64:#x}, expected {op.expect_ret}")
 
-    def _access(self, op: Write | Verify, mmio_done: ExitMmio | None) -> Exit | None:
-        """Carry out a Write or Verify from its saved progress; return an exit or None when done."""
+    def _access(self, op: Write | Verify | Touch, mmio_done: ExitMmio | None) -> Exit | None:
+        """Carry out a Write, Touch or Verify from its saved progress; return an exit or None."""
         vm = self.vm
-        write = isinstance(op, Write)
+        write = not isinstance(op, Verify)
+        stride = op.stride if isinstance(op, Touch) else 1
         gpa, access = vm.arch.decode_gpa(op.gpa, op.access)
         end = gpa + op.size
         pos = gpa + self.progress
@@ -197,7 +198,15 @@ class ModelVcpu:
                         return ExitGuestAssert(max(a, exc[0] * PS), op.pattern, 0, self.pc, exc[1])
                     off = a - s * PS
                     pool = vm.system.pool
-                    if write:
+                    if stride > 1:
+                        first = a + (-(a - gpa)) % stride  # the first touch point at or after a
+                        for p in range(first, b, stride) if (b - first) // stride < 64 or private else ():
+                            vm.arch.guest_write(pool, pfn, p - s * PS, 1, op.pattern, private)
+                        if (b - first) // stride >= 64 and not private:
+                            view = pool.view(pfn, e - s).reshape(-1)
+                            view[first - s * PS : b - s * PS : stride] = op.pattern
+                        self.stats["bytes_written"] += max(0, (b - first + stride - 1) // stride)
+                    elif write:
                         vm.arch.guest_write(pool, pfn, off, b - a, op.pattern, private)
                         self.stats["bytes_written"] += b - a
                     else:
@@ -218,7 +227,7 @@ class ModelVcpu:
             if isinstance(res, int):
                 continue
             if isinstance(res, Emulate):
-                n = min(8, end - pos, PS - pos % PS)
+                n = 1 if stride > 1 else min(8, end - pos, PS - pos % PS)
                 ex = ExitMmio(pos, n, write, bytes([op.pattern]) * n if write else bytes(8))
                 self._pending = ex
                 return ex
