@@ -196,11 +196,15 @@ class Process:
             return self._fds.pop(fd, None)
 
     # --- address space -------------------------------------------------------------------------
-    def mmap(self, file: MappableFile, length: int, pgoff: int = 0) -> ModelMapping:
+    def mmap(self, file: MappableFile, length: int, pgoff: int = 0, *, align: int = PS) -> ModelMapping:
+        """Map ``file`` from page ``pgoff``; ``align`` (a power of two) aligns the address, as a VMM
+        aligns guest RAM to the hugepage size so that memslots can map it huge."""
+        if align < PS or align & (align - 1):
+            raise ValueError(f"align must be a power of two of at least a page, not {align:#x}")
         npages = (length + PS - 1) // PS
         with self._lock:
             # Leave a guard page between mappings so neighbours never look contiguous.
-            self._next_top -= (npages + 1) * PS
+            self._next_top = (self._next_top - (npages + 1) * PS) & ~(align - 1)
             addr = self._next_top
             m = ModelMapping(self, file, addr, length, pgoff)
             self._mappings[id(m)] = m

@@ -442,3 +442,61 @@ def test_hugepage_folio_split_by_partial_punch() -> None:
     cache = env.gmem.inode.cache
     assert cache.folio(0)[2] == 0 and not cache.is_allocated(1) and cache.nr_pages == 511
     env.check()
+
+
+# --- launch (SNP_LAUNCH_UPDATE / TDX_INIT_MEM_REGION) ---------------------------------------------
+
+@pytest.mark.parametrize("flavour", ["snp", "tdx"])
+@pytest.mark.parametrize("in_place", [False, True])
+def test_launch_update_populates_measured_private_memory(flavour: str, in_place: bool) -> None:
+    env = Env(4, flavour=flavour, init_shared=in_place, finalize=False)
+    if in_place:
+        env.map.fill(0, 2 * PS, 0x6D)  # the image, written while the pages are still shared
+        env.convert(0, 2, True)  # UNSPECIFIED: KVM leaves the bytes; the launch encrypts them
+        assert env.vm.launch_update(GPA, 2 * PS) == 2 * PS
+    else:
+        env.convert(0, 2, True)
+        assert env.vm.launch_update(GPA, 2 * PS, bytes([0x6D]) * 2 * PS) == 2 * PS
+    env.vm.launch_finalize()
+    # Populated pages are private, encrypted and already validated/accepted.
+    assert isinstance(env.guest(Verify(GPA, 2 * PS, 0x6D, "private")), ExitHalt)
+    env.host_sigbus(0)
+
+
+@pytest.mark.parametrize("flavour", ["snp", "tdx"])
+def test_launch_update_rules(flavour: str) -> None:
+    env = Env(2, flavour=flavour, init_shared=True, finalize=False)
+    with pytest.raises(KvmError) as ei:  # a shared page cannot be populated
+        env.vm.launch_update(GPA, PS, bytes(PS))
+    assert ei.value.errno == errno.EINVAL
+    with pytest.raises(KvmError) as ei:  # the source must cover the range exactly
+        env.convert(0, 1, True)
+        env.vm.launch_update(GPA, PS, bytes(10))
+    assert ei.value.errno == errno.EINVAL
+    with pytest.raises(KvmError) as ei:  # no guest_memfd behind the gpa
+        env.vm.launch_update(GPA + (1 << 30), PS, bytes(PS))
+    assert ei.value.errno == errno.EINVAL
+    with pytest.raises(KvmError):  # before finalize, pre-faulting is refused
+        env.vcpu.pre_fault_memory(GPA, PS)
+    env.vm.launch_finalize()
+    with pytest.raises(KvmError) as ei:  # and after finalize, launch updates are
+        env.vm.launch_update(GPA, PS, bytes(PS))
+    assert ei.value.errno == errno.EINVAL
+
+
+def test_guest_fault_before_finalize_bugs_the_vm() -> None:
+    env = Env(1, flavour="snp", finalize=False)
+    env.vcpu.load(Program([Verify(GPA, PS, 0, "private")]))
+    with pytest.raises(KvmError) as ei:
+        env.vcpu.run()
+    assert ei.value.errno == errno.EIO
+    with pytest.raises(KvmError) as ei:  # KVM_BUG_ON: the VM stays dead
+        env.vcpu.run()
+    assert ei.value.errno == errno.EIO
+
+
+def test_software_vm_has_no_launch_flow() -> None:
+    env = Env(1)
+    with pytest.raises(KvmError) as ei:
+        env.vm.launch_finalize()
+    assert ei.value.errno == errno.ENOTTY

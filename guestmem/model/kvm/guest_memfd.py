@@ -384,9 +384,12 @@ class GmemFile:
                 self.vm.mmu.invalidate_end()
 
     # --- the guest side (kvm_gmem_get_pfn over a run of gfns) -------------------------------------
-    def get_pfn_range(self, slot: Memslot, gfn: int, end_gfn: int
+    def get_pfn_range(self, slot: Memslot, gfn: int, end_gfn: int, zero: bool = True
                       ) -> tuple[list[tuple[int, int, int, int]], int]:
         """Look up (allocating and zeroing on first use) the pages backing gfns [gfn, end_gfn).
+
+        ``zero=False`` (a launch that encrypts the current contents in place) hands out pages
+        without clearing the ones not yet up to date.
 
         Returns ``(runs, err)``: runs ``(gfn_s, gfn_e, pfn_of_gfn_s, max_order)`` for the longest
         servable prefix, and the errno that stops it (0 if the whole range was served).  An
@@ -412,7 +415,7 @@ class GmemFile:
                 i1, err = poisoned, errno.EHWPOISON
             if i1 <= i0:
                 return [], err
-            runs = inode.get_folios(i0, i1, zero=True)
+            runs = inode.get_folios(i0, i1, zero=zero)
             out = []
             for s, e, pfn, order in runs:
                 # A folio maps huge only where the gfn and the index agree in their low bits.
