@@ -132,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true", help="smaller sizes (a few seconds)")
     bench.add_argument("-o", "--output", metavar="FILE", help="write the JSON here instead of stdout")
     bench.set_defaults(func=_cmd_bench)
+    from guestmem.compare import register as register_compare
+
+    register_compare(sub)
     return parser
 
 

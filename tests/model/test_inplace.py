@@ -500,3 +500,18 @@ def test_software_vm_has_no_launch_flow() -> None:
     with pytest.raises(KvmError) as ei:
         env.vm.launch_finalize()
     assert ei.value.errno == errno.ENOTTY
+
+
+def test_tdx_partial_zap_demotes_private_hugepage_keeping_acceptance() -> None:
+    """Converting one 4K page out of a private 2 MiB mapping on TDX splits the S-EPT entry; the
+    other 511 pages stay in the TD, accepted, with their contents."""
+    env = Env(512, flavour="tdx", init_shared=False, folio_order=9)
+    assert isinstance(env.guest(Accept(GPA, 512 * PS), Write(GPA, 512 * PS, 0x3A, "private")), ExitHalt)
+    assert env.vm.mmu.count()["2M"] == 1
+    env.convert(7, 1, False)
+    assert env.vm.mmu.stats["demotions"] >= 1
+    counts = env.vm.mmu.count()
+    assert counts["2M"] == 0 and counts["private_pages"] == 511
+    # No re-accept needed for the rest, and their data is intact.
+    assert isinstance(env.guest(Verify(GPA, 7 * PS, 0x3A, "private"),
+                                Verify(GPA + 8 * PS, 504 * PS, 0x3A, "private")), ExitHalt)

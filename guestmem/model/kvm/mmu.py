@@ -132,8 +132,19 @@ class Mmu:
                 continue
             if not attr_filter & (FILTER_PRIVATE if sp.private else FILTER_SHARED):
                 continue
-            # Widen to whole SPTEs at this level.
             size = 1 << sp.order
+            if sp.order and sp.private and self.vm.arch.mirrored_tdp:
+                # TDX: a private hugepage is demoted (split into 4K S-EPT entries) rather than
+                # removed whole, since removing a private page takes it out of the TD.
+                s2, e2 = s & ~(size - 1), (e + size - 1) & ~(size - 1)
+                small = Spte(sp.private, 0, sp.delta, sp.writable)
+                for ws, we, wsp in list(m.segments(s2, e2)):
+                    if wsp == sp:
+                        m.set(ws, we, small)
+                self.stats["demotions"] = self.stats.get("demotions", 0) + 1
+                sp = small
+                size = 1
+            # Widen to whole SPTEs at this level.
             s2, e2 = s & ~(size - 1), (e + size - 1) & ~(size - 1)
             for ws, we, wsp in list(m.segments(s2, e2)):
                 if wsp == sp:

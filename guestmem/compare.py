@@ -1,0 +1,297 @@
+"""``guestmem compare [WORKLOAD]``: one guest workload under the five designs, side by side.
+
+Why it exists: the seed threads argue about double allocation (seed 001's reply), invalidation per
+page versus per folio and the 2 MiB direct map (seed 000's reply), and the posting history says
+which design replaced which; this command runs the same guest under v7 (memfile_notifier), v8
+(inaccessible memfd), v9 (memfd_restricted), guest_memfd (v14, Linux 6.8+) and in-place
+conversion (seed 004) on the model, and prints what each one cost.  Every number is read from the
+model's counters during that run (:mod:`guestmem.model.designs.workloads`); the guest program and
+what the guest sees are the same for every design, which the run checks.
+
+``run_compare`` is the library entry point; ``register(subparsers)`` adds the subcommand to an
+argparse parser (``guestmem.cli`` wires it in); ``python -m guestmem.compare`` runs it standalone.
+Output: a rich table (with a caption saying what each row and column is), ``--png FILE`` (a chart,
+drawn with Pillow) and ``--json`` (one object per design).  Bad input: one error line, status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+from rich import box
+from rich.console import Console, Group
+from rich.table import Table
+from rich.text import Text
+
+from guestmem.model.designs.harness import DESIGNS, REPLY_DESIGN, Design
+from guestmem.model.designs.workloads import DEFAULT_RAM, FLAVOURS, MIN_RAM, PHASES, SUMMARIES, run
+
+MiB = 1 << 20
+DEFAULT_WORKLOAD = "all"
+
+# What each row is: who owns the private file, how the memslot names it, who tracks shared/private,
+# when KVM hears about invalidation.
+ROW_CAPTIONS: dict[str, str] = {
+    "memfile_notifier": "seed 001: the VMM's memfds in one KVM_MEM_PRIVATE slot, private MFD_INACCESSIBLE "
+                        "(private_fd) and shared sealed F_SEAL_AUTO_ALLOCATE (hva); KVM tracks private "
+                        "(ENCRYPT_REG_REGION); shmem invalidates per folio, a range without order",
+    "inaccessible_memfd": "seed 002: memfd_create(MFD_INACCESSIBLE), a shim over tmpfs; same slot and "
+                          "REG_REGION; one invalidate per fallocate, after it",
+    "restrictedmem": "seed 000: memfd_restricted(), the shim as a syscall (restricted_fd); "
+                     "invalidate_start/end around each fallocate, a range without order",
+    "restrictedmem_folio": "seed 000's reply: v9 invalidating once per folio, with its order",
+    "guest_memfd": "Linux 6.8+: guest_memfd created by KVM, bound to the VM; SET_MEMORY_ATTRIBUTES; pages "
+                   "released per folio",
+    "in_place": "seed 004: one mmap-able guest_memfd for both kinds; SET_MEMORY_ATTRIBUTES2 converts in "
+                "place",
+}
+
+# The columns: (JSON key(s), header, what it shows).
+COLUMNS: list[tuple[tuple[str, ...], str, str]] = [
+    (("peak_frames",), "peak", "4 KiB frames allocated at the peak"),
+    (("final_frames",), "final", "... at the end"),
+    (("double_frames_peak", "double_frames_final"), "double", "pages with both a shared and a private copy "
+     "(peak/end)"),
+    (("invalidations",), "inval", "invalidation calls from the private file into KVM"),
+    (("conversions",), "conv", "conversions that changed state"),
+    (("zaps",), "zaps", "SPTE zaps"),
+    (("hugepage_mappings",), "2M\nkept", "hugepage mappings at the end"),
+    (("directmap_splits",), "DM\nsplit", "SEV-SNP 2 MiB direct-map splits"),
+    (("directmap_restores",), "DM\nrest", "... and restores (need a whole 2 MiB folio with its order)"),
+    (("stale_pages",), "stale", "pages freed while still mapped"),
+    (("wall_s",), "sec", "run time"),
+]
+MAX_CHANGES = 5  # numbers listed per transition
+
+# Why upstream moved from each design to the next (history), and the column that shows it; the
+# numbers printed after it are measured in the run.
+TRANSITIONS: dict[tuple[str, str], tuple[str, tuple[str, ...]]] = {
+    ("memfile_notifier", "inaccessible_memfd"): ("shmem left alone: a shim over tmpfs and no new seal",
+                                                 ("inval", "double")),
+    ("inaccessible_memfd", "restrictedmem"): ("invalidate before the pages are freed", ("stale",)),
+    ("restrictedmem", "restrictedmem_folio"): ("invalidate per folio, with its order", ("DM rest",)),
+    ("restrictedmem", "guest_memfd"): ("KVM owns the file; pages released per folio", ("DM rest",)),
+    ("restrictedmem_folio", "guest_memfd"): ("KVM owns the file; one call per punch", ("inval",)),
+    ("guest_memfd", "in_place"): ("one copy of guest memory", ("double", "2M kept")),
+}
+
+
+def run_compare(workload: str = DEFAULT_WORKLOAD, *, ram: int = DEFAULT_RAM, flavour: str = "snp",
+                rounds: int = 8, reply: bool = False, check: bool = True) -> list[dict[str, Any]]:
+    """Run ``workload`` under each design; one metrics dict per design, in design order.
+
+    ``reply`` adds v9 with the reply's per-folio invalidation after v9.  Raises ``ValueError`` for
+    bad arguments and ``RuntimeError`` if the designs disagree on what the guest saw.
+    """
+    if workload not in PHASES:
+        raise ValueError(f"unknown workload {workload!r}; choose one of {', '.join(PHASES)}")
+    if flavour not in FLAVOURS:
+        raise ValueError(f"unknown flavour {flavour!r}; choose one of {', '.join(FLAVOURS)}")
+    designs: list[type[Design]] = list(DESIGNS)
+    if reply:
+        designs.insert(designs.index(DESIGNS[2]) + 1, REPLY_DESIGN)
+    rows, seen = [], None
+    for d in designs:
+        result = run(d, workload, ram=ram, flavour=flavour, rounds=rounds, check=check)
+        guest = (result.digest, tuple(result.trace))
+        if seen is not None and guest != seen[1]:
+            raise RuntimeError(f"{d.key} and {seen[0]} disagree on what the guest saw")
+        seen = seen or (d.key, guest)
+        rows.append(result.metrics)
+    return rows
+
+
+# --- presentation -------------------------------------------------------------------------------------
+
+def _cell(row: dict[str, Any], keys: tuple[str, ...]) -> str:
+    if keys == ("wall_s",):
+        return f"{row['wall_s']:.2f}"
+    return "/".join(str(row[k]) for k in keys)
+
+
+def transition_lines(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """For each design and the next: why upstream moved on, then the numbers that changed
+    (the transition's own column first)."""
+    out = []
+    for a, b in itertools.pairwise(rows):
+        why, headline = TRANSITIONS.get((a["design"], b["design"]), ("", ()))
+        changed = [(name, f"{name} {_cell(a, keys)} -> {_cell(b, keys)}")
+                   for keys, header, _ in COLUMNS if keys != ("wall_s",) and _cell(a, keys) != _cell(b, keys)
+                   for name in [header.replace("\n", " ")]]
+        changed.sort(key=lambda c: (c[0] not in headline, headline.index(c[0]) if c[0] in headline else 0))
+        more = f"; +{len(changed) - MAX_CHANGES} more" if len(changed) > MAX_CHANGES else ""
+        numbers = "; ".join(text for _, text in changed[:MAX_CHANGES]) + more or "no difference here"
+        out.append((f"{a['label']} -> {b['label']}", f"{why}. {numbers}" if why else numbers))
+    return out
+
+
+def make_table(rows: list[dict[str, Any]]) -> Table:
+    first = rows[0]
+    ram = first["ram_bytes"]
+    flavour = {"snp": "SEV-SNP-like", "sw": "software-protected"}[first["flavour"]]
+    title = (f"guestmem compare {first['workload']}: {SUMMARIES[first['workload']]}\n"
+             f"{flavour} VM, {ram // MiB} MiB guest RAM = {ram // 4096} frames, 2 MiB private folios")
+    table = Table(title=title, title_justify="left", caption_justify="left", box=box.SIMPLE_HEAD,
+                  padding=0, show_edge=False,
+                  caption=f"Every number is measured in this run. The guest's view (trace and memory digest "
+                          f"{first['guest_digest'][:12]}) was identical under every design.")
+    table.add_column("design", no_wrap=True)
+    for keys, header, _ in COLUMNS:
+        width = max(*(len(_cell(r, keys)) for r in rows), *(len(line) for line in header.split("\n")))
+        table.add_column(header, justify="right", no_wrap=True, min_width=width)
+    for row in rows:
+        table.add_row(row["label"], *(_cell(row, keys) for keys, _, _ in COLUMNS))
+    return table
+
+
+def make_legend(rows: list[dict[str, Any]]) -> Group:
+    """What each row and column shows, and why upstream moved from each design to the next."""
+    def grid(title: str, items: list[tuple[str, str]]) -> Table:
+        g = Table.grid(padding=(0, 1))
+        g.title, g.title_justify, g.title_style = title, "left", "bold"
+        g.add_column(no_wrap=True, style="cyan")
+        g.add_column()
+        for key, text in items:
+            g.add_row(key, text)
+        return g
+
+    columns = Text.assemble(("Columns: ", "bold"), "; ".join(
+        f"{header.replace(chr(10), ' ')} = {what}" for _, header, what in COLUMNS) + ".")
+    return Group(
+        grid("What each row is", [(r["label"], ROW_CAPTIONS[r["design"]]) for r in rows]),
+        columns,
+        grid("Why upstream moved on, and what changed in this run", transition_lines(rows)),
+    )
+
+
+def write_png(rows: list[dict[str, Any]], path: str) -> None:
+    """A chart: one panel per measured column, one bar per design, values printed."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    panels = [(("peak_frames",), "peak frames"), (("final_frames",), "final frames"),
+              (("double_frames_peak",), "double (peak)"), (("double_frames_final",), "double (end)"),
+              (("invalidations",), "invalidation calls"), (("conversions",), "conversions"),
+              (("zaps",), "zaps"), (("hugepage_mappings",), "2M mappings kept"),
+              (("directmap_splits",), "direct-map splits"), (("directmap_restores",), "direct-map restores"),
+              (("stale_pages",), "freed while mapped"), (("wall_s",), "wall time (s)")]
+    colours = ["#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948"]
+    cols, pw, ph, pad = 4, 330, 70 + 26 * len(rows), 16
+    nrows = -(-len(panels) // cols)
+    font = ImageFont.load_default(size=13)
+    bold = ImageFont.load_default(size=15)
+    img = Image.new("RGB", (cols * pw + pad, 64 + nrows * ph + pad), "white")
+    draw = ImageDraw.Draw(img)
+    first = rows[0]
+    draw.text((pad, 10), f"guestmem compare {first['workload']} ({first['flavour']}, "
+              f"{first['ram_bytes'] // MiB} MiB guest)", fill="black", font=bold)
+    for i, r in enumerate(rows):
+        draw.rectangle((pad + 170 * i, 36, pad + 170 * i + 10, 46), fill=colours[i % len(colours)])
+        draw.text((pad + 170 * i + 14, 33), r["label"], fill="black", font=font)
+    for p, (keys, name) in enumerate(panels):
+        x0, y0 = pad + (p % cols) * pw, 64 + (p // cols) * ph
+        draw.text((x0, y0), name, fill="black", font=bold)
+        values = [float(r[keys[0]]) for r in rows]
+        top = max(values) or 1.0
+        for i, v in enumerate(values):
+            y = y0 + 24 + 26 * i
+            w = int((pw - 110) * v / top)
+            draw.rectangle((x0, y, x0 + max(w, 1), y + 18), fill=colours[i % len(colours)])
+            label = f"{v:.2f}" if keys == ("wall_s",) else str(int(v))
+            draw.text((x0 + max(w, 1) + 6, y + 2), label, fill="black", font=font)
+    img.save(path, format="PNG")
+
+
+# --- the command ----------------------------------------------------------------------------------------
+
+def _ram_mib(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number of MiB: {text!r}") from None
+    if value < MIN_RAM // MiB or value % 2:
+        raise argparse.ArgumentTypeError(f"guest RAM must be an even number of MiB >= {MIN_RAM // MiB} "
+                                         f"(got {value})")
+    return value
+
+
+def _rounds(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if not 1 <= value <= 64:
+        raise argparse.ArgumentTypeError(f"rounds must be between 1 and 64 (got {value})")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("workload", nargs="?", default=DEFAULT_WORKLOAD, choices=list(PHASES),
+                        help="what the guest does (default: all = boot, bounce-io and balloon in one guest)")
+    parser.add_argument("--ram", type=_ram_mib, default=DEFAULT_RAM // MiB, metavar="MIB",
+                        help=f"guest RAM in MiB (even, >= {MIN_RAM // MiB}; default {DEFAULT_RAM // MiB})")
+    parser.add_argument("--flavour", choices=list(FLAVOURS), default="snp",
+                        help="VM flavour: snp (SEV-SNP-like, default) or sw (software-protected)")
+    parser.add_argument("--rounds", type=_rounds, default=8, help="bounce-buffer I/O rounds (default 8)")
+    parser.add_argument("--reply", action="store_true",
+                        help="add v9 with seed 000's reply (per-folio invalidation with order) as a row")
+    parser.add_argument("--png", metavar="FILE", help="also draw the numbers as a chart (PNG)")
+    parser.add_argument("--json", action="store_true",
+                        help="print the numbers as JSON (one object per design)")
+    parser.set_defaults(func=cmd_compare)
+
+
+def register(subparsers: Any) -> argparse.ArgumentParser:
+    """Add ``compare`` to an argparse ``add_subparsers()`` object; returns the new parser."""
+    parser = subparsers.add_parser("compare", help="one guest workload under v7, v8, v9, guest_memfd and "
+                                   "in-place conversion, side by side",
+                                   description=__doc__.split("\n\n")[0] if __doc__ else None)
+    add_arguments(parser)
+    return parser
+
+
+def cmd_compare(args: argparse.Namespace, console: Console | None = None) -> int:
+    console = console or Console(stderr=bool(args.json))
+    if args.png:
+        folder = os.path.dirname(os.path.abspath(args.png))
+        if os.path.isdir(args.png) or not os.access(folder, os.W_OK):
+            print(f"guestmem compare: error: cannot write {args.png}", file=sys.stderr)
+            return 2
+    try:
+        rows = run_compare(args.workload, ram=args.ram * MiB, flavour=args.flavour, rounds=args.rounds,
+                           reply=args.reply)
+    except ValueError as e:
+        print(f"guestmem compare: error: {e}", file=sys.stderr)
+        return 2
+    console.print(make_table(rows))
+    console.print(make_legend(rows))
+    if args.png:
+        write_png(rows, args.png)
+        console.print(f"chart written to {args.png}")
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    return 0
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _Parser(prog="guestmem compare", description=__doc__.split("\n\n")[0] if __doc__ else None)
+    add_arguments(parser)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:
+        return int(exit_.code or 0) if not isinstance(exit_.code, str) else 2
+    return cmd_compare(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
