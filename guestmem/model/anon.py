@@ -13,12 +13,12 @@ import numpy as np
 from guestmem import uapi as u
 from guestmem.model.mm.frames import FramePool
 from guestmem.model.mm.pagecache import PageCache
-from guestmem.model.process import HostFault, ModelMapping, Process
+from guestmem.model.process import HostFault, ModelMapping, OpenFile, Process
 
 PS = u.PAGE_SIZE
 
 
-class ShmemBacking:
+class ShmemBacking(OpenFile):
     """A sized shmem-like file: anonymous memory (``kind="anon"``) or a memfd (``kind="memfd"``)."""
 
     def __init__(self, pool: FramePool, process: Process, size: int, kind: str, folio_order: int = 0) -> None:
@@ -28,8 +28,6 @@ class ShmemBacking:
         self.kind = kind
         self.folio_order = folio_order
         self.cache = PageCache(pool)
-        self.fd = -1
-        self._refs = 0
 
     @property
     def npages(self) -> int:
@@ -59,29 +57,17 @@ class ShmemBacking:
     def frame_view(self, pfn: int, npages: int) -> np.ndarray:
         return self.pool.view(pfn, npages)
 
-    def get_file(self) -> None:
-        self._refs += 1
+    @property
+    def owner_process(self) -> Process:
+        return self.process
 
-    def put_file(self) -> None:
-        self._refs -= 1
-        if self._refs == 0:
-            self.cache.clear()
-            self.on_release()
+    def _release(self) -> None:
+        self.cache.clear()
+        self.on_release()
 
     def on_release(self) -> None:
         """Hook for the owner (the system unregisters the file here)."""
 
     # --- HostFile ---------------------------------------------------------------------------------
-    def close(self) -> None:
-        if self.fd >= 0 and self.process.close_fd(self.fd) is self:
-            self.fd = -1
-            self.put_file()
-
     def mmap(self, length: int | None = None, offset: int = 0) -> ModelMapping:
         return self.process.mmap(self, self.size if length is None else length, offset // PS)
-
-    def __enter__(self) -> ShmemBacking:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

@@ -64,6 +64,48 @@ class MappableFile(Protocol):
     def put_file(self) -> None: ...
 
 
+class OpenFile:
+    """The lifetime of a ``struct file``: the fd holds one reference, every mapping one more, and
+    the file is released (``_release``) when the last goes.  Subclasses name their process and
+    say what release means."""
+
+    fd: int = -1
+    _refs: int = 0
+
+    @property
+    def owner_process(self) -> Process:
+        raise NotImplementedError
+
+    def _release(self) -> None:
+        raise NotImplementedError
+
+    def install(self) -> int:
+        """Install at the lowest free fd of the process; the fd holds one reference."""
+        self.fd = self.owner_process.install(self)
+        self.get_file()
+        return self.fd
+
+    def get_file(self) -> None:
+        self._refs += 1
+
+    def put_file(self) -> None:
+        self._refs -= 1
+        if self._refs == 0:
+            self._release()
+
+    def close(self) -> None:
+        """close(2): the file lives on while a mapping (or a memslot) still holds it."""
+        if self.fd >= 0 and self.owner_process.close_fd(self.fd) is self:
+            self.fd = -1
+            self.put_file()
+
+    def __enter__(self):  # -> Self
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 class ModelMapping:
     """A mapping of a file (anonymous memory is a private shmem file) in the model's address space.
 

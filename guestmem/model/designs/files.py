@@ -19,6 +19,7 @@ from guestmem import uapi as u
 from guestmem.errors import KvmError
 from guestmem.model.mm.pagecache import MAX_INDEX, PageCache
 from guestmem.model.mm.shmem import ShmemFile
+from guestmem.model.process import OpenFile, Process
 
 if TYPE_CHECKING:
     from guestmem.model.kvm.system import ModelKvm
@@ -30,7 +31,7 @@ def pages_up(nbytes: int) -> int:
     return (nbytes + PS - 1) // PS
 
 
-class BackedFile:
+class BackedFile(OpenFile):
     """A userspace-owned file over a shmem inode, as KVM sees it through a memslot."""
 
     kind = "file"
@@ -38,8 +39,6 @@ class BackedFile:
     def __init__(self, system: ModelKvm, shmem: ShmemFile) -> None:
         self.system = system
         self.shmem = shmem
-        self.fd = -1
-        self._refs = 0
         self.released = False
         system.register_file(shmem)
 
@@ -92,25 +91,9 @@ class BackedFile:
         raise ValueError(f"put_page: pfn {pfn:#x} is not a page of this file")
 
     # --- lifetime -------------------------------------------------------------------------------
-    def install(self) -> int:
-        """Install at the lowest free fd of the model's process (the fd holds one reference)."""
-        self.fd = self.system.process.install(self)
-        self.get_file()
-        return self.fd
-
-    def get_file(self) -> None:
-        self._refs += 1
-
-    def put_file(self) -> None:
-        self._refs -= 1
-        if self._refs == 0:
-            self._release()
-
-    def close(self) -> None:
-        """close(2) on the fd; the file lives on while a memslot or a mapping holds it."""
-        if self.fd >= 0 and self.system.process.close_fd(self.fd) is self:
-            self.fd = -1
-            self.put_file()
+    @property
+    def owner_process(self) -> Process:
+        return self.system.process
 
     def _release(self) -> None:
         self.released = True
@@ -120,12 +103,6 @@ class BackedFile:
     def stat(self) -> tuple[int, int, int]:
         """``(st_size, st_blksize, st_blocks)`` of the inner file (the shims forward getattr)."""
         return self.shmem.size, PS, self.shmem.blocks
-
-    def __enter__(self) -> BackedFile:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(fd={self.fd}, size={self.size:#x}, pages={self.cache.nr_pages})"

@@ -23,7 +23,7 @@ import numpy as np
 
 from guestmem import uapi as u
 from guestmem.errors import KvmError
-from guestmem.model.process import HostFault, ModelMapping
+from guestmem.model.process import HostFault, ModelMapping, OpenFile, Process
 from guestmem.model.vfs import vfs_fallocate_checks
 from guestmem.ranges import RangeMap
 from guestmem.sync import RwSem
@@ -137,7 +137,7 @@ class GmemInode:
         return flt or (FILTER_PRIVATE | FILTER_SHARED)
 
 
-class GmemFile:
+class GmemFile(OpenFile):
     """One VM's guest_memfd file (``struct gmem_file`` + the ``struct file``).
 
     Refcounted like a ``struct file``: the fd holds one reference and every mmap holds one; the
@@ -150,8 +150,6 @@ class GmemFile:
         self.vm = vm
         self.inode = inode
         self.bindings: RangeMap[Memslot | None] = RangeMap(None)
-        self.fd = -1
-        self._refs = 0
         self.released = False
         vm.get()  # the file pins the VM, not the other way round
         inode.files.append(self)
@@ -170,25 +168,9 @@ class GmemFile:
         return self.vm.system
 
     # --- file lifetime ------------------------------------------------------------------------
-    def get_file(self) -> None:
-        self._refs += 1
-
-    def put_file(self) -> None:
-        self._refs -= 1
-        if self._refs == 0:
-            self._release()
-
-    def close(self) -> None:
-        """Close the fd.  The file is released once no mapping holds it either."""
-        if self.fd >= 0 and self.system.process.close_fd(self.fd) is self:
-            self.fd = -1
-            self.put_file()
-
-    def __enter__(self) -> GmemFile:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    @property
+    def owner_process(self) -> Process:
+        return self.system.process
 
     def _release(self) -> None:
         """``kvm_gmem_release``: detach every bound slot and zap all SPTEs this file backs."""
@@ -443,8 +425,7 @@ def create_guest_memfd(vm: ModelVm, size: int, flags: int) -> GmemFile:
     inode = GmemInode(vm.system, size, flags, vm.system.options.gmem_folio_order)
     inode.arch_invalidate = vm.arch.gmem_invalidate
     f = GmemFile(vm, inode)
-    f.fd = vm.system.process.install(f)
-    f.get_file()
+    f.install()
     return f
 
 

@@ -73,8 +73,7 @@ class ModelKvm:
         f = ShmemBacking(self.pool, self.process, size, "memfd", self.options.anon_folio_order)
         self.register_file(f)
         f.on_release = lambda: self.unregister_file(f)  # type: ignore[method-assign]
-        f.fd = self.process.install(f)
-        f.get_file()
+        f.install()
         return f
 
     def close(self) -> None:
