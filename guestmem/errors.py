@@ -10,7 +10,10 @@ from __future__ import annotations
 import errno as _errno
 import os
 
-_KERNEL_NAMES = {_errno.EOPNOTSUPP: "EOPNOTSUPP", _errno.EAGAIN: "EAGAIN"}
+# Linux's EHWPOISON (memory page has hardware error); Python's errno module does not define it.
+EHWPOISON: int = getattr(_errno, "EHWPOISON", 133)
+
+_KERNEL_NAMES = {_errno.EOPNOTSUPP: "EOPNOTSUPP", _errno.EAGAIN: "EAGAIN", EHWPOISON: "EHWPOISON"}
 
 
 class KvmError(OSError):

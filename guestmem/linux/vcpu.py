@@ -33,7 +33,7 @@ from guestmem.api import (
     ExitSync,
     ExitUnknown,
 )
-from guestmem.errors import KvmError
+from guestmem.errors import EHWPOISON, KvmError
 from guestmem.guest import x86
 from guestmem.guest.ops import Program
 from guestmem.linux import _sys, watchdog
@@ -43,7 +43,6 @@ from guestmem.linux.loader import LOADER_GPA
 if TYPE_CHECKING:
     from guestmem.linux.vm import KernelVm
 
-EHWPOISON = getattr(errno, "EHWPOISON", 133)  # not in every Python's errno module
 DEFAULT_RUN_TIMEOUT = 60.0  # seconds; per KVM_RUN call
 
 

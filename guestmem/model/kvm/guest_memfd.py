@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from guestmem import uapi as u
-from guestmem.errors import KvmError
+from guestmem.errors import EHWPOISON, KvmError
 from guestmem.model.process import HostFault, ModelMapping, OpenFile, Process
 from guestmem.model.vfs import vfs_fallocate_checks
 from guestmem.ranges import RangeMap
@@ -307,6 +307,25 @@ class GmemFile(OpenFile):
     def frame_view(self, pfn: int, npages: int) -> np.ndarray:
         return self.system.pool.view(pfn, npages)
 
+    # --- memory failure (kvm_gmem_error_folio) ---------------------------------------------------
+    def memory_failure(self, offset: int) -> None:
+        """A hardware memory error in the folio holding ``offset`` (what ``madvise(MADV_HWPOISON)``
+        injects on a real host): mappings of it are zapped but the page is *not* truncated;
+        userspace decides what to do.  A later guest fault on it gets EHWPOISON, a host access
+        SIGBUS, and a hole punch clears it."""
+        inode = self.inode
+        index = offset // PS
+        if offset < 0 or index >= inode.npages:
+            raise KvmError(errno.EINVAL, "memory_failure", "offset beyond the guest_memfd")
+        fol = inode.cache.folio(index)
+        if fol is None:
+            raise KvmError(errno.EINVAL, "memory_failure", "no page is allocated there")
+        start, end = fol[0], fol[0] + (1 << fol[2])
+        with inode.invalidate_lock.read():
+            inode.invalidate_begin(start, end)
+            inode.hwpoison.set(start, end, True)
+            inode.invalidate_end(start, end)
+
     # --- bindings (kvm_gmem_bind / kvm_gmem_unbind) ---------------------------------------------
     def bind(self, slot: Memslot, offset: int) -> None:
         """Bind ``slot`` to pages starting at ``offset``; the caller has done the fget/type checks."""
@@ -394,7 +413,7 @@ class GmemFile(OpenFile):
                 i1, err = bad, errno.EIO
             poisoned = inode.hwpoison.first_match(i0, i1, bool) if i1 > i0 else None
             if poisoned is not None:
-                i1, err = poisoned, errno.EHWPOISON
+                i1, err = poisoned, EHWPOISON
             if i1 <= i0:
                 return [], err
             runs = inode.get_folios(i0, i1, zero=zero)
