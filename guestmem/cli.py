@@ -1,7 +1,10 @@
 """The ``guestmem`` command: a thin argparse front end over library functions.
 
 ``guestmem caps [--json]`` shows what this host's KVM supports (:mod:`guestmem.linux.caps`);
-``guestmem demo`` runs the guest_memfd demo (:mod:`guestmem.linux.demo`; the model part comes later).
+``guestmem demo`` is the showcase (:func:`guestmem.report.commands.run_showcase` on the model and the
+kernel, then :mod:`guestmem.linux.demo` step by step); ``run``/``map`` come from
+:mod:`guestmem.report.commands`, ``compare`` from :mod:`guestmem.compare`, ``bench`` from
+:mod:`guestmem.bench`.
 Bad input prints one error line and exits with status 2.
 """
 
@@ -80,11 +83,18 @@ def _cmd_caps(args: argparse.Namespace, console: Console) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace, console: Console) -> int:
+    """The showcase: a CoCo memory lifecycle on the model (map before and after), the part this
+    host supports run for real on /dev/kvm, then guest_memfd as real guest RAM step by step."""
     from guestmem.linux.demo import run_kernel_demo
+    from guestmem.report.commands import run_showcase
 
-    result = run_kernel_demo(console, size=args.size << 20, path=args.device)
+    def kernel_steps(c: Console) -> dict[str, Any]:
+        c.rule("[bold]for real, step by step: guest_memfd as guest RAM on /dev/kvm")
+        return run_kernel_demo(c, size=args.size << 20, path=args.device)
+
+    result = kernel_steps(console) if args.kernel_only else run_showcase(console, kernel_steps)
     if args.json:
-        print(json.dumps(result, indent=2))
+        print(json.dumps(result, indent=2, default=str))
     return 1 if result.get("ok") is False else 0
 
 
@@ -124,8 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="skip running a guest to see whether KVM_HC_MAP_GPA_RANGE exits")
     caps.set_defaults(func=_cmd_caps)
     demo = sub.add_parser("demo", help="guest_memfd as guest RAM, step by step, with timings")
-    demo.add_argument("--size", type=_size_mib, default=64, metavar="MIB",
-                      help="guest_memfd size in MiB (multiple of 4; default 64)")
+    demo.add_argument("--size", type=_size_mib, default=4, metavar="MIB",
+                      help="guest_memfd size in MiB for the real-kernel steps (multiple of 4; default 4)")
+    demo.add_argument("--kernel-only", action="store_true",
+                      help="only the real-kernel steps (skip the model showcase)")
     demo.add_argument("--json", action="store_true", help="also print the step timings as JSON")
     demo.set_defaults(func=_cmd_demo)
     bench = sub.add_parser("bench", help="measure the model (and the kernel) in one run; JSON out")
@@ -133,7 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("-o", "--output", metavar="FILE", help="write the JSON here instead of stdout")
     bench.set_defaults(func=_cmd_bench)
     from guestmem.compare import register as register_compare
+    from guestmem.report.commands import register as register_scenarios
 
+    register_scenarios(sub)
     register_compare(sub)
     return parser
 

@@ -65,6 +65,14 @@ def test_demo_small(kvm: object, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["demo", "--size", "4", "--json"]) == 0
     captured = capsys.readouterr()
     result = json.loads(captured.out)
-    assert result["ok"] is True and result["available"] is True
-    assert len(result["steps"]) == 11 and all(s["seconds"] >= 0 for s in result["steps"])
+    assert result["ok"] is True and result["model"]["ok"] is True
+    steps = result["more"]
+    assert steps["ok"] is True and steps["available"] is True
+    assert len(steps["steps"]) == 11 and all(s["seconds"] >= 0 for s in steps["steps"])
     assert "ExitGuestAssert" in captured.err
+
+
+def test_demo_kernel_only(kvm: object, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "--kernel-only", "--size", "4", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["ok"] is True and result["available"] is True and len(result["steps"]) == 11

@@ -1,0 +1,270 @@
+"""``guestmem run`` and ``guestmem map``, and the showcase ``guestmem demo`` calls.
+
+``register(subparsers)`` adds both subcommands to the ``guestmem`` argparse parser; each sets
+``func(args, console) -> int``.  Exit status: 0 the scenario ran and passed; 1 it ran and failed
+(the summary says why); 2 bad input -- a malformed scenario, an impossible size, an unknown
+flavour or backend, an output path that cannot be written -- reported as one line naming the
+file, line and field where there is one; 3 the chosen backend cannot run the scenario (the line
+names the missing capability).  Output files (``--trace``, ``--png``, ``--svg``) are written
+atomically, and only after a run: never half-written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+import guestmem
+from guestmem.errors import CapabilityMissing
+from guestmem.report.atomic import OutputError, check_writable, write_bytes, write_text
+from guestmem.report.images import render_png, render_svg
+from guestmem.report.maps import kinds_table, render_terminal
+from guestmem.report.summary import summary_table
+from guestmem.report.tracefile import trace_json
+from guestmem.scenarios import ScenarioError, load, shipped
+from guestmem.scenarios.run import ScenarioReport, run_scenario
+from guestmem.scenarios.sizes import SizeError, parse_size
+from guestmem.vmm.flavours import FLAVOURS, UnknownFlavour
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_UNSUPPORTED = 0, 1, 2, 3
+
+
+class BadInput(ValueError):
+    """Command-line input that cannot work."""
+
+
+def _fail(cmd: str, message: str, code: int) -> int:
+    print(f"guestmem {cmd}: error: {message}", file=sys.stderr)
+    return code
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", default="model", metavar="NAME",
+                   help=f"where to run it: {' or '.join(guestmem.BACKENDS)} (default: model)")
+    p.add_argument("--flavour", metavar="NAME",
+                   help=f"VM flavour ({', '.join(FLAVOURS)}); default: the scenario's first that works")
+    p.add_argument("--vcpus", type=int, metavar="N", help="number of vCPUs (default: the scenario's)")
+    p.add_argument("--memory", metavar="SIZE", help="guest memory, e.g. 64M or 1G (default: the scenario's)")
+    p.add_argument("--timeout", type=float, metavar="SECONDS",
+                   help="stop the run after this long (default: the scenario's, 600 s)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+
+
+def register(subparsers: Any) -> None:
+    """Add ``run`` and ``map`` to the ``guestmem`` command's subparsers."""
+    run = subparsers.add_parser(
+        "run", help="run a scenario: a confidential VM's memory lifecycle",
+        description="Run a shipped scenario (by name) or a scenario TOML file, on the model or the "
+                    f"kernel. Shipped: {', '.join(shipped())}.")
+    run.add_argument("scenario", nargs="?", metavar="NAME|FILE", help="scenario name or path to a .toml")
+    run.add_argument("--list", action="store_true", help="list the shipped scenarios and exit")
+    _add_common(run)
+    run.add_argument("--trace", metavar="FILE",
+                     help="write a Chrome/Perfetto trace (open it in ui.perfetto.dev)")
+    run.set_defaults(func=cmd_run)
+    mp = subparsers.add_parser(
+        "map", help="run a scenario and draw the guest physical map",
+        description="Run a scenario, then draw guest physical memory per 2 MiB: private, shared, "
+                    "double-backed or unallocated, and the guest's mapping level where visible.")
+    mp.add_argument("scenario", metavar="NAME|FILE", help="scenario name or path to a .toml")
+    _add_common(mp)
+    mp.add_argument("--png", metavar="FILE", help="also write the map as PNG")
+    mp.add_argument("--svg", metavar="FILE", help="also write the map as SVG")
+    mp.add_argument("--before", action="store_true", help="also draw the map before the run")
+    mp.set_defaults(func=cmd_map)
+
+
+@contextlib.contextmanager
+def _progress(console: Console, label: str, enabled: bool) -> Iterator[Callable[[int, int], None] | None]:
+    if not enabled or not console.is_terminal:
+        yield None
+        return
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as prog:
+        task = prog.add_task(label, total=None)
+
+        def update(done: int, total: int) -> None:
+            prog.update(task, completed=done, total=total)
+
+        yield update
+
+
+def _run_from_args(args: argparse.Namespace, console: Console, *, snapshots: bool) -> ScenarioReport:
+    """Load, check and run (raises the exceptions the commands turn into exit codes)."""
+    if args.backend not in guestmem.BACKENDS:
+        raise BadInput(f"--backend: unknown backend {args.backend!r}; choose one of "
+                       f"{', '.join(guestmem.BACKENDS)}")
+    if args.flavour is not None and args.flavour not in FLAVOURS:
+        raise UnknownFlavour(args.flavour)
+    memory = None
+    if args.memory is not None:
+        try:
+            size = parse_size(args.memory)
+        except SizeError as exc:
+            raise BadInput(f"--memory: {exc}") from None
+        if size.relative:
+            raise BadInput(f"--memory: {args.memory!r} must be an absolute size like 64M")
+        memory = size.absolute
+    if args.timeout is not None and args.timeout <= 0:
+        raise BadInput("--timeout: must be positive")
+    for opt in ("trace", "png", "svg"):
+        path = getattr(args, opt, None)
+        if path:
+            try:
+                check_writable(path)
+            except OutputError as exc:
+                raise BadInput(f"--{opt}: {exc}") from None
+    scn = load(args.scenario)
+    with _progress(console, f"{scn.name} on {args.backend}", not args.json) as progress:
+        return run_scenario(scn, backend=args.backend, flavour=args.flavour, vcpus=args.vcpus,
+                            memory=memory, progress=progress, snapshots=snapshots,
+                            timeout_s=args.timeout, device=getattr(args, "device", None))
+
+
+def _guarded(cmd: str, args: argparse.Namespace, fn: Callable[[], int]) -> int:
+    try:
+        return fn()
+    except (ScenarioError, UnknownFlavour, BadInput, OutputError) as exc:
+        return _fail(cmd, str(exc), EXIT_BAD_INPUT)
+    except CapabilityMissing as exc:
+        name = getattr(args, "scenario", None) or "the scenario"
+        return _fail(cmd, f"{name} cannot run on the {args.backend} backend: {exc}", EXIT_UNSUPPORTED)
+
+
+def cmd_run(args: argparse.Namespace, console: Console) -> int:
+    if args.list:
+        return _list(console, args.json)
+    if not args.scenario:
+        return _fail("run", f"name a scenario ({', '.join(shipped())}) or a .toml file; see --list",
+                     EXIT_BAD_INPUT)
+
+    def go() -> int:
+        report = _run_from_args(args, console, snapshots=False)
+        if args.trace:
+            write_text(args.trace, trace_json(report.trace, process=f"guestmem {report.scenario} "
+                                              f"({report.backend}, {report.flavour})",
+                                              meta=_trace_meta(report)))
+        if args.json:
+            print(json.dumps(report.summary() | ({"trace": args.trace} if args.trace else {}), indent=2))
+        else:
+            console.print(summary_table(report))
+            if args.trace:
+                console.print(f"trace written to {args.trace} ({len(report.trace)} events; open it in "
+                              "https://ui.perfetto.dev)")
+        return EXIT_OK if report.ok else EXIT_FAILED
+
+    return _guarded("run", args, go)
+
+
+def cmd_map(args: argparse.Namespace, console: Console) -> int:
+    def go() -> int:
+        report = _run_from_args(args, console, snapshots=True)
+        after = report.after
+        assert after is not None
+        if args.png:
+            write_bytes(args.png, render_png(after))
+        if args.svg:
+            write_text(args.svg, render_svg(after))
+        if args.json:
+            out: dict[str, Any] = {"scenario": report.scenario, "backend": report.backend,
+                                   "flavour": report.flavour, "ok": report.ok, "error": report.error,
+                                   "wall_s": round(report.wall_s, 6), "map": after.as_dict()}
+            if args.before and report.before is not None:
+                out["before"] = report.before.as_dict()
+            out["files"] = {k: getattr(args, k) for k in ("png", "svg") if getattr(args, k)}
+            print(json.dumps(out, indent=2))
+        else:
+            if args.before and report.before is not None:
+                console.print(render_terminal(report.before))
+            console.print(render_terminal(after))
+            if report.error:
+                console.print(f"[red]the run failed:[/] {report.error}")
+            for kind in ("png", "svg"):
+                if getattr(args, kind):
+                    console.print(f"{kind.upper()} written to {getattr(args, kind)}")
+        return EXIT_OK if report.ok else EXIT_FAILED
+
+    return _guarded("map", args, go)
+
+
+def _list(console: Console, as_json: bool = False) -> int:
+    if as_json:
+        print(json.dumps([{"name": n, "flavours": list(load(n).flavours), "description": load(n).description,
+                           "requires": list(load(n).requires)} for n in shipped()], indent=2))
+        return EXIT_OK
+    table = Table(title="shipped scenarios", show_edge=False)
+    table.add_column("name", style="bold")
+    table.add_column("flavours")
+    table.add_column("description")
+    for name in shipped():
+        scn = load(name)
+        table.add_row(name, ", ".join(scn.flavours), scn.description)
+    console.print(table)
+    return EXIT_OK
+
+
+def _trace_meta(report: ScenarioReport) -> dict[str, Any]:
+    return {"scenario": report.scenario, "backend": report.backend, "flavour": report.flavour,
+            "ok": report.ok, "vcpus": report.vcpus, "memory": report.memory}
+
+
+# --- the showcase ------------------------------------------------------------------------------------
+
+SHOWCASE_MEMORY = 64 << 20
+KERNEL_PART = ("balloon", 8 << 20, 1)  # scenario, memory, vCPUs: the part this host can run for real
+
+
+def run_showcase(console: Console,
+                 more: Callable[[Console], dict[str, Any]] | None = None) -> dict[str, Any]:
+    """A short CoCo memory lifecycle on the model, with the guest physical map before and after,
+    then the part of it the host kernel supports, run for real; returns both summaries.  ``more``
+    (e.g. the step-by-step real-kernel demo) runs before the closing pointers; its result is
+    kept under ``"more"``."""
+    console.rule("[bold]a confidential VM boots (model)")
+    console.print("A software-protected VM with 64 MiB in a low and a high region boots: firmware shares "
+                  "the PCI hole (MMIO, ignored), each vCPU accepts half its memory lazily, the host "
+                  "converts and pre-faults the rest.")
+    model = run_scenario(load("boot"), backend="model", memory=SHOWCASE_MEMORY, snapshots=True)
+    assert model.before is not None and model.after is not None
+    console.print(render_terminal(model.before))
+    console.print(render_terminal(model.after))
+    console.print(kinds_table(model.before, model.after))
+    console.print(summary_table(model))
+    result: dict[str, Any] = {"ok": model.ok, "model": model.summary()}
+
+    name, memory, vcpus = KERNEL_PART
+    console.rule(f"[bold]for real: {name} on this host's /dev/kvm")
+    try:
+        kernel = run_scenario(load(name), backend="kernel", memory=memory, vcpus=vcpus)
+    except CapabilityMissing as exc:
+        console.print(f"[yellow]skipped:[/] the kernel backend cannot run it here: {exc}")
+        result["kernel"] = {"skipped": str(exc)}
+    else:
+        console.print(summary_table(kernel))
+        result["kernel"] = kernel.summary()
+        result["ok"] = result["ok"] and kernel.ok
+
+    if more is not None:
+        extra = more(console)
+        result["more"] = extra
+        if extra.get("ok") is False:
+            result["ok"] = False
+
+    console.rule("[bold]next")
+    for line in (
+        "guestmem run --list                                  the shipped scenarios",
+        "guestmem run conversion-storm --trace storm.json     then open storm.json in ui.perfetto.dev",
+        "guestmem map selftest-conversions --png map.png      double-backed memory when discard is off",
+        "guestmem run boot --flavour snp                      lazy accept through memory-fault exits",
+        "guestmem run bounce-io --backend kernel              the shared-only subset on /dev/kvm",
+    ):
+        console.print(f"  {line}")
+    return result
