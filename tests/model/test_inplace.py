@@ -515,3 +515,16 @@ def test_tdx_partial_zap_demotes_private_hugepage_keeping_acceptance() -> None:
     # No re-accept needed for the rest, and their data is intact.
     assert isinstance(env.guest(Verify(GPA, 7 * PS, 0x3A, "private"),
                                 Verify(GPA + 8 * PS, 504 * PS, 0x3A, "private")), ExitHalt)
+
+
+@pytest.mark.parametrize("attributes", ["vm", "gmem"])
+def test_accept_is_a_no_op_without_hardware_acceptance(attributes: str) -> None:
+    """A software-protected guest's Accept must not wait for a private mapping it never gets."""
+    kvm = guestmem.open("model", attributes=attributes)
+    vm = kvm.create_vm(u.KVM_X86_SW_PROTECTED_VM)
+    flags = MMAP | (INIT_SHARED if attributes == "gmem" else 0)
+    gmem = vm.create_guest_memfd(2 * PS, flags)
+    vm.set_user_memory_region2(1, u.KVM_MEM_GUEST_MEMFD, GPA, 2 * PS, 0, gmem, 0)
+    vcpu = vm.create_vcpu(0)
+    vcpu.load(Program([Accept(GPA, 2 * PS), Verify(GPA, 2 * PS, 0)]))
+    assert isinstance(vcpu.run(), ExitHalt)

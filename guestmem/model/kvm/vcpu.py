@@ -239,6 +239,8 @@ class ModelVcpu:
         is faulted in as private (a shared attribute makes that a memory-fault exit, i.e. the
         guest asking for the conversion), then marked accepted by the flavour."""
         vm = self.vm
+        if not vm.arch.hw_access_kind:
+            return None  # nothing to accept without hardware protection (a no-op, as documented)
         gpa, _ = vm.arch.decode_gpa(op.gpa, "private")
         end = gpa + op.size
         pos = gpa + self.progress
