@@ -20,10 +20,12 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from guestmem import uapi as u
-from guestmem.guest.ops import Program
+
+if TYPE_CHECKING:  # the op language is floor 3; the interface only names it in a signature
+    from guestmem.guest.ops import Program
 
 # --- exits ------------------------------------------------------------------------------------------
 
