@@ -121,7 +121,6 @@ class ModelMapping:
         self.length = length
         self.pgoff = pgoff
         self.closed = False
-        self._pins: list[tuple[int, int]] = []
 
     # --- access --------------------------------------------------------------------------------
     def _runs(self, offset: int, length: int, write: bool, op: str) -> Iterator[tuple[int, np.ndarray]]:

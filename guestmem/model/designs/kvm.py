@@ -60,7 +60,6 @@ if TYPE_CHECKING:
 
 PS = u.PAGE_SIZE
 U64 = 1 << 64
-TASK_SIZE_MAX = (1 << 47) - PS
 OP_REGION = "KVM_SET_USER_MEMORY_REGION"
 
 
@@ -218,19 +217,8 @@ class HistoricalKvm(ABC):
                 valid |= hu.KVM_MEM_PRIVATE
             if flags & ~valid:
                 raise KvmError(errno.EINVAL, OP_REGION, f"invalid memslot flags {flags:#x}")
-            as_id, sid = slot_arg >> 16, slot_arg & 0xFFFF
-            if size % PS or size >= U64:
-                raise KvmError(errno.EINVAL, OP_REGION, "memory_size not page aligned")
-            if gpa % PS:
-                raise KvmError(errno.EINVAL, OP_REGION, "guest_phys_addr not page aligned")
-            if hva % PS or hva + size > TASK_SIZE_MAX:
-                raise KvmError(errno.EINVAL, OP_REGION, "userspace_addr unaligned or not a user address")
-            if offset < 0 or offset % PS or offset + size >= U64:
-                raise KvmError(errno.EINVAL, OP_REGION, "private offset unaligned or wrapping")
-            if as_id >= vm.nr_as or sid >= u.KVM_MEM_SLOTS_NUM:
-                raise KvmError(errno.EINVAL, OP_REGION, "address space or slot id out of range")
-            if gpa + size >= U64:
-                raise KvmError(errno.EINVAL, OP_REGION, "guest physical range wraps")
+            as_id, sid = vm.check_region_geometry(OP_REGION, slot_arg, gpa, size, hva, offset,
+                                                  "private offset")
             slots = vm.memslots[as_id]
             old = slots.get(sid)
             if size == 0:

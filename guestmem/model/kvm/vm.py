@@ -202,25 +202,35 @@ class ModelVm:
         if flags & ~valid:
             raise KvmError(errno.EINVAL, op, f"invalid memslot flags {flags:#x}")
 
+    def check_region_geometry(self, op: str, slot_arg: int, gpa: int, size: int, hva: int,
+                              offset: int | None, offset_name: str) -> tuple[int, int]:
+        """``kvm_set_memory_region``'s sanity checks, in upstream's order (size, gpa, userspace
+        address, the private/guest_memfd offset when there is one, slot ids, wrap); returns
+        ``(as_id, slot id)``.  Shared by every memslot ioctl the model implements."""
+        as_id, sid = slot_arg >> 16, slot_arg & 0xFFFF
+        if size % PS or size >= 1 << 64:
+            raise KvmError(errno.EINVAL, op, "memory_size not page aligned")
+        if gpa % PS:
+            raise KvmError(errno.EINVAL, op, "guest_phys_addr not page aligned")
+        if hva % PS or hva + size > TASK_SIZE_MAX:
+            raise KvmError(errno.EINVAL, op, "userspace_addr unaligned or not a user address")
+        if offset is not None and (offset < 0 or offset % PS or offset + size >= 1 << 64):
+            raise KvmError(errno.EINVAL, op, f"{offset_name} unaligned or wrapping")
+        if as_id >= self.nr_as or sid >= u.KVM_MEM_SLOTS_NUM:
+            raise KvmError(errno.EINVAL, op, "address space or slot id out of range")
+        if gpa + size >= 1 << 64:
+            raise KvmError(errno.EINVAL, op, "guest physical range wraps")
+        return as_id, sid
+
     def _set_memory_region(self, op: str, slot_arg: int, flags: int, gpa: int, size: int, hva: int,
                            gmem: GmemFile | int | None, gmem_offset: int) -> None:
         with self.slots_lock():
             if (slot_arg & 0xFFFF) >= u.KVM_USER_MEM_SLOTS:
                 raise KvmError(errno.EINVAL, op, "slot id beyond KVM_USER_MEM_SLOTS")
             self._check_flags(op, flags)
-            as_id, sid = slot_arg >> 16, slot_arg & 0xFFFF
-            if size % PS or size >= 1 << 64:
-                raise KvmError(errno.EINVAL, op, "memory_size not page aligned")
-            if gpa % PS:
-                raise KvmError(errno.EINVAL, op, "guest_phys_addr not page aligned")
-            if hva % PS or hva + size > TASK_SIZE_MAX:
-                raise KvmError(errno.EINVAL, op, "userspace_addr unaligned or not a user address")
-            if flags & u.KVM_MEM_GUEST_MEMFD and (gmem_offset % PS or gmem_offset + size >= 1 << 64):
-                raise KvmError(errno.EINVAL, op, "guest_memfd_offset unaligned or wrapping")
-            if as_id >= self.nr_as or sid >= u.KVM_MEM_SLOTS_NUM:
-                raise KvmError(errno.EINVAL, op, "address space or slot id out of range")
-            if gpa + size >= 1 << 64:
-                raise KvmError(errno.EINVAL, op, "guest physical range wraps")
+            as_id, sid = self.check_region_geometry(
+                op, slot_arg, gpa, size, hva,
+                gmem_offset if flags & u.KVM_MEM_GUEST_MEMFD else None, "guest_memfd_offset")
             npages = size // PS
             if npages > u.KVM_MEM_MAX_NR_PAGES:
                 raise KvmError(errno.EINVAL, op, "memslot too large")
