@@ -14,12 +14,16 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from guestmem import uapi as u
+from guestmem.args import as_bytes, check_reserved, s32, s64, u64
 from guestmem.errors import KvmError
 from guestmem.linux import _sys
 from guestmem.linux.memory import KernelMapping
 
 if TYPE_CHECKING:
     from guestmem.linux.vm import KernelVm
+
+
+CLOSED_FD = 0x7FFF_FFFF  # beyond any RLIMIT_NOFILE: never an open fd
 
 
 def _close_quiet(fd: int) -> None:
@@ -49,12 +53,14 @@ class KernelGuestMemfd:
         return not self._finalizer.alive
 
     def _fd(self, op: str) -> int:
-        if self.closed:
-            raise KvmError(9, op, "guest_memfd is closed")  # EBADF, as the syscall on a closed fd
-        return self.fd
+        """The fd to issue ``op`` on: once closed, a number no process can have open, so the
+        kernel itself answers, with its own order of checks (a negative ``pread`` offset is
+        EINVAL before the fd is even looked up; most calls are EBADF)."""
+        return CLOSED_FD if self.closed else self.fd
 
     # -- fallocate ----------------------------------------------------------------------------------
     def fallocate(self, mode: int, offset: int, length: int) -> None:
+        mode, offset, length = s32(mode, "mode"), s64(offset, "offset"), s64(length, "length")
         _sys.fallocate(self._fd("fallocate"), mode, offset, length)
 
     def allocate(self, offset: int, length: int) -> None:
@@ -66,23 +72,35 @@ class KernelGuestMemfd:
     # -- mmap ---------------------------------------------------------------------------------------
     def mmap(self, length: int | None = None, offset: int = 0, *, shared: bool = True) -> KernelMapping:
         """``mmap(fd)``; ``shared=False`` asks for ``MAP_PRIVATE`` (the kernel refuses it: EINVAL)."""
-        return KernelMapping.of_file(self._fd("mmap"), self.size if length is None else length, offset,
-                                     shared=shared, owner=self)
+        length = self.size if length is None else u64(length, "length")
+        offset = s64(offset, "offset")
+        if not isinstance(shared, bool):
+            raise TypeError(f"shared must be a bool, not {type(shared).__name__}")
+        return KernelMapping.of_file(self._fd("mmap"), length, offset, shared=shared, owner=self)
 
     # -- read/write/truncate/stat -------------------------------------------------------------------
     def read(self, length: int, offset: int | None = None) -> bytes:
         """``read(2)`` (offset None) or ``pread(2)``: the kernel refuses both, differently."""
         op = "read" if offset is None else "pread"
+        length = u64(length, "length")
+        if offset is not None:
+            offset = s64(offset, "offset")
+        fd = self._fd(op)
+        if length > 0x7FFFF000:  # MAX_RW_COUNT: the kernel clamps, Python would allocate it all
+            length = 0x7FFFF000
         try:
             if offset is None:
-                return os.read(self._fd(op), length)
-            return os.pread(self._fd(op), length, offset)
+                return os.read(fd, length)
+            return os.pread(fd, length, offset)
         except OSError as err:
             raise KvmError(err.errno or 0, op) from None
 
     def write(self, data: bytes, offset: int | None = None) -> int:
         """``write(2)`` (offset None) or ``pwrite(2)``."""
         op = "write" if offset is None else "pwrite"
+        data = as_bytes(data, "data")
+        if offset is not None:
+            offset = s64(offset, "offset")
         try:
             if offset is None:
                 return os.write(self._fd(op), data)
@@ -91,6 +109,7 @@ class KernelGuestMemfd:
             raise KvmError(err.errno or 0, op) from None
 
     def truncate(self, size: int) -> None:
+        size = s64(size, "size")
         try:
             os.ftruncate(self._fd("ftruncate"), size)
         except OSError as err:
@@ -110,10 +129,11 @@ class KernelGuestMemfd:
 
         ``reserved`` fills the struct's reserved words (to check that the kernel refuses non-zero ones).
         """
+        offset, size = u64(offset, "offset"), u64(size, "size")
+        attributes, flags = u64(attributes, "attributes"), u64(flags, "flags")
+        words = check_reserved(reserved, u.kvm_memory_attributes2)
         arg = u.kvm_memory_attributes2(offset=offset, size=size, attributes=attributes, flags=flags)
-        if len(reserved) > len(arg.reserved):
-            raise ValueError(f"at most {len(arg.reserved)} reserved words")
-        for i, word in enumerate(reserved):
+        for i, word in enumerate(words):
             arg.reserved[i] = word
         try:
             _sys.ioctl(self._fd("KVM_SET_MEMORY_ATTRIBUTES2"), u.KVM_SET_MEMORY_ATTRIBUTES2, arg)

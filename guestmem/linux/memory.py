@@ -17,13 +17,16 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import fcntl
 import os
 import weakref
 from typing import Any
 
+from guestmem.args import as_bytes, u8, u64
 from guestmem.errors import GuestAccessFault, KvmError
 from guestmem.linux import _sys
+from guestmem.uapi import PAGE_SIZE
 
 _CHUNK = 1 << 20  # fill source buffer size
 
@@ -71,19 +74,22 @@ class KernelMapping:
     def closed(self) -> bool:
         return not self._finalizer.alive
 
-    def _check(self, op: str, offset: int, length: int) -> None:
+    def _check(self, op: str, offset: object, length: object) -> tuple[int, int]:
+        """Validate an access before anything is touched (the model's ``check_access`` rule):
+        ints as ``size_t``, EBADF once unmapped, SIGSEGV outside the mapping."""
+        off, n = u64(offset, "offset"), u64(length, "length")
         if self.closed:
-            raise ValueError(f"{op}: mapping is closed")
-        if offset < 0 or length < 0 or offset + length > self.length:
-            raise ValueError(f"{op}: [{offset:#x}, {offset + length:#x}) is outside the mapping "
-                             f"(length {self.length:#x})")
+            raise KvmError(errno.EBADF, op, "mapping is closed")
+        if off > self.length or n > self.length - off:
+            raise GuestAccessFault(op, min(off, self.length), "SIGSEGV: outside the mapping")
+        return off, n
 
     # -- access -------------------------------------------------------------------------------------
     def readinto(self, offset: int, buf: Any) -> None:
         """Fill the writable buffer ``buf`` (bytearray, numpy array, ...) from ``[offset, +len(buf))``."""
         view = memoryview(buf).cast("B")
         length = view.nbytes
-        self._check("read", offset, length)
+        offset, _ = self._check("read", offset, length)
         if length == 0:
             return
         dst = ctypes.addressof(ctypes.c_char.from_buffer(view))
@@ -98,6 +104,7 @@ class KernelMapping:
             done += n
 
     def read(self, offset: int, length: int) -> bytes:
+        offset, length = self._check("read", offset, length)
         buf = bytearray(length)
         self.readinto(offset, buf)
         return bytes(buf)
@@ -120,8 +127,8 @@ class KernelMapping:
             pos += n
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        view = memoryview(data).cast("B")
-        self._check("write", offset, view.nbytes)
+        view = memoryview(as_bytes(data, "data")).cast("B")
+        offset, _ = self._check("write", offset, view.nbytes)
         if view.nbytes == 0:
             return
         src = (ctypes.c_char * view.nbytes).from_buffer_copy(view)
@@ -129,9 +136,8 @@ class KernelMapping:
 
     def fill(self, offset: int, length: int, byte: int) -> None:
         """Set ``[offset, offset+length)`` to ``byte``."""
-        if not 0 <= byte <= 0xFF:
-            raise ValueError(f"fill: byte must be 0..255, got {byte}")
-        self._check("fill", offset, length)
+        byte = u8(byte, "byte")
+        offset, length = self._check("fill", offset, length)
         if length == 0:
             return
         chunk = min(_CHUNK, length)
@@ -145,12 +151,20 @@ class KernelMapping:
         """``madvise(MADV_REMOVE)`` on ``[offset, offset+length)``: free the pages (they read as zero
         afterwards).  On a guest_memfd mapping the kernel punches a hole in the file; the kernel's
         errno (e.g. ``EINVAL`` for private anonymous memory or unaligned ranges) passes through."""
-        self._check("discard", offset, length)
+        offset, length = u64(offset, "offset"), u64(length, "length")
+        if self.closed:
+            raise KvmError(errno.EBADF, "madvise", "mapping is closed")
+        if offset % PAGE_SIZE:
+            raise KvmError(errno.EINVAL, "madvise", "offset must be page aligned")
+        if length and offset + length > -(-self.length // PAGE_SIZE) * PAGE_SIZE:
+            raise KvmError(errno.ENOMEM, "madvise", "range reaches past the mapping")
         _sys.madvise(self.addr + offset, length, _sys.MADV_REMOVE)
 
     def pin(self, offset: int, length: int) -> KernelPin:
         """Take real page references on ``[offset, offset+length)`` for as long as the context is held."""
-        self._check("pin", offset, length)
+        offset, length = self._check("pin", offset, length)
+        if offset % PAGE_SIZE or length == 0 or length % PAGE_SIZE:
+            raise KvmError(errno.EINVAL, "mapping.pin", "offset and length must be page aligned")
         return KernelPin(self, offset, length)
 
     # -- lifetime -----------------------------------------------------------------------------------

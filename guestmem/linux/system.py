@@ -11,6 +11,7 @@ import os
 import weakref
 
 from guestmem import uapi as u
+from guestmem.args import s64, u64
 from guestmem.errors import KvmError
 from guestmem.linux import _sys
 from guestmem.linux.abi import KVM_GET_SUPPORTED_CPUID, KVM_MAX_CPUID_ENTRIES, cpu_vendor, kvm_cpuid2
@@ -54,16 +55,22 @@ class KernelKvm:
         return _sys.ioctl(self._fd("KVM_GET_API_VERSION"), u.KVM_GET_API_VERSION, 0, "KVM_GET_API_VERSION")
 
     def check_extension(self, cap: int) -> int:
+        cap = u64(cap, "cap")
         return _sys.ioctl(self._fd("KVM_CHECK_EXTENSION"), u.KVM_CHECK_EXTENSION, cap, "KVM_CHECK_EXTENSION")
 
     def create_vm(self, vm_type: int = u.KVM_X86_DEFAULT_VM) -> KernelVm:
+        vm_type = u64(vm_type, "vm_type")
         fd = _sys.ioctl(self._fd("KVM_CREATE_VM"), u.KVM_CREATE_VM, vm_type, "KVM_CREATE_VM")
         return KernelVm(self, fd, vm_type)
 
     def mmap_anonymous(self, size: int) -> KernelMapping:
+        size = u64(size, "size")
+        self._fd("mmap")
         return KernelMapping.anonymous(size)
 
     def memfd_create(self, size: int) -> KernelHostFile:
+        size = s64(size, "size")
+        self._fd("memfd_create")
         return KernelHostFile(size)
 
     # -- what vCPUs need ----------------------------------------------------------------------------

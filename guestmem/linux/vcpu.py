@@ -33,6 +33,7 @@ from guestmem.api import (
     ExitSync,
     ExitUnknown,
 )
+from guestmem.args import u64
 from guestmem.errors import EHWPOISON, KvmError
 from guestmem.guest import x86
 from guestmem.guest.ops import Program
@@ -153,7 +154,8 @@ class KernelVcpu:
     def load(self, program: Program) -> None:
         """Compile ``program`` into this vCPU's code region and point the vCPU at it (64-bit mode)."""
         if not isinstance(program, Program):
-            program = Program(program)
+            raise TypeError(f"program must be a guestmem.guest.Program, not {type(program).__name__}")
+        self._fd("load")
         vm = self._vm
         loader = vm.loader()
         probe = x86.compile_program(program, 0, hypercall=vm.hypercall_insn)
@@ -246,6 +248,7 @@ class KernelVcpu:
 
     def pre_fault_memory(self, gpa: int, size: int, flags: int = 0) -> int:
         """``KVM_PRE_FAULT_MEMORY``; returns the bytes left unmapped (the kernel's updated ``size``)."""
+        gpa, size, flags = u64(gpa, "gpa"), u64(size, "size"), u64(flags, "flags")
         arg = u.kvm_pre_fault_memory(gpa=gpa, size=size, flags=flags)
         _sys.ioctl(self._fd("KVM_PRE_FAULT_MEMORY"), u.KVM_PRE_FAULT_MEMORY, arg, "KVM_PRE_FAULT_MEMORY")
         return int(arg.size)

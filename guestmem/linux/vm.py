@@ -15,10 +15,11 @@ import weakref
 from typing import TYPE_CHECKING
 
 from guestmem import uapi as u
+from guestmem.args import u32, u64
 from guestmem.errors import KvmError
 from guestmem.guest import x86
 from guestmem.linux import _sys
-from guestmem.linux.gmem import KernelGuestMemfd
+from guestmem.linux.gmem import CLOSED_FD, KernelGuestMemfd
 from guestmem.linux.loader import Loader
 from guestmem.linux.vcpu import KernelVcpu
 
@@ -28,7 +29,6 @@ if TYPE_CHECKING:
 
 # An fd number no process can have open: what a closed GuestMemfd object is passed as, so the
 # kernel (not this module) answers EBADF, after its own earlier checks.
-CLOSED_FD = 0x7FFF_FFFF
 
 
 def _close_vm(fd: int, vcpus: list[weakref.ref[KernelVcpu]], loader: list[Loader]) -> None:
@@ -70,11 +70,16 @@ class KernelVm:
 
     # -- capabilities -------------------------------------------------------------------------------
     def check_extension(self, cap: int) -> int:
+        cap = u64(cap, "cap")
         return _sys.ioctl(self._fd("KVM_CHECK_EXTENSION"), u.KVM_CHECK_EXTENSION, cap, "KVM_CHECK_EXTENSION")
 
     def enable_cap(self, cap: int, flags: int = 0, args: tuple[int, ...] = ()) -> None:
+        cap, flags = u32(cap, "cap"), u32(flags, "flags")
+        if isinstance(args, str | bytes) or not hasattr(args, "__len__"):
+            raise TypeError(f"args must be a sequence of ints, not {type(args).__name__}")
         if len(args) > 4:
-            raise ValueError("enable_cap: at most 4 args")
+            raise OverflowError("struct kvm_enable_cap has 4 args")
+        args = tuple(u64(a, f"args[{i}]") for i, a in enumerate(args))
         arg = u.kvm_enable_cap(cap=cap, flags=flags)
         for i, value in enumerate(args):
             arg.args[i] = value
@@ -82,6 +87,7 @@ class KernelVm:
 
     # -- guest_memfd and memslots -------------------------------------------------------------------
     def create_guest_memfd(self, size: int, flags: int = 0) -> KernelGuestMemfd:
+        size, flags = u64(size, "size"), u64(flags, "flags")
         arg = u.kvm_create_guest_memfd(size=size, flags=flags)
         fd = _sys.ioctl(self._fd("KVM_CREATE_GUEST_MEMFD"), u.KVM_CREATE_GUEST_MEMFD, arg,
                         "KVM_CREATE_GUEST_MEMFD")
@@ -89,6 +95,10 @@ class KernelVm:
 
     def set_user_memory_region(self, slot: int, flags: int, guest_phys_addr: int, memory_size: int,
                                userspace_addr: int) -> None:
+        slot, flags = u32(slot, "slot"), u32(flags, "flags")
+        guest_phys_addr = u64(guest_phys_addr, "guest_phys_addr")
+        memory_size = u64(memory_size, "memory_size")
+        userspace_addr = u64(userspace_addr, "userspace_addr")
         arg = u.kvm_userspace_memory_region(slot=slot, flags=flags, guest_phys_addr=guest_phys_addr,
                                             memory_size=memory_size, userspace_addr=userspace_addr)
         _sys.ioctl(self._fd("KVM_SET_USER_MEMORY_REGION"), u.KVM_SET_USER_MEMORY_REGION, arg,
@@ -100,10 +110,15 @@ class KernelVm:
         """``KVM_SET_USER_MEMORY_REGION2``.  ``guest_memfd`` may be a GuestMemfd, a raw fd, or None
         (field 0, as a zero-initialised C struct has).  A closed GuestMemfd object is passed as an fd
         number no process has open, so the kernel answers ``EBADF`` where it would for a closed fd."""
+        slot, flags = u32(slot, "slot"), u32(flags, "flags")
+        guest_phys_addr = u64(guest_phys_addr, "guest_phys_addr")
+        memory_size = u64(memory_size, "memory_size")
+        userspace_addr = u64(userspace_addr, "userspace_addr")
+        guest_memfd_offset = u64(guest_memfd_offset, "guest_memfd_offset")
         if guest_memfd is None:
             gfd = 0
-        elif isinstance(guest_memfd, int):
-            gfd = guest_memfd
+        elif not hasattr(guest_memfd, "fd"):
+            gfd = u32(guest_memfd, "guest_memfd")
         else:
             gfd = CLOSED_FD if getattr(guest_memfd, "closed", False) else guest_memfd.fd
         arg = u.kvm_userspace_memory_region2(slot=slot, flags=flags, guest_phys_addr=guest_phys_addr,
@@ -114,12 +129,15 @@ class KernelVm:
                    "KVM_SET_USER_MEMORY_REGION2")
 
     def set_memory_attributes(self, address: int, size: int, attributes: int, flags: int = 0) -> None:
+        address, size = u64(address, "address"), u64(size, "size")
+        attributes, flags = u64(attributes, "attributes"), u64(flags, "flags")
         arg = u.kvm_memory_attributes(address=address, size=size, attributes=attributes, flags=flags)
         _sys.ioctl(self._fd("KVM_SET_MEMORY_ATTRIBUTES"), u.KVM_SET_MEMORY_ATTRIBUTES, arg,
                    "KVM_SET_MEMORY_ATTRIBUTES")
 
     # -- vCPUs and the guest-program loader ---------------------------------------------------------
     def create_vcpu(self, vcpu_id: int = 0) -> KernelVcpu:
+        vcpu_id = u64(vcpu_id, "vcpu_id")
         fd = _sys.ioctl(self._fd("KVM_CREATE_VCPU"), u.KVM_CREATE_VCPU, vcpu_id, "KVM_CREATE_VCPU")
         try:
             vcpu = KernelVcpu(self, vcpu_id, fd, self.kvm.vcpu_mmap_size(), self.kvm.supported_cpuid())

@@ -8,9 +8,14 @@ mapping's address.  A regular memfd is also what a "not a guest_memfd" fd looks 
 
 from __future__ import annotations
 
+import errno
+from collections.abc import Callable
+
 import numpy as np
 
 from guestmem import uapi as u
+from guestmem.args import s64, u64
+from guestmem.errors import KvmError
 from guestmem.model.mm.frames import FramePool
 from guestmem.model.mm.pagecache import PageCache
 from guestmem.model.process import HostFault, ModelMapping, OpenFile, Process
@@ -51,8 +56,8 @@ class ShmemBacking(OpenFile):
     def discard_pages(self, start: int, end: int) -> None:
         self.cache.remove(start, end)
 
-    def pin_pages(self, start: int, end: int, delta: int) -> None:
-        self.cache.add_ref(start, end, delta)
+    def pin_pages(self, start: int, end: int) -> Callable[[], None]:
+        return self.cache.pin(start, end)
 
     def frame_view(self, pfn: int, npages: int) -> np.ndarray:
         return self.pool.view(pfn, npages)
@@ -70,4 +75,10 @@ class ShmemBacking(OpenFile):
 
     # --- HostFile ---------------------------------------------------------------------------------
     def mmap(self, length: int | None = None, offset: int = 0) -> ModelMapping:
-        return self.process.mmap(self, self.size if length is None else length, offset // PS)
+        length = self.size if length is None else u64(length, "length")
+        offset = s64(offset, "offset")
+        if self.fd < 0:
+            raise KvmError(errno.EBADF, "mmap", "file is closed")
+        if offset % PS or offset < 0:
+            raise KvmError(errno.EINVAL, "mmap", "offset must be page aligned")
+        return self.process.mmap(self, length, offset // PS)

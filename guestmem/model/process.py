@@ -10,19 +10,36 @@ reads/writes through a mapping go through the mapped file's fault handler, which
 
 from __future__ import annotations
 
+import errno
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Protocol
 
 import numpy as np
 
 from guestmem import uapi as u
+from guestmem.args import as_bytes, u8, u64
 from guestmem.errors import GuestAccessFault, KvmError
 from guestmem.ranges import RangeMap
 
 PS = u.PAGE_SIZE
 _MMAP_BASE = 0x7F00_0000_0000  # model addresses grow down from here, like the kernel's mmap_base
+_MMAP_MIN = 0x1_0000_0000  # below this the model's address space is "full" (ENOMEM)
+U64 = 1 << 64
+
+
+def check_mmap_length(length: int, pgoff: int = 0) -> int:
+    """``do_mmap``'s length checks: 0 is EINVAL, a length that wraps when page-aligned or cannot fit
+    in the address space is ENOMEM, a file range that wraps is EOVERFLOW.  Returns the page count."""
+    if length == 0:
+        raise KvmError(errno.EINVAL, "mmap", "length is 0")
+    npages = (length + PS - 1) // PS
+    if npages * PS >= U64 or npages * PS > _MMAP_BASE - _MMAP_MIN:
+        raise KvmError(errno.ENOMEM, "mmap", "no room for the mapping in the address space")
+    if pgoff + npages >= U64 >> 12:
+        raise KvmError(errno.EOVERFLOW, "mmap", "file offset + length wraps")
+    return npages
 
 
 class HostFault(Exception):
@@ -50,8 +67,9 @@ class MappableFile(Protocol):
         returned by a prior call; callers fault page-run by page-run)."""
         ...
 
-    def pin_pages(self, start: int, end: int, delta: int) -> None:
-        """Take (+1) or drop (-1) an extra reference on pages [start, end) (GUP pin)."""
+    def pin_pages(self, start: int, end: int) -> Callable[[], None]:
+        """Take an extra reference on the pages [start, end) (GUP pin); return the unpin.  The
+        pages stay allocated until the unpin even if the file drops them meanwhile."""
         ...
 
     def frame_view(self, pfn: int, npages: int) -> np.ndarray: ...
@@ -125,10 +143,6 @@ class ModelMapping:
     # --- access --------------------------------------------------------------------------------
     def _runs(self, offset: int, length: int, write: bool, op: str) -> Iterator[tuple[int, np.ndarray]]:
         """Yield ``(mapping_offset, byte_view)`` pieces covering [offset, offset+length)."""
-        if self.closed:
-            raise KvmError(14, op, "mapping is closed")  # EFAULT, as an access to an unmapped address
-        if offset < 0 or length < 0 or offset + length > self.length:
-            raise GuestAccessFault(op, max(offset, self.length), "SIGSEGV: outside the mapping")
         if length == 0:
             return
         first = offset // PS
@@ -153,40 +167,65 @@ class ModelMapping:
             if not runs:
                 break
 
+    def check_access(self, op: str, offset: object, length: object) -> tuple[int, int]:
+        """Validate an access before anything is allocated or touched: ints as ``size_t``, the
+        mapping still mapped (EBADF otherwise), the range inside it (SIGSEGV otherwise)."""
+        off, n = u64(offset, "offset"), u64(length, "length")
+        if self.closed:
+            raise KvmError(errno.EBADF, op, "mapping is closed")
+        if off > self.length or n > self.length - off:
+            raise GuestAccessFault(op, min(off, self.length), "SIGSEGV: outside the mapping")
+        return off, n
+
     def read(self, offset: int, length: int) -> bytes:
+        offset, length = self.check_access("mapping.read", offset, length)
         out = bytearray(length)
         for pos, view in self._runs(offset, length, False, "mapping.read"):
             out[pos - offset : pos - offset + len(view)] = view.tobytes()
         return bytes(out)
 
     def write(self, offset: int, data: bytes) -> None:
-        src = np.frombuffer(bytes(data), dtype=np.uint8)
+        buf = as_bytes(data, "data")
+        offset, _ = self.check_access("mapping.write", offset, len(buf))
+        src = np.frombuffer(buf, dtype=np.uint8)
         for pos, view in self._runs(offset, len(src), True, "mapping.write"):
             view[:] = src[pos - offset : pos - offset + len(view)]
 
     def fill(self, offset: int, length: int, byte: int) -> None:
+        value = u8(byte, "byte")
+        offset, length = self.check_access("mapping.fill", offset, length)
         for _, view in self._runs(offset, length, True, "mapping.fill"):
-            view.fill(byte)
+            view.fill(value)
 
     @contextmanager
     def pin(self, offset: int, length: int) -> Iterator[None]:
-        """A long-term pin (get_user_pages / an IOMMU DMA mapping) on the pages of the range."""
-        if offset % PS or length <= 0 or length % PS:
-            raise KvmError(22, "mapping.pin", "offset and length must be page aligned")
+        """A long-term pin (get_user_pages / an IOMMU DMA mapping) on the pages of the range.
+
+        The pin holds the pages themselves: a hole punch or a close while it is held removes them
+        from the file, but their frames are freed only when the pin goes, as in the kernel."""
+        offset, length = self.check_access("mapping.pin", offset, length)
+        if offset % PS or length == 0 or length % PS:
+            raise KvmError(errno.EINVAL, "mapping.pin", "offset and length must be page aligned")
         # Fault the pages in, as GUP does (for write: DMA targets are written).
         for _ in self._runs(offset, length, True, "mapping.pin"):
             pass
         start, end = self.pgoff + offset // PS, self.pgoff + (offset + length) // PS
-        self.file.pin_pages(start, end, +1)
+        unpin = self.file.pin_pages(start, end)
         try:
             yield
         finally:
-            self.file.pin_pages(start, end, -1)
+            unpin()
 
     def discard(self, offset: int, length: int) -> None:
         """``madvise(MADV_REMOVE)``: punch the range out of the mapped file."""
-        if offset % PS or length % PS or offset < 0 or length < 0 or offset + length > self.length:
-            raise KvmError(22, "madvise", "range must be page aligned and inside the mapping")
+        offset, length = u64(offset, "offset"), u64(length, "length")
+        if self.closed:
+            raise KvmError(errno.EBADF, "madvise", "mapping is closed")
+        if offset % PS:
+            raise KvmError(errno.EINVAL, "madvise", "offset must be page aligned")
+        length = -(-length // PS) * PS  # madvise rounds the length up to whole pages
+        if length and offset + length > -(-self.length // PS) * PS:
+            raise KvmError(errno.ENOMEM, "madvise", "range reaches past the mapping")
         if length:
             start, end = self.pgoff + offset // PS, self.pgoff + (offset + length) // PS
             self.process.invalidate_file_range(self.file, start, end,
@@ -242,11 +281,13 @@ class Process:
         aligns guest RAM to the hugepage size so that memslots can map it huge."""
         if align < PS or align & (align - 1):
             raise ValueError(f"align must be a power of two of at least a page, not {align:#x}")
-        npages = (length + PS - 1) // PS
+        npages = check_mmap_length(length, pgoff)
         with self._lock:
             # Leave a guard page between mappings so neighbours never look contiguous.
-            self._next_top = (self._next_top - (npages + 1) * PS) & ~(align - 1)
-            addr = self._next_top
+            top = (self._next_top - (npages + 1) * PS) & ~(align - 1)
+            if top < _MMAP_MIN:
+                raise KvmError(errno.ENOMEM, "mmap", "no room for the mapping in the address space")
+            self._next_top = addr = top
             m = ModelMapping(self, file, addr, length, pgoff)
             self._mappings[id(m)] = m
             self._vmas.set(addr // PS, addr // PS + npages, id(m))

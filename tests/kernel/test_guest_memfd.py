@@ -103,7 +103,7 @@ def test_set_memory_attributes2_without_in_place_conversion(vm: KernelVm) -> Non
         assert info.value.errno == errno.ENOTTY  # no ioctl handler on the guest_memfd file
         assert info.value.operation == "KVM_SET_MEMORY_ATTRIBUTES2"
         assert info.value.error_offset == 0  # read back from the struct (not written by the kernel)
-        with pytest.raises(ValueError):
+        with pytest.raises(OverflowError):
             g.set_memory_attributes2(0, PS, 0, 0, reserved=[0] * 12)
 
 

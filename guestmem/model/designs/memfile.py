@@ -216,8 +216,8 @@ class Memfd(BackedFile):
             return [(s, e, pfn, o) for s, e, pfn, o in self.cache.lookup_range(start, stop)
                     if pfn is not None]
 
-    def pin_pages(self, start: int, end: int, delta: int) -> None:
-        self.cache.add_ref(start, end, delta)
+    def pin_pages(self, start: int, end: int) -> Callable[[], None]:
+        return self.cache.pin(start, end)
 
     def frame_view(self, pfn: int, npages: int) -> np.ndarray:
         return self.system.pool.view(pfn, npages)

@@ -16,14 +16,15 @@ from __future__ import annotations
 
 import errno
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from guestmem import uapi as u
+from guestmem.args import as_bytes, check_reserved, s32, s64, u64
 from guestmem.errors import EHWPOISON, KvmError
-from guestmem.model.process import HostFault, ModelMapping, OpenFile, Process
+from guestmem.model.process import HostFault, ModelMapping, OpenFile, Process, check_mmap_length
 from guestmem.model.vfs import vfs_fallocate_checks
 from guestmem.ranges import RangeMap
 from guestmem.sync import RwSem
@@ -189,7 +190,14 @@ class GmemFile(OpenFile):
         vm.put()
 
     # --- file operations ----------------------------------------------------------------------
+    def _check_open(self, op: str) -> None:
+        """A call through a closed fd: EBADF (mappings keep the file itself alive)."""
+        if self.fd < 0:
+            raise KvmError(errno.EBADF, op, "guest_memfd is closed")
+
     def fallocate(self, mode: int, offset: int, length: int) -> None:
+        mode, offset, length = s32(mode, "mode"), s64(offset, "offset"), s64(length, "length")
+        self._check_open("fallocate")
         vfs_fallocate_checks(mode, offset, length)
         op = "fallocate"
         if not mode & u.FALLOC_FL_KEEP_SIZE:
@@ -232,25 +240,44 @@ class GmemFile(OpenFile):
     def read(self, length: int, offset: int | None = None) -> bytes:
         # No read handler: read(2) fails in vfs_read with EINVAL; pread(2) fails earlier with
         # ESPIPE, because the file is not opened FMODE_PREAD.
+        u64(length, "length")
+        if offset is not None and s64(offset, "offset") < 0:
+            raise KvmError(errno.EINVAL, "pread", "negative offset")  # checked before the fd
+        self._check_open("read" if offset is None else "pread")
         if offset is not None:
             raise KvmError(errno.ESPIPE, "pread")
         raise KvmError(errno.EINVAL, "read")
 
     def write(self, data: bytes, offset: int | None = None) -> int:
+        as_bytes(data, "data")
+        if offset is not None and s64(offset, "offset") < 0:
+            raise KvmError(errno.EINVAL, "pwrite", "negative offset")  # checked before the fd
+        self._check_open("write" if offset is None else "pwrite")
         if offset is not None:
             raise KvmError(errno.ESPIPE, "pwrite")
         raise KvmError(errno.EINVAL, "write")
 
     def truncate(self, size: int) -> None:
+        if s64(size, "size") < 0:
+            raise KvmError(errno.EINVAL, "ftruncate", "negative length")  # checked before the fd
+        self._check_open("ftruncate")
         raise KvmError(errno.EINVAL, "ftruncate", "guest_memfd's size is immutable")
 
     def stat(self) -> tuple[int, int, int]:
+        self._check_open("fstat")
         return self.inode.size, PS, self.inode.ino
 
     def mmap(self, length: int | None = None, offset: int = 0, *, shared: bool = True) -> ModelMapping:
-        length = self.inode.size if length is None else length
-        if length <= 0 or offset % PS or offset < 0:
-            raise KvmError(errno.EINVAL, "mmap")
+        length = self.inode.size if length is None else u64(length, "length")
+        offset = s64(offset, "offset")
+        if not isinstance(shared, bool):
+            raise TypeError(f"shared must be a bool, not {type(shared).__name__}")
+        if offset % PS:  # ksys_mmap_pgoff checks this before looking the fd up
+            raise KvmError(errno.EINVAL, "mmap", "offset must be page aligned")
+        self._check_open("mmap")
+        if offset < 0:
+            raise KvmError(errno.EOVERFLOW, "mmap", "offset + length beyond MAX_LFS_FILESIZE")
+        check_mmap_length(length, offset // PS)
         if not self.inode.mmap_supported:
             raise KvmError(errno.ENODEV, "mmap", "guest_memfd created without GUEST_MEMFD_FLAG_MMAP")
         if not shared:
@@ -261,6 +288,10 @@ class GmemFile(OpenFile):
                                reserved: Sequence[int] = ()) -> None:
         from guestmem.model.kvm.inplace import set_memory_attributes2
 
+        offset, size = u64(offset, "offset"), u64(size, "size")
+        attributes, flags = u64(attributes, "attributes"), u64(flags, "flags")
+        reserved = check_reserved(reserved, u.kvm_memory_attributes2)
+        self._check_open("KVM_SET_MEMORY_ATTRIBUTES2")
         set_memory_attributes2(self, offset, size, attributes, flags, reserved)
 
     # --- host userspace faults (MappableFile) ---------------------------------------------------
@@ -301,8 +332,8 @@ class GmemFile(OpenFile):
         """MADV_REMOVE on a guest_memfd mapping punches the hole through the file."""
         self._punch_hole(start * PS, (end - start) * PS)
 
-    def pin_pages(self, start: int, end: int, delta: int) -> None:
-        self.inode.cache.add_ref(start, end, delta)
+    def pin_pages(self, start: int, end: int) -> Callable[[], None]:
+        return self.inode.cache.pin(start, end)
 
     def frame_view(self, pfn: int, npages: int) -> np.ndarray:
         return self.system.pool.view(pfn, npages)
@@ -313,9 +344,11 @@ class GmemFile(OpenFile):
         injects on a real host): mappings of it are zapped but the page is *not* truncated;
         userspace decides what to do.  A later guest fault on it gets EHWPOISON, a host access
         SIGBUS, and a hole punch clears it."""
+        offset = u64(offset, "offset")
+        self._check_open("memory_failure")
         inode = self.inode
         index = offset // PS
-        if offset < 0 or index >= inode.npages:
+        if index >= inode.npages:
             raise KvmError(errno.EINVAL, "memory_failure", "offset beyond the guest_memfd")
         fol = inode.cache.folio(index)
         if fol is None:
@@ -433,8 +466,6 @@ class GmemFile(OpenFile):
 def create_guest_memfd(vm: ModelVm, size: int, flags: int) -> GmemFile:
     """``kvm_gmem_create``: validate, then make an inode and a file, installed at a new fd."""
     op = "KVM_CREATE_GUEST_MEMFD"
-    if flags < 0 or flags >= 1 << 64:
-        raise KvmError(errno.EINVAL, op, "flags out of range")
     if flags & ~vm.gmem_supported_flags():
         raise KvmError(errno.EINVAL, op, f"unsupported flags {flags:#x}")
     if size >= 1 << 63:

@@ -113,11 +113,12 @@ def _check_run(vm: ModelVm, slot: Memslot, sp: Spte, s: int, e: int) -> None:
 
 
 def check_system(system: ModelKvm) -> None:
-    # 6: frames are conserved: every allocated frame is held by exactly the live page caches.
-    held = sum(f.cache.nr_pages for f in system.live_files())
+    # 6: frames are conserved: every allocated frame is held by exactly the live page caches,
+    # or was dropped by its file while pinned and waits for the unpin.
+    held = sum(f.cache.nr_pages for f in system.live_files()) + system.pool.deferred
     allocated = system.pool.allocated
     if held != allocated:
-        _fail(6, f"{allocated} frames allocated but page caches hold {held}")
+        _fail(6, f"{allocated} frames allocated but page caches and pins hold {held}")
     # 4: no host pin on a private guest_memfd page (conversion to private refuses pinned pages).
     if system.options.gmem_attributes:
         for owner in system.live_files():

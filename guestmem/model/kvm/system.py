@@ -13,13 +13,14 @@ import os
 from collections import Counter
 
 from guestmem import uapi as u
+from guestmem.args import s64, u64
 from guestmem.errors import KvmError
 from guestmem.model.anon import ShmemBacking
 from guestmem.model.kvm.arch import FLAVOURS
 from guestmem.model.kvm.vm import KVM_EXIT_HYPERCALL_VALID_MASK, ModelVm
 from guestmem.model.mm.frames import FramePool
 from guestmem.model.options import ModelOptions
-from guestmem.model.process import ModelMapping, Process
+from guestmem.model.process import ModelMapping, Process, check_mmap_length
 
 
 class ModelKvm:
@@ -48,13 +49,22 @@ class ModelKvm:
         return list(self._files)
 
     # --- Kvm ------------------------------------------------------------------------------------
+    def _check_open(self, op: str) -> None:
+        if self.closed:
+            raise KvmError(errno.EBADF, op, "/dev/kvm is closed")
+
     def api_version(self) -> int:
+        self._check_open("KVM_GET_API_VERSION")
         return u.KVM_API_VERSION
 
     def check_extension(self, cap: int) -> int:
+        cap = u64(cap, "cap")
+        self._check_open("KVM_CHECK_EXTENSION")
         return self.cap_value(cap, None)
 
     def create_vm(self, vm_type: int = u.KVM_X86_DEFAULT_VM) -> ModelVm:
+        vm_type = u64(vm_type, "vm_type")
+        self._check_open("KVM_CREATE_VM")
         if vm_type not in self.options.vm_types or vm_type not in FLAVOURS:
             raise KvmError(errno.EINVAL, "KVM_CREATE_VM", f"VM type {vm_type} not supported")
         vm = ModelVm(self, vm_type)
@@ -62,14 +72,19 @@ class ModelKvm:
         return vm
 
     def mmap_anonymous(self, size: int) -> ModelMapping:
-        if size <= 0:
-            raise KvmError(errno.EINVAL, "mmap", "length must be positive")
+        size = u64(size, "size")
+        self._check_open("mmap")
+        check_mmap_length(size)
         backing = ShmemBacking(self.pool, self.process, size, "anon", self.options.anon_folio_order)
         self.register_file(backing)
         backing.on_release = lambda: self.unregister_file(backing)  # type: ignore[method-assign]
         return self.process.mmap(backing, size, 0)
 
     def memfd_create(self, size: int) -> ShmemBacking:
+        size = s64(size, "size")
+        self._check_open("memfd_create")
+        if size < 0:
+            raise KvmError(errno.EINVAL, "ftruncate", "negative length")
         f = ShmemBacking(self.pool, self.process, size, "memfd", self.options.anon_folio_order)
         self.register_file(f)
         f.on_release = lambda: self.unregister_file(f)  # type: ignore[method-assign]

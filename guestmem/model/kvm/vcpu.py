@@ -25,6 +25,7 @@ from guestmem.api import (
     ExitMmio,
     ExitSync,
 )
+from guestmem.args import u64
 from guestmem.errors import KvmError
 from guestmem.guest.ops import Accept, Halt, MapGpaRange, Program, Sync, Touch, Verify, Write
 from guestmem.model.kvm.fault import Emulate, page_fault
@@ -54,7 +55,9 @@ class ModelVcpu:
     # --- Vcpu -----------------------------------------------------------------------------------
     def load(self, program: Program) -> None:
         if not isinstance(program, Program):
-            program = Program(program)
+            raise TypeError(f"program must be a guestmem.guest.Program, not {type(program).__name__}")
+        if self.closed:
+            raise KvmError(errno.EBADF, "load", "vCPU is closed")
         self.program = program
         self.pc = 0
         self.progress = 0
@@ -84,7 +87,12 @@ class ModelVcpu:
         """``KVM_PRE_FAULT_MEMORY``: map [gpa, gpa+size) as if the guest had touched it.  Returns
         the bytes left unmapped (0 when done); raises if not even the first page could be."""
         op = "KVM_PRE_FAULT_MEMORY"
+        gpa, size, flags = u64(gpa, "gpa"), u64(size, "size"), u64(flags, "flags")
+        if self.closed:
+            raise KvmError(errno.EBADF, op, "vCPU is closed")
         vm = self.vm
+        if vm.bugged:
+            raise KvmError(errno.EIO, op, "the VM is bugged (KVM_BUG_ON)")
         if flags:
             raise KvmError(errno.EINVAL, op, "flags must be 0")
         if gpa % PS or size % PS or gpa + size <= gpa or gpa + size > U64:

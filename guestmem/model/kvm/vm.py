@@ -13,6 +13,7 @@ import threading
 from typing import TYPE_CHECKING
 
 from guestmem import uapi as u
+from guestmem.args import as_bytes, u32, u64
 from guestmem.errors import KvmError
 from guestmem.model.kvm import mmu as mmu_mod
 from guestmem.model.kvm.arch import FLAVOURS, Flavour
@@ -159,11 +160,24 @@ class ModelVm:
     def gmem_supported_flags(self) -> int:
         return self.system.gmem_supported_flags(self)
 
+    def _check_open(self, op: str) -> None:
+        """A call through a closed VM fd: EBADF (the VM itself may live on for its guest_memfds)."""
+        if self.fd < 0:
+            raise KvmError(errno.EBADF, op, "VM fd is closed")
+
     def check_extension(self, cap: int) -> int:
+        cap = u64(cap, "cap")
+        self._check_open("KVM_CHECK_EXTENSION")
         return self.system.cap_value(cap, self)
 
     def enable_cap(self, cap: int, flags: int = 0, args: tuple[int, ...] = ()) -> None:
-        args = tuple(args) + (0,) * (4 - len(args))
+        cap, flags = u32(cap, "cap"), u32(flags, "flags")
+        if isinstance(args, str | bytes) or not hasattr(args, "__len__"):
+            raise TypeError(f"args must be a sequence of ints, not {type(args).__name__}")
+        if len(args) > 4:
+            raise OverflowError("struct kvm_enable_cap has 4 args")
+        args = tuple(u64(a, f"args[{i}]") for i, a in enumerate(args)) + (0,) * (4 - len(args))
+        self._check_open("KVM_ENABLE_CAP")
         if cap == u.KVM_CAP_EXIT_HYPERCALL:
             if args[0] & ~KVM_EXIT_HYPERCALL_VALID_MASK:
                 raise KvmError(errno.EINVAL, "KVM_ENABLE_CAP", "unsupported hypercall exit mask")
@@ -177,11 +191,18 @@ class ModelVm:
         return self.arch.name
 
     def create_guest_memfd(self, size: int, flags: int = 0) -> GmemFile:
+        size, flags = u64(size, "size"), u64(flags, "flags")
+        self._check_open("KVM_CREATE_GUEST_MEMFD")
         return create_guest_memfd(self, size, flags)
 
     # --- memslots ---------------------------------------------------------------------------------
     def set_user_memory_region(self, slot: int, flags: int, guest_phys_addr: int, memory_size: int,
                                userspace_addr: int) -> None:
+        slot, flags = u32(slot, "slot"), u32(flags, "flags")
+        guest_phys_addr = u64(guest_phys_addr, "guest_phys_addr")
+        memory_size = u64(memory_size, "memory_size")
+        userspace_addr = u64(userspace_addr, "userspace_addr")
+        self._check_open("KVM_SET_USER_MEMORY_REGION")
         if flags & ~(u.KVM_MEM_LOG_DIRTY_PAGES | u.KVM_MEM_READONLY):
             raise KvmError(errno.EINVAL, "KVM_SET_USER_MEMORY_REGION", "flag not valid for v1")
         self._set_memory_region("KVM_SET_USER_MEMORY_REGION", slot, flags, guest_phys_addr,
@@ -190,6 +211,14 @@ class ModelVm:
     def set_user_memory_region2(self, slot: int, flags: int, guest_phys_addr: int, memory_size: int,
                                 userspace_addr: int, guest_memfd: GmemFile | int | None = None,
                                 guest_memfd_offset: int = 0) -> None:
+        slot, flags = u32(slot, "slot"), u32(flags, "flags")
+        guest_phys_addr = u64(guest_phys_addr, "guest_phys_addr")
+        memory_size = u64(memory_size, "memory_size")
+        userspace_addr = u64(userspace_addr, "userspace_addr")
+        guest_memfd_offset = u64(guest_memfd_offset, "guest_memfd_offset")
+        if guest_memfd is not None and not isinstance(guest_memfd, GmemFile):
+            guest_memfd = u32(guest_memfd, "guest_memfd")
+        self._check_open("KVM_SET_USER_MEMORY_REGION2")
         self._set_memory_region("KVM_SET_USER_MEMORY_REGION2", slot, flags, guest_phys_addr,
                                 memory_size, userspace_addr, guest_memfd, guest_memfd_offset)
 
@@ -286,16 +315,21 @@ class ModelVm:
     # --- confidential launch (SNP_LAUNCH_UPDATE/FINISH, TDX_INIT_MEM_REGION/FINALIZE_VM) ---------
     def launch_update(self, gpa: int, size: int, src: bytes | None = None) -> int:
         """Populate initial private memory (measured); ``src=None`` encrypts in place."""
+        gpa, size = u64(gpa, "gpa"), u64(size, "size")
+        if src is not None:
+            src = bytes(as_bytes(src, "src"))
+        self._check_open("launch_update")
         with self.slots_lock():
             return self.arch.launch_update(gpa, size, src)
 
     def launch_finalize(self) -> None:
         """End the launch: the guest may run, pre-faulting is allowed, PRESERVE-to-private is not."""
+        self._check_open("launch_finalize")
         self.arch.launch_finalize()
 
     def _fget_gmem(self, op: str, gmem: GmemFile | int | None) -> GmemFile:
         fd = gmem.fd if isinstance(gmem, GmemFile) else (gmem if gmem is not None else 0)
-        obj = self.system.process.fget(fd) if fd >= 0 else None
+        obj = self.system.process.fget(fd) if 0 <= fd < 1 << 31 else None
         if obj is None:
             raise KvmError(errno.EBADF, op, f"guest_memfd {fd} is not an open fd")
         if not isinstance(obj, GmemFile):
@@ -333,12 +367,17 @@ class ModelVm:
     def set_memory_attributes(self, address: int, size: int, attributes: int, flags: int = 0) -> None:
         from guestmem.model.kvm.attributes import set_vm_memory_attributes
 
+        address, size = u64(address, "address"), u64(size, "size")
+        attributes, flags = u64(attributes, "attributes"), u64(flags, "flags")
+        self._check_open("KVM_SET_MEMORY_ATTRIBUTES")
         set_vm_memory_attributes(self, address, size, attributes, flags)
 
     # --- vCPUs ------------------------------------------------------------------------------------
     def create_vcpu(self, vcpu_id: int = 0) -> ModelVcpu:
         from guestmem.model.kvm.vcpu import ModelVcpu
 
+        vcpu_id = u64(vcpu_id, "vcpu_id")
+        self._check_open("KVM_CREATE_VCPU")
         if vcpu_id < 0 or vcpu_id >= self.system.options.max_vcpus:
             raise KvmError(errno.EINVAL, "KVM_CREATE_VCPU", "vcpu id out of range")
         if vcpu_id in self.vcpus:

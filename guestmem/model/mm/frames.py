@@ -41,6 +41,15 @@ DEFAULT_CHUNK_BYTES = 1 << 30  # mapping granule; also bounds the largest folio 
 _Buffer = bytes | bytearray | memoryview | np.ndarray
 
 
+def _zip2(a: RangeMap, b: RangeMap, start: int, end: int) -> list[tuple[int, int, tuple]]:
+    """Pieces of ``[start, end)`` over which both maps are constant, with both values."""
+    out = []
+    for s, e, va in a.segments(start, end):
+        for s2, e2, vb in b.segments(s, e):
+            out.append((s2, e2, (va, vb)))
+    return out
+
+
 def _is_pow2(x: int) -> bool:
     return x > 0 and x & (x - 1) == 0
 
@@ -92,6 +101,9 @@ class FramePool:
         self._hint = [0] * (self.max_order + 1)
         self._lock = threading.Lock()
         self._stats = FrameStats()
+        self._refs: RangeMap[int] = RangeMap(0)  # extra references per frame
+        self._deferred: RangeMap[bool] = RangeMap(False)  # freed by their owner, still referenced
+        self._ndeferred = 0
 
     # --- allocation -----------------------------------------------------------------------------
     def alloc(self, order: int = 0) -> int:
@@ -156,27 +168,67 @@ class FramePool:
         """Give back ``npages`` allocated frames from ``pfn`` (any piece of earlier allocations).
 
         The frames are punched out of the backing file first, so their memory returns to the host
-        at once and a later allocation of them reads zeros.
+        at once and a later allocation of them reads zeros.  A frame that still has extra
+        references (:meth:`get_frames`, a GUP pin) is not freed yet: its owner has dropped it, and
+        it goes on the last :meth:`put_frames`, as ``folio_put`` frees a truncated folio only when
+        the last reference goes.
         """
         self._check_run(pfn, npages)
         if npages == 0:
             return
         with self._lock:
             self._check_open()
-            if self._free.any_match(pfn, pfn + npages, bool):
+            if self._free.any_match(pfn, pfn + npages, bool) or self._deferred.any_match(
+                    pfn, pfn + npages, bool):
                 raise ValueError(f"free of frames not allocated in [{pfn:#x}, {pfn + npages:#x})")
-            punch_hole(self._fd, pfn << PAGE_SHIFT, npages << PAGE_SHIFT)
-            self._free.set(pfn, pfn + npages, True)
-            self._nfree += npages
-            for k in range(self.max_order + 1):
-                h = pfn & ~((1 << k) - 1)
-                if h < self._hint[k]:
-                    self._hint[k] = h
-            st = self._stats
-            st.free_calls += 1
-            st.freed_total += npages
-            st.punched_bytes += npages << PAGE_SHIFT
-            st.allocated = self.capacity_pages - self._nfree
+            for s, e, refs in list(self._refs.segments(pfn, pfn + npages)):
+                if refs:
+                    self._deferred.set(s, e, True)
+                    self._ndeferred += e - s
+                else:
+                    self._release_locked(s, e - s)
+
+    # --- extra references (GUP pins) ------------------------------------------------------------
+    def get_frames(self, pfn: int, npages: int) -> None:
+        """Take an extra reference on each allocated frame of ``[pfn, pfn + npages)``."""
+        self._check_run(pfn, npages)
+        with self._lock:
+            if self._free.any_match(pfn, pfn + npages, bool):
+                raise ValueError(f"reference on free frames in [{pfn:#x}, {pfn + npages:#x})")
+            self._refs.update(pfn, pfn + npages, lambda v: v + 1)
+
+    def put_frames(self, pfn: int, npages: int) -> None:
+        """Drop a reference taken by :meth:`get_frames`; frames their owner already freed go now."""
+        self._check_run(pfn, npages)
+        with self._lock:
+            if self._refs.any_match(pfn, pfn + npages, lambda v: v <= 0):
+                raise ValueError(f"reference count underflow in [{pfn:#x}, {pfn + npages:#x})")
+            self._refs.update(pfn, pfn + npages, lambda v: v - 1)
+            for s, e, (refs, gone) in _zip2(self._refs, self._deferred, pfn, pfn + npages):
+                if gone and not refs:
+                    self._deferred.set(s, e, False)
+                    self._ndeferred -= e - s
+                    self._release_locked(s, e - s)
+
+    @property
+    def deferred(self) -> int:
+        """Frames their owner freed while references were held: allocated until the last put."""
+        return self._ndeferred
+
+    def _release_locked(self, pfn: int, npages: int) -> None:
+        """Really free (punch) frames nobody references; the caller holds the lock."""
+        punch_hole(self._fd, pfn << PAGE_SHIFT, npages << PAGE_SHIFT)
+        self._free.set(pfn, pfn + npages, True)
+        self._nfree += npages
+        for k in range(self.max_order + 1):
+            h = pfn & ~((1 << k) - 1)
+            if h < self._hint[k]:
+                self._hint[k] = h
+        st = self._stats
+        st.free_calls += 1
+        st.freed_total += npages
+        st.punched_bytes += npages << PAGE_SHIFT
+        st.allocated = self.capacity_pages - self._nfree
 
     # --- queries --------------------------------------------------------------------------------
     @property

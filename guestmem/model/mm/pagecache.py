@@ -36,7 +36,7 @@ from __future__ import annotations
 import errno
 import itertools
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -421,6 +421,37 @@ class PageCache:
             if n < 0 and self._refs.any_match(start, end, lambda v: v + n < 0):
                 raise ValueError(f"reference count underflow in [{start:#x}, {end:#x})")
             self._refs.update(start, end, lambda v: v + n)
+
+    def pin(self, start: int, end: int) -> Callable[[], None]:
+        """A long-term pin (GUP) on the present pages of ``[start, end)``; returns the unpin.
+
+        The pin is an extra reference on the *pages*, not on the indices: if the pages are
+        truncated while pinned they leave the cache (the index reads as a hole, or as a new page
+        later) but their frames stay allocated until the unpin, which then frees them
+        (:meth:`FramePool.put_frames`).  Unpinning never touches a page that replaced them.
+        """
+        with self._lock:
+            if self._delta.any_match(start, end, _is_none):
+                raise ValueError(f"pin of missing pages in [{start:#x}, {end:#x})")
+            runs = [(s, s + d, e - s) for s, e, d in self._delta.segments(start, end)]
+            self._refs.update(start, end, lambda v: v + 1)
+            for _, pfn, n in runs:
+                self.pool.get_frames(pfn, n)
+        done = False
+
+        def unpin() -> None:
+            nonlocal done
+            if done:
+                return
+            done = True
+            with self._lock:
+                for index, pfn, n in runs:
+                    for s, e, d in list(self._delta.segments(index, index + n)):
+                        if d is not None and s + d == pfn + (s - index):
+                            self._refs.update(s, e, lambda v: max(v - 1, 0))
+                    self.pool.put_frames(pfn, n)
+
+        return unpin
 
     def first_elevated(self, start: int, end: int) -> int | None:
         """The lowest index in ``[start, end)`` with extra references, or None."""
