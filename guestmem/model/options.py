@@ -44,6 +44,10 @@ class ModelOptions:
     # Frame pool capacity (sparse: only touched frames are resident).
     pool_bytes: int = 1 << 41
     max_vcpus: int = 1024
+    # docs/findings.md #1: upstream (7.2) invalidates a guest_memfd without INIT_SHARED with the
+    # PRIVATE filter only, which on TDX leaves shared SPTEs of a gmem-only slot on freed pages.
+    # False reproduces upstream (and invariant 1 flags it); True zaps shared SPTEs too (the fix).
+    gmem_invalidate_shared_fix: bool = False
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> ModelOptions:

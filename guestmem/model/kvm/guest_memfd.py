@@ -115,7 +115,13 @@ class GmemInode:
         attributes in range (see :meth:`GmemFile.invalidate_begin`)."""
         from guestmem.model.kvm.mmu import FILTER_PRIVATE, FILTER_SHARED
 
-        return FILTER_SHARED if self.init_shared else FILTER_PRIVATE
+        if self.init_shared:
+            return FILTER_SHARED
+        if self.mmap_supported and self.system.options.gmem_invalidate_shared_fix:
+            # The fix for docs/findings.md #1: a gmem-only slot's shared SPTEs come from this
+            # file too, so they must go with its pages.
+            return FILTER_PRIVATE | FILTER_SHARED
+        return FILTER_PRIVATE
 
     def invalidate_begin(self, start: int, end: int, attr_filter: int | None = None) -> None:
         if attr_filter is None:
