@@ -48,6 +48,9 @@ class ModelOptions:
     # PRIVATE filter only, which on TDX leaves shared SPTEs of a gmem-only slot on freed pages.
     # False reproduces upstream (and invariant 1 flags it); True zaps shared SPTEs too (the fix).
     gmem_invalidate_shared_fix: bool = False
+    # Check invariant 7 (content modes) on every in-place conversion (a per-page plaintext digest
+    # before and after); costs a hash of every allocated page converted.  For tests and fuzzing.
+    check_content_modes: bool = False
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> ModelOptions:

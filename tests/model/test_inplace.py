@@ -32,7 +32,7 @@ class Env:
     def __init__(self, npages: int = 4, *, flavour: str = "sw", init_shared: bool = False,
                  revision: str = "v5", folio_order: int = 0, finalize: bool = True) -> None:
         self.kvm = guestmem.open("model", attributes="gmem", inplace_revision=revision,
-                                 gmem_folio_order=folio_order)
+                                 gmem_folio_order=folio_order, check_content_modes=True)
         self.vm = self.kvm.create_vm(FLAVOURS[flavour])
         self.flavour = flavour
         self.size = npages * PS
@@ -528,3 +528,36 @@ def test_accept_is_a_no_op_without_hardware_acceptance(attributes: str) -> None:
     vcpu = vm.create_vcpu(0)
     vcpu.load(Program([Accept(GPA, 2 * PS), Verify(GPA, 2 * PS, 0)]))
     assert isinstance(vcpu.run(), ExitHalt)
+
+
+# --- invariant 7 at run time (check_content_modes) ----------------------------------------------
+
+
+@pytest.mark.parametrize("broken,mode,flavour,to_private", [
+    ("zero", ZERO, "sw", False), ("zero", ZERO, "snp", False),
+    ("preserve", PRESERVE, "sw", True), ("preserve", PRESERVE, "sw", False),
+    ("preserve", PRESERVE, "tdx", True),
+])
+def test_runtime_content_check_catches_a_broken_mode(broken: str, mode: int, flavour: str,
+                                                     to_private: bool, monkeypatch) -> None:
+    """A flavour that forgets its content mode is caught by invariant 7 in the conversion itself."""
+    from guestmem.model.kvm.invariants import InvariantError
+
+    env = Env(flavour=flavour, init_shared=to_private, finalize=False)
+    if to_private:
+        env.map.fill(0, env.size, 0x5A)  # shared contents the conversion must keep
+    elif flavour == "sw":
+        env.guest(Write(GPA, env.size, 0x5A, "private"))
+    else:
+        env.vm.launch_update(GPA, env.size, bytes([0x5A]) * env.size)
+    arch = env.vm.arch
+    if broken == "zero":
+        monkeypatch.setattr(arch, "apply_content_mode", lambda *a: None)
+    else:
+        def scramble(inode, start, end, m, tp):
+            for s, e, pfn, _ in inode.cache.lookup_range(start, end):
+                if pfn is not None:
+                    env.kvm.pool.view(pfn, e - s).reshape(-1)[:1] ^= 0xFF
+        monkeypatch.setattr(arch, "apply_content_mode", scramble)
+    with pytest.raises(InvariantError, match="invariant 7"):
+        env.gmem.set_memory_attributes2(0, env.size, PRIVATE if to_private else 0, mode)

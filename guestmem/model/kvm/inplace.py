@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 from guestmem import uapi as u
 from guestmem.errors import KvmError
 from guestmem.model.kvm import mmu as mmu_mod
+from guestmem.model.kvm.content_check import check_content_mode, plaintext_digests
 
 if TYPE_CHECKING:
     from guestmem.model.kvm.guest_memfd import GmemFile, GmemInode
@@ -99,9 +100,13 @@ def set_memory_attributes2(f: GmemFile, offset: int, size: int, attributes: int,
             raise KvmError(errno.EOPNOTSUPP, OP, f"{vm.arch.name} VMs cannot honour content mode "
                            f"{mode:#x} {'to private' if to_private else 'to shared'}",
                            error_offset=start * PS)
+        checking = mode is not None and opts.check_content_modes
         if inode.attributes.all_equal(start, end, attributes):
             if mode is not None:
+                before = plaintext_digests(vm, inode, start, end) if checking else {}
                 vm.arch.apply_content_mode(inode, start, end, mode, to_private)
+                if checking:
+                    check_content_mode(vm, inode, start, end, mode, to_private, before)
             return
         if to_private:
             # unmap_mapping_pages: host PTEs go (secondary MMUs hear about it), then the
@@ -113,6 +118,7 @@ def set_memory_attributes2(f: GmemFile, offset: int, size: int, attributes: int,
                 err_index = max(start, head[0] if head else pinned)
                 raise KvmError(errno.EAGAIN, OP, f"page {pinned:#x} has elevated references",
                                error_offset=err_index * PS)
+        before = plaintext_digests(vm, inode, start, end) if checking else {}
         _split_edges(inode, start, end)
         inode.invalidate_begin(start, end, _old_filter(inode, start, end))
         try:
@@ -126,6 +132,8 @@ def set_memory_attributes2(f: GmemFile, offset: int, size: int, attributes: int,
         finally:
             inode.invalidate_end(start, end)
         _merge_edges(inode, start, end)
+        if checking:
+            check_content_mode(vm, inode, start, end, mode, to_private, before)
     f.system.stats["conversions"] += 1
 
 

@@ -178,6 +178,8 @@ class ModelVm:
             raise OverflowError("struct kvm_enable_cap has 4 args")
         args = tuple(u64(a, f"args[{i}]") for i, a in enumerate(args)) + (0,) * (4 - len(args))
         self._check_open("KVM_ENABLE_CAP")
+        if flags:  # x86's kvm_vm_ioctl_enable_cap refuses any flags before looking at the cap
+            raise KvmError(errno.EINVAL, "KVM_ENABLE_CAP", "flags must be 0")
         if cap == u.KVM_CAP_EXIT_HYPERCALL:
             if args[0] & ~KVM_EXIT_HYPERCALL_VALID_MASK:
                 raise KvmError(errno.EINVAL, "KVM_ENABLE_CAP", "unsupported hypercall exit mask")

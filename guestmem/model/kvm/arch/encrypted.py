@@ -95,6 +95,8 @@ class EncryptedFlavour(Flavour):
             pool = vm.system.pool
             for rs, re_, pfn, _ in runs:
                 a, b = max(rs, g), min(re_, g2)
+                if a >= b:  # a run of the widened (whole-folio) lookup outside [g, g2)
+                    continue
                 first = pfn + (a - rs)
                 if src is not None:
                     data = np.frombuffer(src, dtype=np.uint8)[(a - gfn) * PS : (b - gfn) * PS]
