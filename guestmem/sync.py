@@ -19,6 +19,11 @@ RANK = {"slots_lock": 10, "filemap_invalidate_lock": 20, "mmu_lock": 30, "pool_l
 _held = threading.local()
 
 
+def holds_locks() -> bool:
+    """Whether this thread holds any named lock (deferred work must wait until it holds none)."""
+    return bool(getattr(_held, "stack", None))
+
+
 class LockOrderError(RuntimeError):
     """Locks were taken against the kernel's documented order."""
 

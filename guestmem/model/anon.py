@@ -77,6 +77,7 @@ class ShmemBacking(OpenFile):
     def mmap(self, length: int | None = None, offset: int = 0) -> ModelMapping:
         length = self.size if length is None else u64(length, "length")
         offset = s64(offset, "offset")
+        self.process.run_deferred()
         if self.fd < 0:
             raise KvmError(errno.EBADF, "mmap", "file is closed")
         if offset % PS or offset < 0:

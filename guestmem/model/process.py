@@ -10,10 +10,12 @@ reads/writes through a mapping go through the mapped file's fault handler, which
 
 from __future__ import annotations
 
+import collections
 import errno
 import threading
+import weakref
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Protocol
 
 import numpy as np
@@ -22,6 +24,7 @@ from guestmem import uapi as u
 from guestmem.args import as_bytes, u8, u64
 from guestmem.errors import GuestAccessFault, KvmError
 from guestmem.ranges import RangeMap
+from guestmem.sync import holds_locks
 
 PS = u.PAGE_SIZE
 _MMAP_BASE = 0x7F00_0000_0000  # model addresses grow down from here, like the kernel's mmap_base
@@ -113,9 +116,18 @@ class OpenFile:
 
     def close(self) -> None:
         """close(2): the file lives on while a mapping (or a memslot) still holds it."""
-        if self.fd >= 0 and self.owner_process.close_fd(self.fd) is self:
+        if self.fd >= 0 and self.owner_process.close_fd(self.fd) in (self, None):
             self.fd = -1
             self.put_file()
+
+    def __del__(self) -> None:
+        # Nobody holds the object any more: its fd is closed, as the kernel backend's finalizer
+        # closes it (deferred, never inside a lock: see Process.defer_release).
+        try:
+            if self.fd >= 0:
+                self.owner_process.defer_release(self)
+        except Exception:  # a half-built object (its constructor raised): nothing to release
+            pass
 
     def __enter__(self):  # -> Self
         return self
@@ -171,6 +183,7 @@ class ModelMapping:
         """Validate an access before anything is allocated or touched: ints as ``size_t``, the
         mapping still mapped (EBADF otherwise), the range inside it (SIGSEGV otherwise)."""
         off, n = u64(offset, "offset"), u64(length, "length")
+        self.process.run_deferred()
         if self.closed:
             raise KvmError(errno.EBADF, op, "mapping is closed")
         if off > self.length or n > self.length - off:
@@ -197,9 +210,9 @@ class ModelMapping:
         for _, view in self._runs(offset, length, True, "mapping.fill"):
             view.fill(value)
 
-    @contextmanager
-    def pin(self, offset: int, length: int) -> Iterator[None]:
-        """A long-term pin (get_user_pages / an IOMMU DMA mapping) on the pages of the range.
+    def pin(self, offset: int, length: int) -> AbstractContextManager[None]:
+        """A long-term pin (get_user_pages / an IOMMU DMA mapping) on the pages of the range,
+        held while the returned context is.  The range is checked here, at once.
 
         The pin holds the pages themselves: a hole punch or a close while it is held removes them
         from the file, but their frames are freed only when the pin goes, as in the kernel."""
@@ -207,6 +220,10 @@ class ModelMapping:
         if offset % PS or length == 0 or length % PS:
             raise KvmError(errno.EINVAL, "mapping.pin", "offset and length must be page aligned")
         offset, length = self.check_access("mapping.pin", offset, length)
+        return self._pinned(offset, length)
+
+    @contextmanager
+    def _pinned(self, offset: int, length: int) -> Iterator[None]:
         # Fault the pages in, as GUP does (for write: DMA targets are written).
         for _ in self._runs(offset, length, True, "mapping.pin"):
             pass
@@ -237,6 +254,13 @@ class ModelMapping:
             self.closed = True
             self.process.munmap(self)
 
+    def __del__(self) -> None:
+        try:
+            if not self.closed:
+                self.process.defer_release(self)
+        except Exception:
+            pass
+
     def __enter__(self) -> ModelMapping:
         return self
 
@@ -252,11 +276,15 @@ class Process:
 
     def __init__(self) -> None:
         self._lock = threading.RLock()
-        self._fds: dict[int, object] = {}
+        # The fd table and the mapping table hold the user's objects weakly: as on the kernel
+        # backend, an object nobody references any more is closed (see :meth:`defer_release`).
+        self._fds: dict[int, weakref.ref[object]] = {}
         self._vmas: RangeMap[int | None] = RangeMap(None)  # virtual page -> mapping id
-        self._mappings: dict[int, ModelMapping] = {}
+        self._mappings: dict[int, weakref.ref[ModelMapping]] = {}
+        self._owned: list[ModelMapping] = []  # mappings only this process holds (fork's copies)
         self._next_top = _MMAP_BASE
-        self.mmu_notifiers: list[MmuNotifier] = []
+        self._notifiers: list[weakref.ref[MmuNotifier]] = []
+        self._deferred: collections.deque[object] = collections.deque()
 
     # --- fds -----------------------------------------------------------------------------------
     def install(self, obj: object) -> int:
@@ -265,16 +293,50 @@ class Process:
             fd = 3
             while fd in self._fds:
                 fd += 1
-            self._fds[fd] = obj
+            self._fds[fd] = weakref.ref(obj)
             return fd
 
     def fget(self, fd: int) -> object | None:
         with self._lock:
-            return self._fds.get(fd)
+            ref = self._fds.get(fd)
+            return None if ref is None else ref()
 
     def close_fd(self, fd: int) -> object | None:
         with self._lock:
-            return self._fds.pop(fd, None)
+            ref = self._fds.pop(fd, None)
+            return None if ref is None else ref()
+
+    # --- release of what nobody holds any more (the kernel backend's finalizers) ---------------
+    def defer_release(self, obj: object) -> None:
+        """Called from ``__del__``: ``obj`` (a file, mapping or VM nobody references) is closed the
+        next time this process enters the model holding no lock — as the kernel defers the final
+        ``fput`` to task work on the way back to userspace, never running it inside a lock."""
+        self._deferred.append(obj)
+
+    def run_deferred(self) -> None:
+        """Close what :meth:`defer_release` queued (a no-op inside a locked region)."""
+        if not self._deferred or holds_locks():
+            return
+        while self._deferred:
+            try:
+                obj = self._deferred.popleft()
+            except IndexError:
+                return
+            obj.close()  # type: ignore[attr-defined]
+
+    # --- MMU notifiers ----------------------------------------------------------------------------
+    @property
+    def mmu_notifiers(self) -> list[MmuNotifier]:
+        with self._lock:
+            return [n for n in (r() for r in self._notifiers) if n is not None]
+
+    def register_notifier(self, n: MmuNotifier) -> None:
+        with self._lock:
+            self._notifiers.append(weakref.ref(n))
+
+    def unregister_notifier(self, n: MmuNotifier) -> None:
+        with self._lock:
+            self._notifiers = [r for r in self._notifiers if r() is not None and r() is not n]
 
     # --- address space -------------------------------------------------------------------------
     def mmap(self, file: MappableFile, length: int, pgoff: int = 0, *, align: int = PS) -> ModelMapping:
@@ -290,7 +352,7 @@ class Process:
                 raise KvmError(errno.ENOMEM, "mmap", "no room for the mapping in the address space")
             self._next_top = addr = top
             m = ModelMapping(self, file, addr, length, pgoff)
-            self._mappings[id(m)] = m
+            self._mappings[id(m)] = weakref.ref(m)
             self._vmas.set(addr // PS, addr // PS + npages, id(m))
         file.get_file()
         return m
@@ -307,6 +369,8 @@ class Process:
         def action() -> None:
             with self._lock:
                 self._mappings.pop(id(m), None)
+                if m in self._owned:
+                    self._owned.remove(m)
                 self._vmas.set(m.addr // PS, (m.addr + m.length + PS - 1) // PS, None)
         return action
 
@@ -347,9 +411,10 @@ class Process:
         """The mapping holding virtual address ``addr`` and the offset within it."""
         with self._lock:
             mid = self._vmas.get(addr // PS)
-            if mid is None:
+            ref = None if mid is None else self._mappings.get(mid)
+            m = None if ref is None else ref()
+            if m is None:
                 return None
-            m = self._mappings[mid]
             return m, addr - m.addr
 
     def fork(self) -> Process:
@@ -360,9 +425,10 @@ class Process:
         with self._lock:
             child._fds = dict(self._fds)
             child._next_top = self._next_top
-            for m in self._mappings.values():
+            for m in self.mappings():
                 cm = ModelMapping(child, m.file, m.addr, m.length, m.pgoff)
-                child._mappings[id(cm)] = cm
+                child._mappings[id(cm)] = weakref.ref(cm)
+                child._owned.append(cm)
                 child._vmas.set(m.addr // PS, (m.addr + m.length + PS - 1) // PS, id(cm))
                 m.file.get_file()
         return child
@@ -373,4 +439,4 @@ class Process:
 
     def mappings(self) -> list[ModelMapping]:
         with self._lock:
-            return list(self._mappings.values())
+            return [m for m in (r() for r in self._mappings.values()) if m is not None]

@@ -28,6 +28,7 @@ def _vm(size: int, order: int = 9):
     # Align the shared side to 2 MiB in the host address space, as a VMM does for THP.
     addr = (shared.addr + (2 << 20) - 1) & ~((2 << 20) - 1)
     vm.set_user_memory_region2(1, u.KVM_MEM_GUEST_MEMFD, GPA, size, addr, gmem, 0)
+    vm.keep_alive = shared  # the mapping must outlive this helper, as it would on the kernel backend
     return kvm, vm, gmem
 
 

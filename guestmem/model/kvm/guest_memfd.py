@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import itertools
+import weakref
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
@@ -57,10 +58,21 @@ class GmemInode:
         init = 0 if flags & u.GUEST_MEMFD_FLAG_INIT_SHARED else u.KVM_MEMORY_ATTRIBUTE_PRIVATE
         self.attributes: RangeMap[int] = RangeMap(init)
         self.invalidate_lock = RwSem("filemap_invalidate_lock")
-        self.files: list[GmemFile] = []
+        self._files: list[weakref.ref[GmemFile]] = []  # the files (views) of this inode, not owned
         self.freed = False
         self.arch_invalidate = None  # set by the owning VM's flavour (kvm_arch_gmem_invalidate)
         system.register_file(self)
+
+    @property
+    def files(self) -> list[GmemFile]:
+        """The live files (one per VM view) of this inode."""
+        return [f for f in (r() for r in self._files) if f is not None]
+
+    def add_file(self, f: GmemFile) -> None:
+        self._files.append(weakref.ref(f))
+
+    def remove_file(self, f: GmemFile) -> None:
+        self._files = [r for r in self._files if r() is not None and r() is not f]
 
     @property
     def npages(self) -> int:
@@ -148,10 +160,12 @@ class GmemFile(OpenFile):
     """One VM's guest_memfd file (``struct gmem_file`` + the ``struct file``).
 
     Refcounted like a ``struct file``: the fd holds one reference and every mmap holds one; the
-    file is released (``kvm_gmem_release``) when the last goes.
+    file is released (``kvm_gmem_release``) when the last goes.  Memslots point at it without
+    holding it (``weak_binding``), as ``slot->gmem.file`` does.
     """
 
     kind = "guest_memfd"
+    weak_binding = True
 
     def __init__(self, vm: ModelVm, inode: GmemInode) -> None:
         self.vm = vm
@@ -159,7 +173,7 @@ class GmemFile(OpenFile):
         self.bindings: RangeMap[Memslot | None] = RangeMap(None)
         self.released = False
         vm.get()  # the file pins the VM, not the other way round
-        inode.files.append(self)
+        inode.add_file(self)
 
     # --- Protocol attributes --------------------------------------------------------------------
     @property
@@ -188,7 +202,7 @@ class GmemFile(OpenFile):
                     slot.gmem_file = None
             self.invalidate_begin(0, ALL, inode.filter_for(0, inode.npages))
             self.invalidate_end(0, ALL)
-            inode.files.remove(self)
+            inode.remove_file(self)
             self.released = True
         self.bindings.clear()
         if not inode.files:
@@ -198,6 +212,7 @@ class GmemFile(OpenFile):
     # --- file operations ----------------------------------------------------------------------
     def _check_open(self, op: str) -> None:
         """A call through a closed fd: EBADF (mappings keep the file itself alive)."""
+        self.system.process.run_deferred()
         if self.fd < 0:
             raise KvmError(errno.EBADF, op, "guest_memfd is closed")
 

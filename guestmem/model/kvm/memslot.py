@@ -8,6 +8,7 @@ that cover a range costs what the number of slots costs.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -33,11 +34,22 @@ class Memslot:
     npages: int
     flags: int
     userspace_addr: int
-    gmem_file: GmemFile | None = None
+    _gmem: object = None  # see gmem_file
     gmem_pgoff: int = 0
     # Per hugepage level: RangeMap over hugepage index (gfn >> order) -> True when MIXED
     # (attributes not uniform across it).  Upstream keeps this in lpage_info.disallow_lpage bit 31.
     lpage_mixed: dict[int, RangeMap[bool]] = field(default_factory=dict)
+
+    @property
+    def gmem_file(self) -> GmemFile | None:
+        """The bound guest_memfd file.  Like upstream's ``slot->gmem.file`` this does not keep the
+        file alive: a file that goes (closed, or its handle collected) unbinds itself first."""
+        g = self._gmem
+        return g() if isinstance(g, weakref.ref) else g  # type: ignore[return-value]
+
+    @gmem_file.setter
+    def gmem_file(self, f: GmemFile | None) -> None:
+        self._gmem = weakref.ref(f) if getattr(f, "weak_binding", False) else f
 
     @property
     def end_gfn(self) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import weakref
 from collections import Counter
 
 from guestmem import uapi as u
@@ -34,10 +35,12 @@ class ModelKvm:
         self.pool = FramePool(self.options.pool_bytes)
         self.process = Process()
         self.fd = self.process.install(self)
-        self.vms: set[ModelVm] = set()
+        self.vms: weakref.WeakSet[ModelVm] = weakref.WeakSet()
         self.stats: Counter[str] = Counter()
         self.closed = False
-        self._files: set[object] = set()  # every live file with a page cache (frame conservation)
+        # Every live file with a page cache (frame conservation); weak, like every registry here:
+        # a file goes when its last user reference does (see Process.defer_release).
+        self._files: weakref.WeakSet[object] = weakref.WeakSet()
 
     def register_file(self, f: object) -> None:
         self._files.add(f)
@@ -50,6 +53,7 @@ class ModelKvm:
 
     # --- Kvm ------------------------------------------------------------------------------------
     def _check_open(self, op: str) -> None:
+        self.process.run_deferred()
         if self.closed:
             raise KvmError(errno.EBADF, op, "/dev/kvm is closed")
 

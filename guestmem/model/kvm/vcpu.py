@@ -68,6 +68,7 @@ class ModelVcpu:
         self.closed = True
 
     def run(self) -> Exit:
+        self.vm.system.process.run_deferred()
         if self.closed:
             raise KvmError(errno.EBADF, "KVM_RUN", "vCPU is closed")
         if self.vm.bugged:
@@ -88,6 +89,7 @@ class ModelVcpu:
         the bytes left unmapped (0 when done); raises if not even the first page could be."""
         op = "KVM_PRE_FAULT_MEMORY"
         gpa, size, flags = u64(gpa, "gpa"), u64(size, "size"), u64(flags, "flags")
+        self.vm.system.process.run_deferred()
         if self.closed:
             raise KvmError(errno.EBADF, op, "vCPU is closed")
         vm = self.vm

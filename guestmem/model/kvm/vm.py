@@ -54,7 +54,7 @@ class ModelVm:
         self.bugged = False  # KVM_BUG_ON: every later vCPU ioctl fails with EIO
         self.fd = system.process.install(self)
         self._notifier_begun: list[bool] = []
-        system.process.mmu_notifiers.append(self)  # kvm_init_mmu_notifier
+        system.process.register_notifier(self)  # kvm_init_mmu_notifier
 
     # --- lifetime -------------------------------------------------------------------------------
     def get(self) -> None:
@@ -83,8 +83,7 @@ class ModelVm:
                     self._delete_slot(slot)
         self.destroyed = True
         self.system.vms.discard(self)
-        if self in self.system.process.mmu_notifiers:
-            self.system.process.mmu_notifiers.remove(self)
+        self.system.process.unregister_notifier(self)
 
     # --- MMU notifier (kvm_mmu_notifier_invalidate_range_start/end) -------------------------------
     def _hva_slots(self, start: int, end: int) -> list[tuple[Memslot, int, int]]:
@@ -113,6 +112,14 @@ class ModelVm:
         if self._notifier_begun and self._notifier_begun.pop():
             with self.mmu_lock():
                 self.mmu.invalidate_end()
+
+    def __del__(self) -> None:
+        # Nobody holds the VM any more: close its fd, as the kernel backend's finalizer does.
+        try:
+            if self.fd >= 0:
+                self.system.process.defer_release(self)
+        except Exception:
+            pass
 
     def __enter__(self) -> ModelVm:
         return self
@@ -162,6 +169,7 @@ class ModelVm:
 
     def _check_open(self, op: str) -> None:
         """A call through a closed VM fd: EBADF (the VM itself may live on for its guest_memfds)."""
+        self.system.process.run_deferred()
         if self.fd < 0:
             raise KvmError(errno.EBADF, op, "VM fd is closed")
 
@@ -396,6 +404,7 @@ class ModelVm:
         skipped."""
         from guestmem.model.kvm.invariants import check_vm
 
+        self.system.process.run_deferred()
         with self.slots_lock(), self.mmu_lock():
             check_vm(self, quiescent)
 
