@@ -25,7 +25,7 @@ from rich.table import Table
 
 import guestmem
 from guestmem import cliargs
-from guestmem.errors import CapabilityMissing
+from guestmem.errors import CapabilityMissing, KvmError
 from guestmem.report.atomic import OutputError, check_writable, write_bytes, write_text
 from guestmem.report.images import render_png, render_svg
 from guestmem.report.maps import kinds_table, render_terminal
@@ -154,6 +154,9 @@ def _guarded(cmd: str, args: argparse.Namespace, fn: Callable[[], int]) -> int:
     except CapabilityMissing as exc:
         name = getattr(args, "scenario", None) or "the scenario"
         return _fail(cmd, f"{name} cannot run on the {args.backend} backend: {exc}", EXIT_UNSUPPORTED)
+    except KvmError as exc:  # building the machine: the backend refused what the scenario asks for
+        name = getattr(args, "scenario", None) or "the scenario"
+        return _fail(cmd, f"the {args.backend} backend refused to set up {name}: {exc}", EXIT_BAD_INPUT)
 
 
 def cmd_run(args: argparse.Namespace, console: Console) -> int:
