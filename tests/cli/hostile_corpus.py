@@ -353,8 +353,12 @@ def batch(argvs: list[list[str]], *, timeout: int, as_limit: int) -> list[dict[s
     import signal
     import tempfile
 
+    import guestmem.linux.caps
+    import guestmem.scenarios.run  # noqa: F401  (warm: what the commands import lazily)
+    from guestmem.cli import build_parser
     from guestmem.cli import main as cli_main
 
+    build_parser()  # imports every subcommand's module once, here, not in each child
     out: list[dict[str, object]] = []
     for argv in argvs:
         with tempfile.TemporaryFile() as err_f:
