@@ -141,8 +141,8 @@ def _run_from_args(args: argparse.Namespace, console: Console, *, snapshots: boo
 def _stopped_at_bound(cmd: str, report: ScenarioReport) -> int | None:
     """A run stopped by the resident bound ends with one line and exit 1, and writes no files."""
     if report.extra.get("resident_limit"):
-        return _fail(cmd, f"{report.scenario} {report.extra['resident_limit']}; stopped (use "
-                     "--max-resident SIZE to allow more, or less --memory)", EXIT_FAILED)
+        return _fail(cmd, f"{report.scenario} stopped: {report.extra['resident_limit']}; use "
+                     "--max-resident SIZE to allow more, or less --memory", EXIT_FAILED)
     return None
 
 

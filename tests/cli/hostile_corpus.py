@@ -147,8 +147,6 @@ def make_fixtures(root: Path) -> dict[str, str]:
     put("timeout_inf", GOOD_HEAD + "timeout = inf\n" + GOOD_PHASE)
     put("timeout_nan", GOOD_HEAD + "timeout = nan\n" + GOOD_PHASE)
     put("timeout_huge", GOOD_HEAD + "timeout = 1e308\n" + GOOD_PHASE)
-    put("repeat_max", GOOD_HEAD.replace("\"4M\"", "\"2M\"") + GOOD_PHASE.replace(
-        "[[phase]]\n", "[[phase]]\nrepeat = 100000\n").replace("range = \"ram\"", "range = \"ram\"\n"))
     put("pattern_huge", GOOD_HEAD + GOOD_PHASE.replace("0x11", "\"" + "1*vcpu+" * 1 + "9" * 5000 + "\""))
     put("chunk_huge", GOOD_HEAD + "[[phase]]\n[[phase.step]]\nop = \"accept\"\nrange = \"ram\"\n"
         f"chunk = {2**70}\n")
