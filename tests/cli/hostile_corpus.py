@@ -420,7 +420,8 @@ def main(argv: list[str] | None = None) -> int:
                 counts[o.verdict] = counts.get(o.verdict, 0) + 1
                 first = o.err_lines[-1] if o.verdict == "traceback" and o.err_lines else (
                     o.err_lines[0] if o.err_lines else "")
-                print(f"{o.verdict:10} rc={o.rc!s:4} {o.seconds:6.2f}s {len(o.err_lines):3}l "
+                print(f"{o.verdict:10} rc={o.rc!s:4} {o.seconds:6.2f}s {o.max_rss_kib >> 10:5}M "
+                      f"{len(o.err_lines):3}l "
                       f"{case.id:40} {first[:150]}", flush=True)
         finally:
             Path(paths["readonly_dir"]).chmod(0o755)
