@@ -5,7 +5,12 @@
 kernel, then :mod:`guestmem.linux.demo` step by step); ``run``/``map`` come from
 :mod:`guestmem.report.commands`, ``compare`` from :mod:`guestmem.compare`, ``bench`` from
 :mod:`guestmem.bench`.
-Bad input prints one error line and exits with status 2.
+Bad input prints one error line and exits with status 2, before any work starts: values are
+checked as argparse reads them (:mod:`guestmem.cliargs`), a ``--device`` the user names must be the
+KVM device and answer ``KVM_GET_API_VERSION`` (:func:`guestmem.linux.caps.check_device`), and a
+command whose memory would not fit this host is refused up front (``--max-resident`` overrides).
+Status 3 means the default ``/dev/kvm`` is simply not there (or not usable) for a command that
+needs it.
 """
 
 from __future__ import annotations
@@ -18,6 +23,11 @@ from typing import Any, NoReturn
 
 from rich.console import Console
 from rich.table import Table
+
+from guestmem import cliargs
+
+DEFAULT_DEVICE = "/dev/kvm"
+MAX_DEMO_MIB = 1 << 20  # 1 TiB; the memory guard refuses far less on most hosts
 
 
 class _Parser(argparse.ArgumentParser):
@@ -71,14 +81,21 @@ def _print_caps(info: dict[str, Any], console: Console) -> None:
     console.print(feats)
 
 
+def _error(cmd: str, message: str, code: int = 2) -> int:
+    print(f"guestmem {cmd}: error: {message}", file=sys.stderr)
+    return code
+
+
 def _cmd_caps(args: argparse.Namespace, console: Console) -> int:
     from guestmem.linux.caps import probe
 
     info = probe(args.device, hypercall=not args.no_hypercall_probe)
     if args.json:
         print(json.dumps(info, indent=2))
-    else:
+    elif info.get("available"):
         _print_caps(info, console)
+    if not info.get("available"):
+        return _error("caps", f"{args.device} is not available: {info.get('error')}", 3)
     return 0
 
 
@@ -86,13 +103,29 @@ def _cmd_demo(args: argparse.Namespace, console: Console) -> int:
     """The showcase: a CoCo memory lifecycle on the model (map before and after), the part this
     host supports run for real on /dev/kvm, then guest_memfd as real guest RAM step by step."""
     from guestmem.linux.demo import run_kernel_demo
-    from guestmem.report.commands import run_showcase
+    from guestmem.report.commands import SHOWCASE_MEMORY, run_showcase
+
+    size = args.size << 20
+    # The kernel steps hold the guest_memfd and the host's view of it; the showcase adds its model run.
+    estimate = cliargs.BASE_RESIDENT + 2 * size + (0 if args.kernel_only else 2 * SHOWCASE_MEMORY)
+    reason = cliargs.check_fits(estimate, args.max_resident, f"demo --size {args.size}")
+    if reason:
+        return _error("demo", reason)
+    if args.kernel_only and not args.device_given:
+        from guestmem.errors import KvmError
+        from guestmem.linux.caps import check_device
+
+        try:
+            check_device(args.device)
+        except KvmError as err:
+            return _error("demo", f"{args.device} is not usable: {err}", 3)
 
     def kernel_steps(c: Console) -> dict[str, Any]:
-        c.rule("[bold]for real, step by step: guest_memfd as guest RAM on /dev/kvm")
-        return run_kernel_demo(c, size=args.size << 20, path=args.device)
+        c.rule(f"[bold]for real, step by step: guest_memfd as guest RAM on {args.device}")
+        return run_kernel_demo(c, size=size, path=args.device)
 
-    result = kernel_steps(console) if args.kernel_only else run_showcase(console, kernel_steps)
+    result = (kernel_steps(console) if args.kernel_only
+              else run_showcase(console, kernel_steps, device=args.device))
     if args.json:
         print(json.dumps(result, indent=2, default=str))
     return 1 if result.get("ok") is False else 0
@@ -106,7 +139,7 @@ def _cmd_bench(args: argparse.Namespace, console: Console) -> int:
         result = run_all(quick=args.quick)
     text = json.dumps(result, indent=2)
     if args.output:
-        write_text(args.output, text + "\n")
+        write_text(args.output, text + "\n")  # the directory was checked before the benchmark ran
         console.print(f"wrote {args.output}")
     else:
         print(text)
@@ -114,11 +147,8 @@ def _cmd_bench(args: argparse.Namespace, console: Console) -> int:
 
 
 def _size_mib(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number of MiB: {text!r}") from None
-    if value < 4 or value % 4:
+    value = cliargs.int_in(4, MAX_DEMO_MIB, "MiB")(text)
+    if value % 4:
         raise argparse.ArgumentTypeError(f"size must be a positive multiple of 4 MiB, got {value}")
     return value
 
@@ -126,7 +156,8 @@ def _size_mib(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="guestmem",
                      description="KVM guest_memfd: an executable model and a /dev/kvm backend")
-    parser.add_argument("--device", default="/dev/kvm", help="the KVM device (default: /dev/kvm)")
+    parser.add_argument("--device", help=f"the KVM device (default: {DEFAULT_DEVICE}); it must be the KVM "
+                        "character device and answer KVM_GET_API_VERSION")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     caps = sub.add_parser("caps", help="what this host's KVM supports")
     caps.add_argument("--json", action="store_true", help="print JSON instead of tables")
@@ -139,10 +170,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--kernel-only", action="store_true",
                       help="only the real-kernel steps (skip the model showcase)")
     demo.add_argument("--json", action="store_true", help="also print the step timings as JSON")
+    cliargs.add_max_resident(demo)
     demo.set_defaults(func=_cmd_demo)
     bench = sub.add_parser("bench", help="measure the model (and the kernel) in one run; JSON out")
     bench.add_argument("--quick", action="store_true", help="smaller sizes (a few seconds)")
-    bench.add_argument("-o", "--output", metavar="FILE", help="write the JSON here instead of stdout")
+    bench.add_argument("-o", "--output", metavar="FILE", type=cliargs.output_file,
+                       help="write the JSON here instead of stdout (its directory is checked first)")
     bench.set_defaults(func=_cmd_bench)
     from guestmem.compare import register as register_compare
     from guestmem.report.commands import register as register_scenarios
@@ -158,6 +191,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exit_:
         return int(exit_.code or 0) if not isinstance(exit_.code, str) else 2
+    args.device_given = args.device is not None
+    if args.device is None:
+        args.device = DEFAULT_DEVICE
+    else:
+        from guestmem.errors import KvmError
+        from guestmem.linux.caps import check_device
+
+        try:
+            check_device(args.device)
+        except KvmError as err:
+            print(f"guestmem: error: --device {args.device!r} is not a usable KVM device: {err}; "
+                  f"name the KVM character device (usually {DEFAULT_DEVICE})", file=sys.stderr)
+            return 2
     console = Console(stderr=bool(getattr(args, "json", False)))
     return int(args.func(args, console))
 

@@ -29,6 +29,7 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
+from guestmem import cliargs
 from guestmem.model.designs.harness import DESIGNS, REPLY_DESIGN, Design
 from guestmem.model.designs.workloads import DEFAULT_RAM, FLAVOURS, MIN_RAM, PHASES, SUMMARIES, run
 
@@ -209,25 +210,19 @@ def write_png(rows: list[dict[str, Any]], path: str) -> None:
 
 # --- the command ----------------------------------------------------------------------------------------
 
+MAX_RAM = 1 << 40  # what a scenario may use too; the memory guard refuses far less on most hosts
+
+
 def _ram_mib(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number of MiB: {text!r}") from None
-    if value < MIN_RAM // MiB or value % 2:
+    value = cliargs.int_in(MIN_RAM // MiB, MAX_RAM // MiB, "MiB")(text)
+    if value % 2:
         raise argparse.ArgumentTypeError(f"guest RAM must be an even number of MiB >= {MIN_RAM // MiB} "
                                          f"(got {value})")
     return value
 
 
 def _rounds(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if not 1 <= value <= 64:
-        raise argparse.ArgumentTypeError(f"rounds must be between 1 and 64 (got {value})")
-    return value
+    return cliargs.int_in(1, 64, "rounds")(text)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -240,9 +235,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=_rounds, default=8, help="bounce-buffer I/O rounds (default 8)")
     parser.add_argument("--reply", action="store_true",
                         help="add v9 with seed 000's reply (per-folio invalidation with order) as a row")
-    parser.add_argument("--png", metavar="FILE", help="also draw the numbers as a chart (PNG)")
+    parser.add_argument("--png", metavar="FILE", type=cliargs.output_file,
+                        help="also draw the numbers as a chart (PNG; its directory is checked first)")
     parser.add_argument("--json", action="store_true",
                         help="print the numbers as JSON (one object per design)")
+    cliargs.add_max_resident(parser)
     parser.set_defaults(func=cmd_compare)
 
 
@@ -257,6 +254,13 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
 
 def cmd_compare(args: argparse.Namespace, console: Console | None = None) -> int:
     console = console or Console(stderr=bool(args.json))
+    # One design's machine at a time; each holds about its guest RAM (measured: --ram 256 peaks at
+    # ~310 MiB), so twice the RAM is a safe bound.
+    reason = cliargs.check_fits(cliargs.BASE_RESIDENT + 2 * args.ram * MiB,
+                                getattr(args, "max_resident", None), f"compare --ram {args.ram}")
+    if reason:
+        print(f"guestmem compare: error: {reason}", file=sys.stderr)
+        return 2
     if args.png:
         folder = os.path.dirname(os.path.abspath(args.png))
         if os.path.isdir(args.png) or not os.access(folder, os.W_OK):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 from collections.abc import Callable
 from typing import Any
 
@@ -18,6 +19,47 @@ from guestmem.guest.ops import MapGpaRange, Program, Sync
 
 OK = "ok"
 HYPERCALL_PROBE_TIMEOUT = 0.5  # seconds
+KVM_DEVICE_NUMBER = (10, 232)  # MISC_MAJOR, KVM_MINOR (include/linux/miscdevice.h): fixed, not dynamic
+
+
+def check_device(path: str) -> int:
+    """Make sure ``path`` is a KVM device before anything uses it; returns its API version.
+
+    A user-given ``--device`` can be anything: a missing path, a directory, a FIFO (whose open
+    could block), ``/dev/null``, or a character device whose open has side effects (a watchdog,
+    a tape).  So the path is ``stat``-ed first and opened only if it is the KVM misc device
+    (10:232); then ``KVM_GET_API_VERSION`` must answer :data:`guestmem.uapi.KVM_API_VERSION`.
+    Each refusal is a :class:`KvmError` with the errno that explains it: the ``stat``/``open``
+    errno, ``ENODEV`` for something that is not a character device, ``ENOTTY`` (what the kernel
+    answers a KVM ioctl on any other device) for the wrong device, ``EINVAL`` for an API
+    version this code does not speak.
+    """
+    try:
+        st = os.stat(path)
+    except OSError as err:
+        raise KvmError(err.errno or errno.ENOENT, f"stat {path}") from None
+    if not stat.S_ISCHR(st.st_mode):
+        kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a character device"
+        raise KvmError(errno.ENODEV, f"open {path}", f"{kind}, so not a KVM device")
+    number = (os.major(st.st_rdev), os.minor(st.st_rdev))
+    if number != KVM_DEVICE_NUMBER:
+        raise KvmError(errno.ENOTTY, f"open {path}",
+                       f"character device {number[0]}:{number[1]} is not KVM "
+                       f"({KVM_DEVICE_NUMBER[0]}:{KVM_DEVICE_NUMBER[1]})")
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
+    except OSError as err:
+        raise KvmError(err.errno or errno.ENODEV, f"open {path}") from None
+    try:
+        from guestmem.linux import _sys
+
+        version = _sys.ioctl(fd, u.KVM_GET_API_VERSION, 0, "KVM_GET_API_VERSION")
+    finally:
+        os.close(fd)
+    if version != u.KVM_API_VERSION:
+        raise KvmError(errno.EINVAL, "KVM_GET_API_VERSION",
+                       f"{path} speaks KVM API {version}, not {u.KVM_API_VERSION}")
+    return version
 
 
 def errno_name(err: int | None) -> str:
@@ -99,6 +141,7 @@ def probe(path: str = "/dev/kvm", *, hypercall: bool = True) -> dict[str, Any]:
     info: dict[str, Any] = {"device": path, "kernel_release": os.uname().release,
                             "kvm_modules": _kvm_modules()}
     try:
+        check_device(path)
         kvm = open_kernel(path)
     except KvmError as err:
         info.update(available=False, error=f"{errno_name(err.errno)}: {err.message}")

@@ -9,6 +9,7 @@ temporary file is removed and the target is untouched.
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 from pathlib import Path
 
@@ -18,11 +19,22 @@ class OutputError(OSError):
 
 
 def check_writable(path: str | Path) -> Path:
-    """Fail early (before a long run) if ``path`` cannot be created."""
+    """Fail early (before a long run) if ``path`` cannot be created.  An existing target must be a
+    regular file: the atomic rename would otherwise replace a device node (``/dev/full``), FIFO or
+    socket with a plain file -- as root, silently breaking the host."""
     p = Path(path)
     parent = p.parent if str(p.parent) else Path(".")
     if p.is_dir():
         raise OutputError(f"{p}: is a directory")
+    try:
+        st = os.stat(p)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise OutputError(f"{p}: {exc.strerror}") from None
+    else:
+        if not stat.S_ISREG(st.st_mode):
+            raise OutputError(f"{p}: exists and is not a regular file; name a new or regular file")
     if not parent.is_dir():
         raise OutputError(f"{p}: directory {parent} does not exist")
     if not os.access(parent, os.W_OK):

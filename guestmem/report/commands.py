@@ -16,6 +16,7 @@ import contextlib
 import json
 import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -23,15 +24,16 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 import guestmem
-from guestmem.errors import CapabilityMissing
+from guestmem import cliargs
+from guestmem.errors import CapabilityMissing, KvmError
 from guestmem.report.atomic import OutputError, check_writable, write_bytes, write_text
 from guestmem.report.images import render_png, render_svg
 from guestmem.report.maps import kinds_table, render_terminal
 from guestmem.report.summary import summary_table
 from guestmem.report.tracefile import trace_json
 from guestmem.scenarios import ScenarioError, load, shipped
+from guestmem.scenarios.plan import make_plan
 from guestmem.scenarios.run import ScenarioReport, run_scenario
-from guestmem.scenarios.sizes import SizeError, parse_size
 from guestmem.vmm.flavours import FLAVOURS, UnknownFlavour
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_UNSUPPORTED = 0, 1, 2, 3
@@ -51,11 +53,14 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help=f"where to run it: {' or '.join(guestmem.BACKENDS)} (default: model)")
     p.add_argument("--flavour", metavar="NAME",
                    help=f"VM flavour ({', '.join(FLAVOURS)}); default: the scenario's first that works")
-    p.add_argument("--vcpus", type=int, metavar="N", help="number of vCPUs (default: the scenario's)")
-    p.add_argument("--memory", metavar="SIZE", help="guest memory, e.g. 64M or 1G (default: the scenario's)")
-    p.add_argument("--timeout", type=float, metavar="SECONDS",
-                   help="stop the run after this long (default: the scenario's, 600 s)")
+    p.add_argument("--vcpus", type=cliargs.int_in(1, 256, "vCPUs"), metavar="N",
+                   help="number of vCPUs, 1..256 (default: the scenario's)")
+    p.add_argument("--memory", type=cliargs.byte_size(0, (1 << 64) - 1), metavar="SIZE",
+                   help="guest memory, e.g. 64M or 1G (default: the scenario's)")
+    p.add_argument("--timeout", type=cliargs.seconds, metavar="SECONDS",
+                   help="stop the run after this long (default: the scenario's, 600 s; at most a week)")
     p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+    cliargs.add_max_resident(p)
 
 
 def register(subparsers: Any) -> None:
@@ -67,7 +72,7 @@ def register(subparsers: Any) -> None:
     run.add_argument("scenario", nargs="?", metavar="NAME|FILE", help="scenario name or path to a .toml")
     run.add_argument("--list", action="store_true", help="list the shipped scenarios and exit")
     _add_common(run)
-    run.add_argument("--trace", metavar="FILE",
+    run.add_argument("--trace", metavar="FILE", type=cliargs.output_file,
                      help="write a Chrome/Perfetto trace (open it in ui.perfetto.dev)")
     run.set_defaults(func=cmd_run)
     mp = subparsers.add_parser(
@@ -76,8 +81,8 @@ def register(subparsers: Any) -> None:
                     "double-backed or unallocated, and the guest's mapping level where visible.")
     mp.add_argument("scenario", metavar="NAME|FILE", help="scenario name or path to a .toml")
     _add_common(mp)
-    mp.add_argument("--png", metavar="FILE", help="also write the map as PNG")
-    mp.add_argument("--svg", metavar="FILE", help="also write the map as SVG")
+    mp.add_argument("--png", metavar="FILE", type=cliargs.output_file, help="also write the map as PNG")
+    mp.add_argument("--svg", metavar="FILE", type=cliargs.output_file, help="also write the map as SVG")
     mp.add_argument("--before", action="store_true", help="also draw the map before the run")
     mp.set_defaults(func=cmd_map)
 
@@ -104,29 +109,41 @@ def _run_from_args(args: argparse.Namespace, console: Console, *, snapshots: boo
                        f"{', '.join(guestmem.BACKENDS)}")
     if args.flavour is not None and args.flavour not in FLAVOURS:
         raise UnknownFlavour(args.flavour)
-    memory = None
-    if args.memory is not None:
-        try:
-            size = parse_size(args.memory)
-        except SizeError as exc:
-            raise BadInput(f"--memory: {exc}") from None
-        if size.relative:
-            raise BadInput(f"--memory: {args.memory!r} must be an absolute size like 64M")
-        memory = size.absolute
-    if args.timeout is not None and args.timeout <= 0:
-        raise BadInput("--timeout: must be positive")
-    for opt in ("trace", "png", "svg"):
-        path = getattr(args, opt, None)
+    memory = args.memory
+    outputs = [getattr(args, opt, None) for opt in ("trace", "png", "svg")]
+    for opt, path in zip(("trace", "png", "svg"), outputs, strict=True):
         if path:
             try:
-                check_writable(path)
+                check_writable(path)  # argparse checked it too; this keeps library callers safe
             except OutputError as exc:
                 raise BadInput(f"--{opt}: {exc}") from None
+    named = [Path(p).resolve() for p in outputs if p]
+    if len(set(named)) != len(named):
+        raise BadInput("--png and --svg name the same file; give each its own")
     scn = load(args.scenario)
+    plan = make_plan(scn, vcpus=args.vcpus, memory=memory)
+    # The memory guard: every guest page populated on both sides (discard off, double backing) plus
+    # slack is the most a run can hold, whatever the backend; the model's cost per page is close to
+    # the page itself (measured: boot at 1G holds ~1.1 GiB).
+    estimate = cliargs.BASE_RESIDENT + 2 * (plan.memory + scn.vmm.slack.absolute)
+    reason = cliargs.check_fits(estimate, args.max_resident,
+                                f"{scn.name} with {plan.memory >> 20} MiB of memory")
+    if reason:
+        raise BadInput(reason)
+    limit = cliargs.resident_limit(args.max_resident)
     with _progress(console, f"{scn.name} on {args.backend}", not args.json) as progress:
         return run_scenario(scn, backend=args.backend, flavour=args.flavour, vcpus=args.vcpus,
                             memory=memory, progress=progress, snapshots=snapshots,
-                            timeout_s=args.timeout, device=getattr(args, "device", None))
+                            timeout_s=args.timeout, device=getattr(args, "device", None),
+                            max_resident=limit)
+
+
+def _stopped_at_bound(cmd: str, report: ScenarioReport) -> int | None:
+    """A run stopped by the resident bound ends with one line and exit 1, and writes no files."""
+    if report.extra.get("resident_limit"):
+        return _fail(cmd, f"{report.scenario} stopped: {report.extra['resident_limit']}; use "
+                     "--max-resident SIZE to allow more, or less --memory", EXIT_FAILED)
+    return None
 
 
 def _guarded(cmd: str, args: argparse.Namespace, fn: Callable[[], int]) -> int:
@@ -137,9 +154,14 @@ def _guarded(cmd: str, args: argparse.Namespace, fn: Callable[[], int]) -> int:
     except CapabilityMissing as exc:
         name = getattr(args, "scenario", None) or "the scenario"
         return _fail(cmd, f"{name} cannot run on the {args.backend} backend: {exc}", EXIT_UNSUPPORTED)
+    except KvmError as exc:  # building the machine: the backend refused what the scenario asks for
+        name = getattr(args, "scenario", None) or "the scenario"
+        return _fail(cmd, f"the {args.backend} backend refused to set up {name}: {exc}", EXIT_BAD_INPUT)
 
 
 def cmd_run(args: argparse.Namespace, console: Console) -> int:
+    if args.list and args.scenario:
+        return _fail("run", "--list takes no scenario; give one or the other", EXIT_BAD_INPUT)
     if args.list:
         return _list(console, args.json)
     if not args.scenario:
@@ -148,6 +170,9 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
 
     def go() -> int:
         report = _run_from_args(args, console, snapshots=False)
+        stopped = _stopped_at_bound("run", report)
+        if stopped is not None:
+            return stopped
         if args.trace:
             write_text(args.trace, trace_json(report.trace, process=f"guestmem {report.scenario} "
                                               f"({report.backend}, {report.flavour})",
@@ -167,6 +192,9 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
 def cmd_map(args: argparse.Namespace, console: Console) -> int:
     def go() -> int:
         report = _run_from_args(args, console, snapshots=True)
+        stopped = _stopped_at_bound("map", report)
+        if stopped is not None:
+            return stopped
         after = report.after
         assert after is not None
         if args.png:
@@ -222,12 +250,12 @@ SHOWCASE_MEMORY = 64 << 20
 KERNEL_PART = ("balloon", 8 << 20, 1)  # scenario, memory, vCPUs: the part this host can run for real
 
 
-def run_showcase(console: Console,
-                 more: Callable[[Console], dict[str, Any]] | None = None) -> dict[str, Any]:
+def run_showcase(console: Console, more: Callable[[Console], dict[str, Any]] | None = None, *,
+                 device: str | None = None) -> dict[str, Any]:
     """A short CoCo memory lifecycle on the model, with the guest physical map before and after,
     then the part of it the host kernel supports, run for real; returns both summaries.  ``more``
     (e.g. the step-by-step real-kernel demo) runs before the closing pointers; its result is
-    kept under ``"more"``."""
+    kept under ``"more"``.  ``device`` is the KVM device of the real part (default /dev/kvm)."""
     console.rule("[bold]a confidential VM boots (model)")
     console.print("A software-protected VM with 64 MiB in a low and a high region boots: firmware shares "
                   "the PCI hole (MMIO, ignored), each vCPU accepts half its memory lazily, the host "
@@ -241,9 +269,9 @@ def run_showcase(console: Console,
     result: dict[str, Any] = {"ok": model.ok, "model": model.summary()}
 
     name, memory, vcpus = KERNEL_PART
-    console.rule(f"[bold]for real: {name} on this host's /dev/kvm")
+    console.rule(f"[bold]for real: {name} on this host's {device or '/dev/kvm'}")
     try:
-        kernel = run_scenario(load(name), backend="kernel", memory=memory, vcpus=vcpus)
+        kernel = run_scenario(load(name), backend="kernel", memory=memory, vcpus=vcpus, device=device)
     except CapabilityMissing as exc:
         console.print(f"[yellow]skipped:[/] the kernel backend cannot run it here: {exc}")
         result["kernel"] = {"skipped": str(exc)}

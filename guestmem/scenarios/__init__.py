@@ -6,6 +6,7 @@ parses it; :func:`guestmem.scenarios.run.run_scenario` runs it on a backend.
 
 from __future__ import annotations
 
+import re
 from importlib import resources
 from pathlib import Path
 
@@ -24,13 +25,15 @@ def shipped() -> list[str]:
 
 def load(name_or_path: str) -> Scenario:
     """Load a shipped scenario by name, or a scenario file by path."""
+    if not name_or_path.strip():
+        raise ScenarioError(f"name a scenario ({', '.join(shipped())}) or a .toml file")
     p = Path(name_or_path)
     if p.suffix == ".toml" or p.exists() or "/" in name_or_path:
         if not p.exists():
             raise ScenarioError("no such scenario file", file=name_or_path)
         return load_file(p)
     res = resources.files(__name__).joinpath(f"{name_or_path}.toml")
-    if not res.is_file():
+    if not re.fullmatch(r"[a-z0-9][a-z0-9-]*", name_or_path) or not res.is_file():
         raise ScenarioError(f"unknown scenario {name_or_path!r}; shipped scenarios: {', '.join(shipped())} "
                             "(or give a path to a .toml file)")
     return load_text(res.read_text(encoding="utf-8"), f"{name_or_path}.toml")

@@ -9,7 +9,9 @@ range-checked here, and every range a step names must exist.  What can only be c
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,8 @@ from guestmem.vmm.flavours import FLAVOURS
 from guestmem.vmm.listeners import IOMMU_MODES
 from guestmem.vmm.policy import SHARED_BACKINGS
 
+MAX_FILE_BYTES = 1 << 20  # a scenario is a page or two of TOML; read no more than this
+MAX_TIMEOUT_S = 7 * 24 * 3600  # a week: finite, and small enough for every wait primitive
 BUILTIN_RANGES = ("ram", "slice")
 ITEM = "{item}"
 REQUIREMENTS = ("private-memory", "hypercall-exit", "pre-fault", "guest-memfd")
@@ -143,6 +147,8 @@ def parse_pattern(value: object, loc: Loc) -> Pattern:
         return Pattern(str(value), value)
     if not isinstance(value, str):
         raise loc.error(f"a pattern is a byte or an expression string, got {type(value).__name__}")
+    if len(value) > 100:
+        raise loc.error(f"pattern {value[:20]!r}...: a pattern expression is at most 100 characters")
     const = per_vcpu = per_iter = 0
     for term in value.replace(" ", "").split("+"):
         m = _PATTERN_TERM.match(term)
@@ -161,7 +167,14 @@ def parse_pattern(value: object, loc: Loc) -> Pattern:
 
 
 def load_text(text: str, file: str | None = None) -> Scenario:
-    """Parse scenario text (``file`` is only used in error messages)."""
+    """Parse scenario text (``file`` is only used in error messages).
+
+    TOML nested thousands deep (``x = [[[[...``) makes ``tomllib`` recurse until Python gives up;
+    that is input too deep to be a scenario, not a crash."""
+    if len(text) > MAX_FILE_BYTES:
+        raise ScenarioError(f"more than {MAX_FILE_BYTES >> 10} KiB: too large to be a scenario", file=file)
+    if "\0" in text:
+        raise ScenarioError("contains NUL bytes: not a text file", file=file)
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -170,15 +183,40 @@ def load_text(text: str, file: str | None = None) -> Scenario:
         line = int(m.group(1)) if m else None
         raise ScenarioError(f"not valid TOML: {re.sub(r' [(]at line.*', '', msg)}", file=file,
                             line=line) from None
-    return _Parser(_Ctx(file, text)).scenario(doc)
+    except RecursionError:
+        raise ScenarioError("nested too deeply to be a scenario", file=file) from None
+    except ValueError as exc:  # e.g. an integer literal past Python's digit limit
+        raise ScenarioError(f"not valid TOML: {exc}", file=file) from None
+    try:
+        return _Parser(_Ctx(file, text)).scenario(doc)
+    except RecursionError:
+        raise ScenarioError("nested too deeply to be a scenario", file=file) from None
 
 
 def load_file(path: str | Path) -> Scenario:
+    """Read a scenario file: a regular file (not a FIFO, device or directory, which could block or
+    never end), at most :data:`MAX_FILE_BYTES`, UTF-8."""
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
     except OSError as exc:
         raise ScenarioError(f"cannot read scenario file: {exc.strerror}", file=str(p)) from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+            raise ScenarioError(f"{kind}: give a scenario .toml file or a shipped name", file=str(p))
+        if st.st_size > MAX_FILE_BYTES:
+            raise ScenarioError(f"{st.st_size} bytes: a scenario file is at most {MAX_FILE_BYTES >> 10} KiB",
+                                file=str(p))
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(MAX_FILE_BYTES + 1)
+    except OSError as exc:
+        raise ScenarioError(f"cannot read scenario file: {exc.strerror}", file=str(p)) from None
+    finally:
+        os.close(fd)
+    try:
+        text = data.decode("utf-8")
     except UnicodeDecodeError:
         raise ScenarioError("not a UTF-8 text file", file=str(p)) from None
     return load_text(text, str(p))
@@ -217,8 +255,9 @@ class _Parser:
             if sz is not None and sz.relative:
                 raise c.error((*p, key), f"{sz.text!r}: memory must be an absolute size")
         timeout = c.get(head, p, "timeout", (int, float), 600)
-        if timeout <= 0:
-            raise c.error((*p, "timeout"), "timeout must be positive (seconds)")
+        if not 0 < timeout <= MAX_TIMEOUT_S:  # also false for nan
+            raise c.error((*p, "timeout"), f"timeout must be more than 0 and at most {MAX_TIMEOUT_S} "
+                          f"seconds (a week), got {timeout}")
         requires = tuple(self._str_list(head, p, "requires", []))
         for r in requires:
             if r not in REQUIREMENTS:

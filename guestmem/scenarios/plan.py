@@ -23,6 +23,7 @@ PAGE = u.PAGE_SIZE
 HUGE = u.HPAGE_2M
 DEFAULT_MEMORY = 64 << 20
 MAX_MEMORY = 1 << 40
+MAX_GPA = 1 << 52  # x86-64's largest physical address width: no guest address reaches it
 DEFAULT_GPA = 1 << 32
 
 Pieces = list[tuple[int, int]]
@@ -65,6 +66,9 @@ class Plan:
             if rd.gpa % PAGE or size % PAGE or size <= 0:
                 raise rd.locs["size" if rd.gpa % PAGE == 0 else "gpa"].error(
                     f"range {name!r}: gpa {rd.gpa:#x} and size {size:#x} must be page aligned, size > 0")
+            if rd.gpa + size > MAX_GPA:
+                raise rd.locs["size"].error(f"range {name!r}: ends above {MAX_GPA:#x}, the largest guest "
+                                            "physical address (52 bits)")
             return [(rd.gpa, size)]
         assert rd.within is not None
         base = self.pieces(rd.within, vcpu, item)
@@ -154,6 +158,10 @@ def _regions(scn: Scenario, mem: int) -> list[RegionSpec]:
         if size <= 0 or size % PAGE:
             raise rd.locs["size"].error(f"region {rd.name!r}: size {fmt_size(size)} must be a positive "
                                         f"multiple of 4K (memory is {fmt_size(mem)})")
+        if gpa + size > MAX_GPA:
+            raise rd.locs["gpa" if rd.gpa is not None else "size"].error(
+                f"region {rd.name!r}: [{gpa:#x}, {gpa + size:#x}) ends above {MAX_GPA:#x}, the largest "
+                "guest physical address (52 bits)")
         used += size
         out.append(RegionSpec(rd.name, gpa, size))
     if used != mem:

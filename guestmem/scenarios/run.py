@@ -35,6 +35,7 @@ from guestmem.scenarios.errors import ScenarioError
 from guestmem.scenarios.plan import Plan, make_plan
 from guestmem.scenarios.sizes import fmt_size
 from guestmem.scenarios.spec import Scenario
+from guestmem.vmm.accounting import ResidentLimitExceeded
 from guestmem.vmm.flavours import flavour as flavour_spec
 from guestmem.vmm.machine import Machine, MachineConfig
 from guestmem.vmm.policy import DiscardPolicy
@@ -162,8 +163,11 @@ def create_machine(kvm: Kvm, scn: Scenario, plan: Plan, flavour: str | None, tra
 def run_scenario(scn: Scenario, *, backend: str = "model", flavour: str | None = None,
                  vcpus: int | None = None, memory: int | None = None, kvm: Kvm | None = None,
                  progress: Progress | None = None, snapshots: bool = False,
-                 timeout_s: float | None = None, device: str | None = None) -> ScenarioReport:
-    """Run ``scn`` and report (see the module docstring for what raises and what is reported)."""
+                 timeout_s: float | None = None, device: str | None = None,
+                 max_resident: int | None = None) -> ScenarioReport:
+    """Run ``scn`` and report (see the module docstring for what raises and what is reported).
+    ``max_resident`` bounds the whole process's resident set: crossing it stops the run and the
+    report says so (``extra["resident_limit"]``)."""
     plan = make_plan(scn, vcpus=vcpus, memory=memory)
     if flavour is not None:
         flavour_spec(flavour)  # unknown names are bad input, before any backend work
@@ -176,6 +180,7 @@ def run_scenario(scn: Scenario, *, backend: str = "model", flavour: str | None =
     try:
         machine, notes = create_machine(kvm, scn, plan, flavour, trace)
         try:
+            machine.accounting.host_limit_bytes = max_resident
             return _run(scn, plan, kvm, machine, notes, trace, progress, snapshots, timeout_s)
         finally:
             machine.close()
@@ -249,13 +254,17 @@ def _run(scn: Scenario, plan: Plan, kvm: Kvm, machine: Machine, notes: list[str]
     start = time.monotonic()
     error: str | None = None
     result: RunResult | None = None
+    acct = machine.accounting
     try:
         driver.run_setup(0)
     except Exception as exc:
         error = f"setup of phase 1: {exc}"
     if error is None:
+        # Every exit is a chance to check the process's resident set (rate limited inside), so a run
+        # that grows without converting anything still stops at the bound.
         result = machine.run(on_sync=driver.on_sync, timeout_s=timeout_s or scn.timeout_s,
-                             on_stop=[driver.barrier.abort])
+                             on_stop=[driver.barrier.abort],
+                             on_exit=lambda vid, ex: acct.check_host(f"a {ex.name} exit of vCPU {vid}"))
         error = result.error
     else:
         machine.accounting.finish()
@@ -267,8 +276,14 @@ def _run(scn: Scenario, plan: Plan, kvm: Kvm, machine: Machine, notes: list[str]
                 check()
             except AssertionError as exc:
                 error = f"model invariant violated after the run: {exc}"
+    try:
+        acct.check_host("the run", force=True)
+    except ResidentLimitExceeded:
+        pass  # recorded in host_exceeded
+    resident_limit = acct.host_exceeded
+    if resident_limit is not None:
+        error = f"stopped: {resident_limit}"
     summary = machine.summary()
-    acct = machine.accounting
     peak, peak_source = acct.frames_peak()
     bound_ok = acct.bound_ok
     if not bound_ok and scn.vmm.enforce_bound and error is None:
@@ -297,5 +312,6 @@ def _run(scn: Scenario, plan: Plan, kvm: Kvm, machine: Machine, notes: list[str]
         conversions=int(machine.converter.stats["conversions"]), frames_peak=peak,
         frames_peak_source=peak_source, bound_ok=bound_ok, notes=notes, machine=summary,
         vcpu_results=vcpu_results, trace=trace, before=before, after=after,
-        extra={"memory_human": fmt_size(plan.memory)},
+        extra={"memory_human": fmt_size(plan.memory), "resident_limit": resident_limit,
+               "host_peak_bytes": acct.host_peak_bytes},
     )

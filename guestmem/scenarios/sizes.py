@@ -10,8 +10,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from fractions import Fraction
 
 PAGE = 4096
+# No size or address may reach 2**64: nothing in a 64-bit guest can be that large, and an unbounded
+# integer would otherwise flow on into layouts and allocations.
+LIMIT = 1 << 64
+MAX_TEXT = 200  # characters: a size is a short expression
 UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _TERM = re.compile(r"^(?:(0x[0-9a-f]+)|(\d+(?:\.\d+)?)\s*(%|[kmgt]i?b?|b)?)$", re.IGNORECASE)
 
@@ -56,9 +61,13 @@ def parse_size(value: object) -> SizeExpr:
     if isinstance(value, int):
         if value < 0:
             raise SizeError(f"a size cannot be negative ({value})")
+        if value >= LIMIT:
+            raise SizeError(f"{value:#x} is too large: sizes and addresses are below 2**64")
         return SizeExpr(str(value), absolute=value)
     if not isinstance(value, str) or not value.strip():
         raise SizeError(f"expected a size like \"64M\", \"2M+4K\" or \"50%\", got {value!r}")
+    if len(value) > MAX_TEXT:
+        raise SizeError(f"{value[:20]!r}...: a size is at most {MAX_TEXT} characters")
     absolute, percent, rest = 0, 0.0, False
     text = value.strip()
     if text[0] in "+-":
@@ -75,21 +84,31 @@ def parse_size(value: object) -> SizeExpr:
         if not m:
             raise SizeError(f"{value!r}: cannot read {term!r} as a size (use e.g. 4K, 2M, 1G, 0x1000, 50%)")
         if m.group(1):
-            absolute += sign * int(m.group(1), 16)
-            continue
-        number, unit = m.group(2), (m.group(3) or "").upper()
-        if unit == "%":
-            percent += sign * float(number)
-            continue
-        unit = unit.rstrip("B").rstrip("I")
-        if unit not in UNITS:
-            raise SizeError(f"{value!r}: unknown unit in {term!r}")
-        scaled = float(number) * UNITS[unit]
-        if scaled != int(scaled):
-            raise SizeError(f"{value!r}: {term!r} is not a whole number of bytes")
-        absolute += sign * int(scaled)
+            term_bytes = int(m.group(1), 16)
+        else:
+            number, unit = m.group(2), (m.group(3) or "").upper()
+            if unit == "%":
+                pct = Fraction(number)
+                if pct > 100:
+                    raise SizeError(f"{value!r}: {term!r} is more than 100%")
+                percent += sign * float(pct)
+                continue
+            unit = unit.rstrip("B").rstrip("I")
+            if unit not in UNITS:
+                raise SizeError(f"{value!r}: unknown unit in {term!r}")
+            scaled = Fraction(number) * UNITS[unit]  # exact: no float overflow or rounding
+            if scaled.denominator != 1:
+                raise SizeError(f"{value!r}: {term!r} is not a whole number of bytes")
+            term_bytes = int(scaled)
+        if term_bytes >= LIMIT:
+            raise SizeError(f"{value!r}: {term!r} is too large: sizes and addresses are below 2**64")
+        absolute += sign * term_bytes
     if not (percent or rest) and absolute < 0:
         raise SizeError(f"{value!r} is negative")
+    if absolute >= LIMIT:
+        raise SizeError(f"{value!r} is too large: sizes and addresses are below 2**64")
+    if abs(percent) > 100:
+        raise SizeError(f"{value!r}: the percentages add up to more than 100%")
     return SizeExpr(value, absolute, percent, rest)
 
 

@@ -15,7 +15,9 @@ conversion from that count, and its exact high-water mark is checked at the end.
 
 from __future__ import annotations
 
+import os
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -28,6 +30,21 @@ from guestmem.vmm.trace import ACCOUNTING, EventTrace
 
 PAGE = u.PAGE_SIZE
 MIN_SAMPLE_GAP_NS = 20_000_000  # full measurements after conversions: at most every 20 ms
+HOST_CHECK_GAP_S = 0.02  # the process's resident set is read at most every 20 ms
+
+
+class ResidentLimitExceeded(RuntimeError):
+    """The VMM process itself holds more than the host bound it was given (``--max-resident``):
+    the run stops here rather than let the host's OOM killer end it."""
+
+
+def process_resident_bytes() -> int:
+    """This process's resident set (``/proc/self/statm``), 0 where unknown."""
+    try:
+        with open("/proc/self/statm", encoding="ascii") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 @dataclass(frozen=True)
@@ -103,6 +120,12 @@ class Accounting:
         self.violations: list[BoundViolation] = []
         self._lock = threading.Lock()
         self._last_ns = -MIN_SAMPLE_GAP_NS
+        # The host-side bound: the guest's bound above is about pages, this one about the whole
+        # process, which is what the host runs out of.  None = not checked.
+        self.host_limit_bytes: int | None = None
+        self.host_peak_bytes = 0
+        self.host_exceeded: str | None = None  # the first crossing, described
+        self._host_last = 0.0
 
     # --- measuring ----------------------------------------------------------------------------------
     def region_residency(self, r: RegionBacking) -> RegionResidency:
@@ -150,10 +173,31 @@ class Accounting:
         return Residency(priv, shared, dbl, source)
 
     # --- sampling and the bound ----------------------------------------------------------------------
+    def check_host(self, at: str, *, force: bool = False) -> None:
+        """Raise :class:`ResidentLimitExceeded` if the process holds more than ``host_limit_bytes``
+        (read at most every :data:`HOST_CHECK_GAP_S` unless ``force``)."""
+        if self.host_limit_bytes is None:
+            return
+        t = time.monotonic()
+        if not force and t - self._host_last < HOST_CHECK_GAP_S:
+            return
+        self._host_last = t
+        rss = process_resident_bytes()
+        self.host_peak_bytes = max(self.host_peak_bytes, rss)
+        if rss > self.host_limit_bytes:
+            message = (f"the process holds {rss >> 20} MiB resident, more than the "
+                       f"{self.host_limit_bytes >> 20} MiB allowed, after {at}")
+            if self.host_exceeded is None:
+                self.host_exceeded = message
+            raise ResidentLimitExceeded(message)
+
     def sample(self, at: str, tid: int, *, force: bool = True) -> Residency | None:
         """Measure and check the bound.  With ``force=False`` (after each conversion) a full
         measurement is taken at most every :data:`MIN_SAMPLE_GAP_NS`; where the backend counts
-        frames, the bound is still checked every time from that O(1) count."""
+        frames, the bound is still checked every time from that O(1) count.  The process's own
+        resident set is checked against ``host_limit_bytes`` too (see :meth:`check_host`)."""
+        if not force:  # during the run (a conversion, a discard): stop it there
+            self.check_host(at)
         now = self.trace.now()
         if not force and now - self._last_ns < MIN_SAMPLE_GAP_NS:
             frames = self.introspection.frames() if self.introspection is not None else None

@@ -31,16 +31,29 @@ def test_help_exit_0(capsys: pytest.CaptureFixture[str]) -> None:
     assert "caps" in capsys.readouterr().out
 
 
-def test_demo_without_kvm_explains_and_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["--device", "/nonexistent/kvm", "demo"]) == 0
+def test_bad_device_given_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    """A --device the user names must be KVM: a missing one is bad input, not a silent skip."""
+    assert main(["--device", "/nonexistent/kvm", "demo"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "ENOENT" in err[0] and "--device" in err[0]
+
+
+def test_demo_without_kvm_explains_and_exits_0(capsys: pytest.CaptureFixture[str],
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A host without /dev/kvm (the default, not named by the user) still gets the model showcase."""
+    monkeypatch.setattr("guestmem.cli.DEFAULT_DEVICE", "/nonexistent/kvm")
+    assert main(["demo"]) == 0
     out = capsys.readouterr().out
     assert "cannot be opened" in out and "ENOENT" in out
 
 
-def test_caps_json_without_kvm(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["--device", "/nonexistent/kvm", "caps", "--json"]) == 0
-    info = json.loads(capsys.readouterr().out)
+def test_caps_json_without_kvm(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("guestmem.cli.DEFAULT_DEVICE", "/nonexistent/kvm")
+    assert main(["caps", "--json"]) == 3
+    captured = capsys.readouterr()
+    info = json.loads(captured.out)
     assert info["available"] is False and "ENOENT" in info["error"]
+    assert len(captured.err.strip().splitlines()) == 1
 
 
 def test_caps_json(kvm: object, capsys: pytest.CaptureFixture[str]) -> None:

@@ -4,7 +4,6 @@ files that are complete or absent."""
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 from pathlib import Path
@@ -13,14 +12,20 @@ import pytest
 from PIL import Image
 from rich.console import Console
 
+from guestmem.cli import _Parser
 from guestmem.report.commands import register
 
 
 def guestmem(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="guestmem")
-    sub = parser.add_subparsers(dest="command", required=True)
+    """The commands as ``guestmem`` builds them: values are checked as argparse reads them, and a
+    parse error is one line and exit 2 (as in :mod:`guestmem.cli`)."""
+    parser = _Parser(prog="guestmem")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     register(sub)
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
     console = Console(stderr=bool(getattr(args, "json", False)), width=120, color_system=None)
     return int(args.func(args, console))
 
