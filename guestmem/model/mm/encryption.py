@@ -21,7 +21,7 @@ XTS, one data unit per page):
 
 Work goes in chunks of :data:`CHUNK_PAGES` so that no temporary grows with the range: encrypting
 a whole guest in place needs a few MiB beside it, not a second guest.  ``GUESTMEM_XTS=numpy`` (or
-``native``) forces an implementation; :data:`BACKEND` says which one is in use.
+``native``) forces an implementation; :func:`backend` says which one is in use.
 """
 
 from __future__ import annotations
@@ -39,20 +39,31 @@ BLOCKS = PAGE_SIZE // 16  # AES blocks per data unit
 U64 = np.dtype("<u8")
 
 
+_UNLOADED = object()
+_native: object | None = _UNLOADED
+
+
 def _load_native() -> object | None:
-    """The compiled per-page loop, unless disabled or unavailable (then the numpy path runs)."""
-    if os.environ.get("GUESTMEM_XTS", "") == "numpy":
-        return None
-    from guestmem.model.mm import _xts_native
+    """The compiled per-page loop, loaded (and built, the first time on this machine) on first
+    use, unless disabled or unavailable; then the numpy path runs."""
+    global _native
+    if _native is _UNLOADED:
+        choice = os.environ.get("GUESTMEM_XTS", "")
+        if choice == "numpy":
+            _native = None
+        else:
+            from guestmem.model.mm import _xts_native
 
-    lib = _xts_native.load()
-    if lib is None and os.environ.get("GUESTMEM_XTS", "") == "native":
-        raise RuntimeError(f"GUESTMEM_XTS=native but the native XTS loop is unavailable: {_xts_native.why}")
-    return lib
+            _native = _xts_native.load()
+            if _native is None and choice == "native":
+                raise RuntimeError(f"GUESTMEM_XTS=native but the native XTS loop is unavailable: "
+                                   f"{_xts_native.why}")
+    return _native
 
 
-_NATIVE = _load_native()
-BACKEND = "native" if _NATIVE is not None else "numpy"
+def backend() -> str:
+    """Which implementation new engines use: "native" (the C loop) or "numpy" (the fallback)."""
+    return "native" if _load_native() is not None else "numpy"
 
 
 def _mul_alpha_pow(lo: np.ndarray, hi: np.ndarray, k: int, lo_out: np.ndarray, hi_out: np.ndarray,
@@ -142,7 +153,7 @@ class EncryptionEngine:
             raise ValueError("an AES-XTS-256 key is 64 bytes whose halves differ")
         self.pages_encrypted = 0
         self.pages_decrypted = 0
-        self.backend = BACKEND
+        self.backend = backend()
         self._native: dict[bool, object] = {}
         self._ecb: dict[str, object] = {}
 
@@ -190,10 +201,11 @@ class EncryptionEngine:
         dst = dst.reshape(-1)
         n = src.size // PAGE_SIZE
         if n:
-            if _NATIVE is not None and self.backend == "native":
+            lib = _load_native() if self.backend == "native" else None
+            if lib is not None:
                 ctx = self._native.get(encrypt)
                 if ctx is None:
-                    ctx = self._native[encrypt] = _NATIVE.context(self.key, encrypt)  # type: ignore[attr-defined]
+                    ctx = self._native[encrypt] = lib.context(self.key, encrypt)  # type: ignore[attr-defined]
                 ctx.pages(pfn, src, dst, n)  # type: ignore[attr-defined]
             else:
                 for i in range(0, n, CHUNK_PAGES):
@@ -227,3 +239,18 @@ class EncryptionEngine:
         got = self._cipher("enc" if encrypt else "dec").update_into(x.view(np.uint8), ws.y)  # type: ignore[attr-defined]
         assert got == x.size * 8
         np.bitwise_xor(ws.y[:got].view(U64), t, out=dst.view(U64))
+
+
+def scramble(frames: np.ndarray) -> None:
+    """Overwrite ``frames`` (contiguous uint8) with bytes nobody can predict: the software VM's
+    UNSPECIFIED content mode, which exists so that relying on it shows up in tests.  AES-CTR under
+    a throwaway key over the old contents is as unpredictable as ``os.urandom`` and runs at
+    cipher speed; it goes through a chunk-sized buffer (cryptography wants room for a block more)."""
+    size = frames.size
+    ctr = Cipher(algorithms.AES(os.urandom(32)), modes.CTR(os.urandom(16))).encryptor()
+    step = CHUNK_PAGES * PAGE_SIZE
+    buf = np.empty(min(size, step) + 16, dtype=np.uint8)
+    for off in range(0, size, step):
+        part = frames[off : off + step]
+        got = ctr.update_into(part, buf)
+        part[:] = buf[:got]

@@ -10,13 +10,13 @@ SPTEs live in separate trees (TDX's mirror roots).
 from __future__ import annotations
 
 import errno
-import os
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from guestmem import uapi as u
 from guestmem.errors import KvmError
+from guestmem.model.mm.encryption import scramble
 
 PS = u.PAGE_SIZE
 
@@ -144,7 +144,7 @@ class SwProtectedFlavour(Flavour):
                 frames.fill(0)
             elif mode == u.KVM_SET_MEMORY_ATTRIBUTES2_MODE_UNSPECIFIED:
                 # The test vehicle scrambles, so that relying on UNSPECIFIED shows up in tests.
-                frames[:] = np.frombuffer(os.urandom(frames.size), dtype=np.uint8)
+                scramble(frames)
             # PRESERVE: nothing to do without encryption.
 
 
