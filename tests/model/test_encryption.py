@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 import guestmem
 import guestmem.uapi as u
-from guestmem.api import ExitHalt
+from guestmem.api import ExitGuestAssert, ExitHalt
 from guestmem.guest.ops import Accept, Program, Verify, Write
 from guestmem.model.mm import _xts_native
 from guestmem.model.mm import encryption as enc
@@ -141,3 +141,25 @@ def test_native_loop_builds_into_a_fresh_cache(tmp_path: object, monkeypatch: py
     so = _xts_native._build()
     assert so.exists() and so.parent.parent == tmp_path
     assert _xts_native._build() == so  # built once, then reused
+
+
+@pytest.mark.parametrize("flavour", [u.KVM_X86_SW_PROTECTED_VM, u.KVM_X86_SNP_VM])
+def test_verify_reports_first_mismatch_past_the_first_chunk(flavour: int) -> None:
+    """Guest reads are checked a chunk at a time; the first wrong byte is still the one reported."""
+    kvm = guestmem.open("model")
+    vm = kvm.create_vm(flavour)
+    n = 3 << 20
+    gmem = vm.create_guest_memfd(n, 0)
+    vm.set_user_memory_region2(1, u.KVM_MEM_GUEST_MEMFD, GPA, n, 0, gmem, 0)
+    vm.set_memory_attributes(GPA, n, u.KVM_MEMORY_ATTRIBUTE_PRIVATE)
+    accept = []
+    if flavour != u.KVM_X86_SW_PROTECTED_VM:
+        vm.launch_finalize()
+        accept = [Accept(GPA, n)]
+    vcpu = vm.create_vcpu(0)
+    bad = (1 << 20) + 5000
+    vcpu.load(Program([*accept, Write(GPA, n, 0x11), Write(GPA + bad, 3, 0x22),
+                       Write(GPA + bad + 9000, 1, 0x33), Verify(GPA, n, 0x11)]))
+    ex = vcpu.run()
+    assert isinstance(ex, ExitGuestAssert)
+    assert (ex.gpa, ex.expected, ex.found) == (GPA + bad, 0x11, 0x22)
