@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 
 import numpy as np
 import pytest
@@ -163,3 +164,24 @@ def test_verify_reports_first_mismatch_past_the_first_chunk(flavour: int) -> Non
     ex = vcpu.run()
     assert isinstance(ex, ExitGuestAssert)
     assert (ex.gpa, ex.expected, ex.found) == (GPA + bad, 0x11, 0x22)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_one_engine_used_from_two_threads(backend: str) -> None:
+    """A vCPU's access and a conversion may use a VM's engine from different threads at once."""
+    key = os.urandom(64)
+    e = engine(key, backend)
+    data = np.frombuffer(os.urandom(64 * PS), dtype=np.uint8)
+    want = {pfn: reference(key, pfn, data.tobytes(), True) for pfn in (3, 1000)}
+    got: dict[int, list[bytes]] = {3: [], 1000: []}
+
+    def work(pfn: int) -> None:
+        for _ in range(20):
+            got[pfn].append(e.encrypt(pfn, data).tobytes())
+
+    threads = [threading.Thread(target=work, args=(pfn,)) for pfn in want]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(g == want[pfn] for pfn, gs in got.items() for g in gs)

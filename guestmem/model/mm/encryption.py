@@ -156,6 +156,9 @@ class EncryptionEngine:
         self.backend = backend()
         self._native: dict[bool, object] = {}
         self._ecb: dict[str, object] = {}
+        # The cipher contexts are reused and the native loop runs without the GIL: one user at a
+        # time (a vCPU's access and a conversion's content mode may come from different threads).
+        self._lock = threading.Lock()
 
     # --- the interface ----------------------------------------------------------------------------
     def encrypt(self, pfn: int, plaintext: np.ndarray) -> np.ndarray:
@@ -200,22 +203,27 @@ class EncryptionEngine:
         assert dst.dtype == np.uint8 and dst.flags.c_contiguous and dst.size == src.size
         dst = dst.reshape(-1)
         n = src.size // PAGE_SIZE
-        if n:
-            lib = _load_native() if self.backend == "native" else None
-            if lib is not None:
-                ctx = self._native.get(encrypt)
-                if ctx is None:
-                    ctx = self._native[encrypt] = lib.context(self.key, encrypt)  # type: ignore[attr-defined]
-                ctx.pages(pfn, src, dst, n)  # type: ignore[attr-defined]
-            else:
-                for i in range(0, n, CHUNK_PAGES):
-                    m = min(CHUNK_PAGES, n - i)
-                    sl = slice(i * PAGE_SIZE, (i + m) * PAGE_SIZE)
-                    self._numpy_chunk(pfn + i, src[sl], dst[sl], encrypt)
+        with self._lock:
+            self._run(pfn, src, dst, n, encrypt)
         if encrypt:
             self.pages_encrypted += n
         else:
             self.pages_decrypted += n
+
+    def _run(self, pfn: int, src: np.ndarray, dst: np.ndarray, n: int, encrypt: bool) -> None:
+        if not n:
+            return
+        lib = _load_native() if self.backend == "native" else None
+        if lib is not None:
+            ctx = self._native.get(encrypt)
+            if ctx is None:
+                ctx = self._native[encrypt] = lib.context(self.key, encrypt)  # type: ignore[attr-defined]
+            ctx.pages(pfn, src, dst, n)  # type: ignore[attr-defined]
+            return
+        for i in range(0, n, CHUNK_PAGES):
+            m = min(CHUNK_PAGES, n - i)
+            sl = slice(i * PAGE_SIZE, (i + m) * PAGE_SIZE)
+            self._numpy_chunk(pfn + i, src[sl], dst[sl], encrypt)
 
     def _cipher(self, name: str) -> object:
         """One ECB context per use, kept: ECB carries no state between block-aligned updates."""
