@@ -171,12 +171,12 @@ def test_one_engine_used_from_two_threads(backend: str) -> None:
     """A vCPU's access and a conversion may use a VM's engine from different threads at once."""
     key = os.urandom(64)
     e = engine(key, backend)
-    data = np.frombuffer(os.urandom(64 * PS), dtype=np.uint8)
+    data = np.frombuffer(os.urandom(256 * PS), dtype=np.uint8)
     want = {pfn: reference(key, pfn, data.tobytes(), True) for pfn in (3, 1000)}
     got: dict[int, list[bytes]] = {3: [], 1000: []}
 
     def work(pfn: int) -> None:
-        for _ in range(20):
+        for _ in range(30):
             got[pfn].append(e.encrypt(pfn, data).tobytes())
 
     threads = [threading.Thread(target=work, args=(pfn,)) for pfn in want]
