@@ -3,7 +3,10 @@
 Every figure here is a measurement taken in the same process run, so ratios between them (model
 vs kernel, conversion vs memcpy) are meaningful on the machine that ran it.  Nothing is asserted:
 the numbers are for people, and for the targets the issues state (converting all of a 1 TiB
-guest < 50 ms, pre-faulting 1 GiB at 2 MiB < 100 ms, touching 64 MiB within 5x of the kernel).
+guest < 50 ms, pre-faulting 1 GiB at 2 MiB < 100 ms, touching 64 MiB within 5x of the kernel;
+content modes at >= 0.25x a memcpy of the same bytes, peak resident memory <= 1.2x what the guest
+touched).  Figures that depend on the memory-encryption engine name the implementation that ran
+(``xts_backend``: the native C loop, or the numpy fallback).
 """
 
 from __future__ import annotations
@@ -152,12 +155,26 @@ def bench_model_vs_kernel(touch_size: int, write_size: int) -> list[dict[str, An
 
 # --- in-place conversion (issue 4) ----------------------------------------------------------------
 
-def bench_conversion_throughput(size: int) -> dict[str, Any]:
-    """Round-trip conversion of ``size`` bytes of allocated memory, per flavour and content mode,
-    beside a numpy copy of the same size measured in the same run."""
+GOAL_RATIO = 0.25  # issue 10: content modes at >= 0.25x a numpy memcpy of the same bytes
+
+
+def _spread(values: list[float]) -> dict[str, float]:
+    v = sorted(values)
+    return {"median": v[len(v) // 2], "min": v[0], "max": v[-1]}
+
+
+def bench_conversion_throughput(size: int, repeat: int = 3) -> dict[str, Any]:
+    """Conversion of ``size`` bytes of allocated memory, per flavour, content mode and direction,
+    each timed ``repeat`` times beside a numpy copy of the same bytes timed right after it, so
+    every figure carries its own ratio to memcpy (median and spread over the repeats), and which
+    XTS implementation ran."""
+    from guestmem.model.mm.encryption import backend
+
+    xts = backend()  # loads (the first time on a machine: builds) the native loop outside the timings
     src = np.ones(size, dtype=np.uint8)
     dst = np.empty_like(src)
-    memcpy_s = _time(lambda: np.copyto(dst, src))
+    np.copyto(dst, src)  # fault the destination in once
+    memcpy_all: list[float] = []
     rows = []
     modes = {"unspecified": 0, "zero": u.KVM_SET_MEMORY_ATTRIBUTES2_MODE_ZERO,
              "preserve": u.KVM_SET_MEMORY_ATTRIBUTES2_MODE_PRESERVE}
@@ -165,32 +182,143 @@ def bench_conversion_throughput(size: int) -> dict[str, Any]:
                              ("tdx", u.KVM_X86_TDX_VM)):
         for mode_name, mode in modes.items():
             for direction in ("to_shared", "to_private"):
-                kvm = guestmem.open("model", attributes="gmem")
-                vm = kvm.create_vm(vm_type)
-                gmem = vm.create_guest_memfd(size, u.GUEST_MEMFD_FLAG_MMAP | u.GUEST_MEMFD_FLAG_INIT_SHARED)
-                host = gmem.mmap()
-                host.fill(0, size, 0x11)  # allocate every page
-                target = PRIVATE if direction == "to_private" else 0
-                if direction == "to_shared":
-                    gmem.set_memory_attributes2(0, size, PRIVATE, 0)
-                if flavour != "sw-protected" and not (direction == "to_private" and mode_name == "preserve"):
-                    vm.launch_finalize()
-                t = time.perf_counter()
-                try:
-                    gmem.set_memory_attributes2(0, size, target, mode)
-                    wall: float | None = time.perf_counter() - t
-                    err = None
-                except KvmError as e:
-                    wall, err = None, e.errname
-                rows.append({"flavour": flavour, "mode": mode_name, "direction": direction,
-                             "wall_s": wall, "gib_per_s": (size / GiB / wall) if wall else None,
-                             "error": err})
-                host.close()
-                gmem.close()
-                vm.close()
-                kvm.close()
-    return {"bytes": size, "memcpy_s": memcpy_s, "memcpy_gib_per_s": size / GiB / memcpy_s,
+                walls: list[float] = []
+                ratios: list[float] = []
+                err = None
+                for _ in range(repeat):
+                    wall, err = _convert_once(size, vm_type, flavour, mode_name, mode, direction)
+                    if wall is None:
+                        break
+                    # One shot, like the conversion: a best-of memcpy against a single conversion
+                    # would charge all the scheduler noise of a shared machine to the conversion.
+                    memcpy_s = _time(lambda: np.copyto(dst, src), 1)
+                    memcpy_all.append(memcpy_s)
+                    walls.append(wall)
+                    ratios.append(memcpy_s / wall)
+                row: dict[str, Any] = {"flavour": flavour, "mode": mode_name, "direction": direction,
+                                       "error": err}
+                if walls:
+                    row.update(wall_s=_spread(walls), gib_per_s=size / GiB / sorted(walls)[len(walls) // 2],
+                               ratio_to_memcpy=_spread(ratios),
+                               meets_goal=sorted(ratios)[len(ratios) // 2] >= GOAL_RATIO)
+                rows.append(row)
+    memcpy_s = sorted(memcpy_all)[len(memcpy_all) // 2]
+    return {"bytes": size, "repeat": repeat, "xts_backend": xts, "goal_ratio": GOAL_RATIO,
+            "memcpy_s": _spread(memcpy_all), "memcpy_gib_per_s": size / GiB / memcpy_s,
             "conversions": rows}
+
+
+def _convert_once(size: int, vm_type: int, flavour: str, mode_name: str, mode: int,
+                  direction: str) -> tuple[float | None, str | None]:
+    """One conversion of a fully allocated guest_memfd; (wall seconds, None) or (None, errno name)."""
+    kvm = guestmem.open("model", attributes="gmem")
+    vm = kvm.create_vm(vm_type)
+    gmem = vm.create_guest_memfd(size, u.GUEST_MEMFD_FLAG_MMAP | u.GUEST_MEMFD_FLAG_INIT_SHARED)
+    host = gmem.mmap()
+    try:
+        host.fill(0, size, 0x11)  # allocate every page
+        target = PRIVATE if direction == "to_private" else 0
+        if direction == "to_shared":
+            gmem.set_memory_attributes2(0, size, PRIVATE, 0)
+        if flavour != "sw-protected" and not (direction == "to_private" and mode_name == "preserve"):
+            vm.launch_finalize()
+        t = time.perf_counter()
+        try:
+            gmem.set_memory_attributes2(0, size, target, mode)
+        except KvmError as e:
+            return None, e.errname
+        return time.perf_counter() - t, None
+    finally:
+        host.close()
+        gmem.close()
+        vm.close()
+        kvm.close()
+
+
+def bench_xts(size: int, repeat: int = 3) -> dict[str, Any]:
+    """The encryption engine alone, in place over ``size`` bytes, for each implementation this
+    machine can run, as a ratio to a numpy copy of the same bytes timed in the same loop."""
+    from guestmem.model.mm import encryption as enc
+
+    src = np.ones(size, dtype=np.uint8)
+    dst = np.empty_like(src)
+    np.copyto(dst, src)
+    out: dict[str, Any] = {"bytes": size, "default_backend": enc.backend()}
+    if enc.backend() != "native":
+        from guestmem.model.mm import _xts_native
+
+        out["native_unavailable"] = _xts_native.why
+    for name in ["numpy", "native"] if enc.backend() == "native" else ["numpy"]:
+        engine = enc.EncryptionEngine()
+        engine.backend = name
+        ratios, rates = [], []
+        for _ in range(repeat):
+            memcpy_s = _time(lambda: np.copyto(dst, src), 1)
+            wall = _time(lambda e=engine: e.encrypt_into(7, dst, dst), 1)
+            ratios.append(memcpy_s / wall)
+            rates.append(size / GiB / wall)
+        out[name] = {"gib_per_s": _spread(rates), "ratio_to_memcpy": _spread(ratios)}
+    return out
+
+
+def bench_write_peak_rss(size: int, flavours: tuple[str, ...] = ("sw-protected", "snp", "tdx"),
+                         ) -> list[dict[str, Any]]:
+    """Peak resident memory of a process that writes all of a ``size``-byte private guest, per
+    flavour, each in a fresh interpreter (``ru_maxrss`` never goes down): the growth of the peak
+    over the resident size just before the write, against the guest memory touched (goal <= 1.2x)."""
+    import json
+    import subprocess
+    from pathlib import Path
+
+    root = str(Path(guestmem.__file__).resolve().parent.parent)
+    rows = []
+    for flavour in flavours:
+        code = ("import json, guestmem.bench as b; "
+                f"print(json.dumps(b._write_peak_child({flavour!r}, {size})))")
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                              timeout=900)
+        if proc.returncode != 0:
+            rows.append({"flavour": flavour, "error": proc.stderr.strip().splitlines()[-1:]})
+            continue
+        row = json.loads(proc.stdout.strip().splitlines()[-1])
+        rows.append(row)
+    return rows
+
+
+def _write_peak_child(flavour: str, size: int) -> dict[str, Any]:
+    """In a fresh process: a ``flavour`` VM whose guest accepts and writes all of ``size`` bytes of
+    private memory (peak measured), then verifies all of it (peak measured again)."""
+    from guestmem.guest.ops import Accept
+    from guestmem.model.mm.encryption import backend
+
+    vm_type = {"sw-protected": u.KVM_X86_SW_PROTECTED_VM, "snp": u.KVM_X86_SNP_VM,
+               "tdx": u.KVM_X86_TDX_VM}[flavour]
+    kvm = guestmem.open("model")
+    vm = kvm.create_vm(vm_type)
+    gmem = vm.create_guest_memfd(size, 0)
+    vm.set_user_memory_region2(1, u.KVM_MEM_GUEST_MEMFD, GPA, size, 0, gmem, 0)
+    vm.set_memory_attributes(GPA, size, PRIVATE)
+    if flavour != "sw-protected":
+        vm.launch_finalize()
+    vcpu = vm.create_vcpu(0)
+    accept = [Accept(GPA, size)] if flavour != "sw-protected" else []
+    vcpu.load(Program([*accept, Write(GPA, size, 0x5A)]))
+    gc.collect()
+    rss0 = _rss_bytes()
+    t = time.perf_counter()
+    ex = vcpu.run()
+    wall = time.perf_counter() - t
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    vcpu.load(Program([Verify(GPA, size, 0x5A)]))  # and the guest reads all of it back
+    t = time.perf_counter()
+    ok = ex.name == "halt" and vcpu.run().name == "halt"
+    verify_s = time.perf_counter() - t
+    peak_v = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"flavour": flavour, "touched_bytes": size, "ok": ok, "write_s": wall, "verify_s": verify_s,
+            "xts_backend": backend(), "rss_before_write_bytes": rss0, "peak_rss_bytes": peak,
+            "peak_growth_over_touched": (peak - rss0) / size, "peak_over_touched": peak / size,
+            "peak_after_verify_bytes": peak_v, "peak_after_verify_over_touched": peak_v / size}
 
 
 def bench_eagain_and_split(size: int) -> dict[str, Any]:
@@ -260,6 +388,8 @@ def run_all(quick: bool = False) -> dict[str, Any]:
         "scaling": bench_scaling(sizes),
         "model_vs_kernel": bench_model_vs_kernel(64 << 20, (4 if quick else 16) << 20),
         "conversion_throughput": bench_conversion_throughput((16 if quick else 64) << 20),
+        "xts_engine": bench_xts((16 if quick else 64) << 20),
+        "private_write_peak_rss": bench_write_peak_rss((256 << 20) if quick else GiB),
         "eagain_split_merge": bench_eagain_and_split((64 if quick else 256) << 20),
         "resident": bench_resident(64 << 20),
     }

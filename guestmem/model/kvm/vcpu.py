@@ -14,8 +14,6 @@ import errno
 import threading
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 from guestmem import uapi as u
 from guestmem.api import (
     Exit,
@@ -220,12 +218,11 @@ class ModelVcpu:
                         vm.arch.guest_write(pool, pfn, off, b - a, op.pattern, private)
                         self.stats["bytes_written"] += b - a
                     else:
-                        seen = vm.arch.guest_read(pool, pfn, off, b - a, private)
-                        bad = np.flatnonzero(seen != op.pattern)
-                        if bad.size:
-                            k = int(bad[0])
+                        miss = vm.arch.guest_first_mismatch(pool, pfn, off, b - a, op.pattern, private)
+                        if miss is not None:
+                            k, seen_byte = miss
                             self.progress = a + k - gpa
-                            return self._fail(op, a + k, int(seen[k]))
+                            return self._fail(op, a + k, seen_byte)
                         self.stats["bytes_verified"] += b - a
                     pos = b
                     self.progress = pos - gpa

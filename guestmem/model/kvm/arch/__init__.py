@@ -10,15 +10,16 @@ SPTEs live in separate trees (TDX's mirror roots).
 from __future__ import annotations
 
 import errno
-import os
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from guestmem import uapi as u
 from guestmem.errors import KvmError
+from guestmem.model.mm.encryption import scramble
 
 PS = u.PAGE_SIZE
+VERIFY_CHUNK = 256 * PS  # 1 MiB: what a guest read is checked in, page aligned
 
 if TYPE_CHECKING:
     from guestmem.api import Exit
@@ -70,6 +71,23 @@ class Flavour:
     def guest_read(self, pool: FramePool, pfn: int, off: int, n: int, private: bool) -> np.ndarray:
         """What the guest reads there (a memory-encryption engine decrypts private pages)."""
         return pool.view(pfn, (off + n + PS - 1) // PS).reshape(-1)[off : off + n]
+
+    def guest_first_mismatch(self, pool: FramePool, pfn: int, off: int, n: int, byte: int,
+                             private: bool) -> tuple[int, int] | None:
+        """Where the guest, reading ``n`` bytes at byte ``off`` of the frames from ``pfn``, first
+        sees something other than ``byte``: (offset from ``off``, the byte seen), or None.  Reads in
+        chunks, so that checking all of a large guest needs no copy (decrypted, or a comparison
+        mask) of all of it."""
+        pos, end = off, off + n
+        while pos < end:
+            stop = min(end, (pos // VERIFY_CHUNK + 1) * VERIFY_CHUNK)
+            seen = self.guest_read(pool, pfn, pos, stop - pos, private)
+            bad = np.flatnonzero(seen != byte)
+            if bad.size:
+                k = int(bad[0])
+                return pos - off + k, int(seen[k])
+            pos = stop
+        return None
 
     def guest_access_fault(self, gfn: int, end: int, private: bool, write: bool) -> tuple[int, str] | None:
         """A guest-side exception before the access (SNP #VC on an unvalidated page, TDX #VE on an
@@ -144,7 +162,7 @@ class SwProtectedFlavour(Flavour):
                 frames.fill(0)
             elif mode == u.KVM_SET_MEMORY_ATTRIBUTES2_MODE_UNSPECIFIED:
                 # The test vehicle scrambles, so that relying on UNSPECIFIED shows up in tests.
-                frames[:] = np.frombuffer(os.urandom(frames.size), dtype=np.uint8)
+                scramble(frames)
             # PRESERVE: nothing to do without encryption.
 
 

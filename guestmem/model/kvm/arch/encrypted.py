@@ -98,27 +98,36 @@ class EncryptedFlavour(Flavour):
                 if a >= b:  # a run of the widened (whole-folio) lookup outside [g, g2)
                     continue
                 first = pfn + (a - rs)
+                frames = pool.view(first, b - a).reshape(-1)
                 if src is not None:
                     data = np.frombuffer(src, dtype=np.uint8)[(a - gfn) * PS : (b - gfn) * PS]
                 else:
-                    data = pool.view(first, b - a).reshape(-1).copy()
-                pool.view(first, b - a).reshape(-1)[:] = self.engine.encrypt(first, data)
+                    data = frames  # in place: no copy of the range
+                self.engine.encrypt_into(first, data, frames)
                 self.mark_accepted(a, b, first)
             g = g2
         return (g - gfn) * PS
 
     # --- guest accesses ---------------------------------------------------------------------------
     def guest_write(self, pool: FramePool, pfn: int, off: int, n: int, byte: int, private: bool) -> None:
+        """A private store: pages it covers whole are encrypted from the pattern in chunks (no
+        plaintext copy of the range); a page it covers in part is decrypted, patched, re-encrypted."""
         if not private:
             return super().guest_write(pool, pfn, off, n, byte, private)
+        if n <= 0:
+            return None
         p0, p1 = off // PS, (off + n + PS - 1) // PS
-        frames = pool.view(pfn + p0, p1 - p0).reshape(-1)
-        if off % PS or (off + n) % PS:
-            plain = self.engine.decrypt(pfn + p0, frames)
-        else:
-            plain = np.empty(frames.size, dtype=np.uint8)
-        plain[off - p0 * PS : off - p0 * PS + n] = byte
-        frames[:] = self.engine.encrypt(pfn + p0, plain)
+        full0, full1 = (off + PS - 1) // PS, (off + n) // PS  # the pages written whole
+        for p in sorted({p0, p1 - 1}):
+            if full0 <= p < full1:
+                continue
+            page = pool.view(pfn + p, 1).reshape(-1)
+            plain = self.engine.decrypt(pfn + p, page)
+            plain[max(off - p * PS, 0) : min(off + n - p * PS, PS)] = byte
+            self.engine.encrypt_into(pfn + p, plain, page)
+        if full0 < full1:
+            self.engine.fill_encrypt(pfn + full0, pool.view(pfn + full0, full1 - full0).reshape(-1), byte)
+        return None
 
     def guest_read(self, pool: FramePool, pfn: int, off: int, n: int, private: bool) -> np.ndarray:
         if not private:
@@ -173,7 +182,7 @@ class EncryptedFlavour(Flavour):
             if mode == ZERO:
                 frames.fill(0)
             elif mode == PRESERVE and to_private:
-                frames[:] = self.engine.encrypt(pfn, frames.copy())
+                self.engine.encrypt_into(pfn, frames, frames)  # in place, in chunks
                 slot_gfn = self._gfn_of_index(inode, s)
                 if slot_gfn is not None:
                     self.mark_accepted(slot_gfn, slot_gfn + (e - s), pfn)

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 from guestmem import uapi as u
 from guestmem.model.kvm.arch.encrypted import EncryptedFlavour
 
@@ -42,7 +40,7 @@ class TdxFlavour(EncryptedFlavour):
             if done:
                 continue
             p, n = pfn + (s - gfn), e - s
-            pool.view(p, n).reshape(-1)[:] = self.engine.encrypt(p, np.zeros(n * u.PAGE_SIZE, np.uint8))
+            self.engine.fill_encrypt(p, pool.view(p, n).reshape(-1), 0)
         self.mark_accepted(gfn, end, pfn)
 
     def private_zapped(self, gfn: int, end: int) -> None:
