@@ -79,7 +79,7 @@ def require_cap(kvm_or_vm: Kvm | Vm, cap: int, mask: int | None = None) -> int:
 
 
 def check(*objs: object) -> None:
-    """Check the model's invariants (DESIGN.md) on every object that can check them.
+    """Check the model's invariants (docs/design.md) on every object that can check them.
 
     The kernel backend has no ``check_invariants``; there this is a no-op.
     """

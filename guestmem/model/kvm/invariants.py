@@ -1,4 +1,4 @@
-"""The invariants of DESIGN.md, checkable at any quiescent moment: ``vm.check_invariants()``.
+"""The invariants of docs/design.md, checkable at any quiescent moment: ``vm.check_invariants()``.
 
 Each check walks ranges (SPTE runs, attribute runs, page-cache runs), never pages, so it is cheap
 enough to run after every step of every test.  A violation raises :class:`InvariantError` naming

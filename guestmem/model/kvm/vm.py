@@ -398,7 +398,7 @@ class ModelVm:
 
     # --- checking -----------------------------------------------------------------------------------
     def check_invariants(self, quiescent: bool = True) -> None:
-        """Check DESIGN.md's invariants.  Safe from any thread: it holds slots_lock and mmu_lock
+        """Check docs/design.md's invariants.  Safe from any thread: it holds slots_lock and mmu_lock
         while it looks.  With ``quiescent=False`` (other threads may be mid-operation) the
         invariants that only hold between operations (no invalidation open, frame totals) are
         skipped."""

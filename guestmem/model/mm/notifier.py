@@ -1,6 +1,6 @@
 """The notifier contract: how a backing file tells its users (KVM) that pages are about to go.
 
-This is the only way control flows back up the floors (DESIGN.md): the backing store never calls
+This is the only way control flows back up the floors (docs/design.md): the backing store never calls
 KVM; KVM registers a notifier on the file.  Two delivery modes, chosen per file
 (``ShmemFile(invalidate_granularity=...)``):
 
