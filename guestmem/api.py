@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from guestmem import uapi as u
 
-if TYPE_CHECKING:  # the op language is floor 3; the interface only names it in a signature
+if TYPE_CHECKING:  # the op language (floor 2 too) is only named in a signature here
     from guestmem.guest.ops import Program
 
 # --- exits ------------------------------------------------------------------------------------------
