@@ -14,6 +14,19 @@ from typing import Any, Literal
 from guestmem import uapi as u
 
 
+_CHOICES: dict[str, tuple[Any, ...]] = {
+    "attributes": ("vm", "gmem"),
+    "inplace_revision": ("v5", "v8"),
+    "gmem_folio_order": (0, 9, 18),
+    "anon_folio_order": (0, 9, 18),
+}
+_RANGES: dict[str, tuple[int, int]] = {
+    "phys_bits": (36, 52),
+    "pool_bytes": (1 << 30, 1 << 47),
+    "max_vcpus": (1, 4096),
+}
+
+
 @dataclass(frozen=True)
 class ModelOptions:
     # Where shared/private lives: "vm" = legacy per-VM KVM_SET_MEMORY_ATTRIBUTES (upstream 6.8+);
@@ -54,20 +67,73 @@ class ModelOptions:
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> ModelOptions:
+        """Validate every switch (name, type, allowed values) and build the options."""
         known = {f.name for f in fields(cls)}
         unknown = set(kwargs) - known
         if unknown:
             raise TypeError(f"unknown model option(s): {', '.join(sorted(unknown))}; "
                             f"known: {', '.join(sorted(known))}")
-        opts = cls(**kwargs)
-        if opts.attributes not in ("vm", "gmem"):
-            raise ValueError(f"attributes must be 'vm' or 'gmem', not {opts.attributes!r}")
-        if opts.inplace_revision not in ("v5", "v8"):
-            raise ValueError(f"inplace_revision must be 'v5' or 'v8', not {opts.inplace_revision!r}")
-        for name in ("gmem_folio_order", "anon_folio_order"):
-            if getattr(opts, name) not in (0, 9, 18):
-                raise ValueError(f"{name} must be 0, 9 or 18")
-        return opts
+        return cls(**{name: cls.check(name, value) for name, value in kwargs.items()})
+
+    @classmethod
+    def check(cls, name: str, value: Any) -> Any:
+        """``value`` as switch ``name`` holds it; TypeError/ValueError saying what is allowed."""
+        default = cls.__dataclass_fields__[name].default
+        if name in _CHOICES:
+            if value not in _CHOICES[name] or isinstance(value, bool):
+                raise ValueError(f"{name} must be one of {', '.join(map(repr, _CHOICES[name]))}, "
+                                 f"not {value!r}")
+            return value
+        if isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise TypeError(f"{name} must be true or false, not {value!r}")
+            return value
+        if isinstance(default, int):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an integer, not {value!r}")
+            low, high = _RANGES.get(name, (0, 1 << 64))
+            if not low <= value <= high:
+                raise ValueError(f"{name} must be in {low}..{high}, not {value}")
+            return value
+        if isinstance(default, tuple):  # vm_types
+            if isinstance(value, str | bytes) or not all(
+                    isinstance(v, int) and not isinstance(v, bool) for v in value):
+                raise TypeError(f"{name} must be a list of VM type numbers, not {value!r}")
+            bad = [v for v in value if v not in u.VM_TYPE_NAMES]
+            if bad:
+                raise ValueError(f"{name}: unknown VM type(s) {bad}; known: "
+                                 + ", ".join(f"{t} ({n})" for t, n in sorted(u.VM_TYPE_NAMES.items())))
+            return tuple(value)
+        raise TypeError(f"{name}: unsupported switch type")  # pragma: no cover
+
+    @classmethod
+    def parse_text(cls, name: str, text: str) -> Any:
+        """A switch given on the command line (``--model name=text``), typed by its default."""
+        if name not in cls.__dataclass_fields__:
+            raise ValueError(f"unknown model switch {name!r}; known: "
+                             f"{', '.join(f.name for f in fields(cls))}")
+        default = cls.__dataclass_fields__[name].default
+        value: Any = text
+        if isinstance(default, bool):
+            lowered = text.lower()
+            if lowered not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+                raise ValueError(f"{name} must be true or false, not {text!r}")
+            value = lowered in ("true", "1", "yes", "on")
+        elif isinstance(default, int):
+            try:
+                value = int(text, 0)
+            except ValueError:
+                raise ValueError(f"{name} must be an integer, not {text!r}") from None
+        elif isinstance(default, tuple):
+            names = {n.lower().replace("_", "-"): t for t, n in u.VM_TYPE_NAMES.items()}
+            items = [t.strip() for t in text.split(",") if t.strip()]
+            try:
+                value = tuple(names[t.lower().replace("_", "-")] if t.lower().replace("_", "-") in names
+                              else int(t, 0) for t in items)
+            except ValueError:
+                raise ValueError(f"{name}: give VM types as names or numbers separated by commas, "
+                                 f"not {text!r}") from None
+        return cls.check(name, value)
 
     @property
     def gmem_attributes(self) -> bool:
