@@ -49,3 +49,30 @@ def _wrap(lines: list[str], code: str, outcome: str | None) -> None:
     lines.extend("    " + part.strip() for part in code.split("\n"))
     lines.append(f"except {_REFUSALS}:")
     lines.append(f"    pass  # refused: {outcome}")
+
+
+def render_differential(opts: dict[str, Any], steps: list[Step], outcomes: list[str | None],
+                        finding: Finding, *, header: str = "") -> str:
+    """A script that runs the same lines on the model (configured like the host) and on the
+    kernel, printing what the last one did on each: the two lines printed differ."""
+    lines = [f"# guestmem fuzz finding [{finding.category}]: {finding.message}"]
+    if header:
+        lines.append(f"# {header}")
+    lines.append(IMPORTS)
+    lines.append("")
+    lines.append("def run(kvm):")
+    body: list[str] = []
+    for st, out in zip(steps[:-1], outcomes[:-1], strict=False):
+        _wrap(body, st.code, out)
+    body.append("try:")
+    body.extend("    " + part.strip() for part in steps[-1].code.split("\n"))
+    body.append("    print(kvm.backend, 'ok', repr(locals().get('_'))[:200])")
+    body.append("except Exception as e:  # the outcome is what is compared")
+    body.append("    print(kvm.backend, type(e).__name__, e)")
+    lines.extend("    " + b for b in body)
+    args = "".join(f", {k}={v!r}" for k, v in sorted(opts.items()))
+    lines.append("")
+    lines.append("")
+    lines.append(f"run(guestmem.open('model'{args}))")
+    lines.append("run(guestmem.open('kernel'))")
+    return "\n".join(lines) + "\n"

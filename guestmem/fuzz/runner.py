@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from guestmem.fuzz.machine import Finding, Session, Step, StepGen, draw_options
-from guestmem.fuzz.reproducer import render
+from guestmem.fuzz.reproducer import render, render_differential
 
 FATAL = ("crash", "invariant")
 
@@ -81,7 +81,8 @@ def sequence_seed(seed: int, i: int) -> str:
 
 def run_sequence(seed: str, max_steps: int, on_finding: Callable[[Finding, Session], bool],
                  gen_factory: Callable[[random.Random], StepGen] = StepGen,
-                 session_factory: Callable[[dict[str, Any]], Session] = Session) -> int:
+                 session_factory: Callable[[dict[str, Any]], Session] = Session,
+                 fatal: tuple[str, ...] = FATAL) -> int:
     """Run one sequence; ``on_finding`` is told about each finding and returns whether to stop.
     Returns the number of steps run."""
     rng = random.Random(seed)
@@ -94,21 +95,22 @@ def run_sequence(seed: str, max_steps: int, on_finding: Callable[[Finding, Sessi
         step = gen.next(s)
         f = s.run(step)
         done += 1
-        if f is not None and (on_finding(f, s) or f.category in FATAL):
+        if f is not None and (on_finding(f, s) or f.category in fatal):
             break
-    if not any(f.category in FATAL for f in [s.last_finding] if f is not None):
+    if not any(f.category in fatal for f in [s.last_finding] if f is not None):
         # Release the pins still held, as a VMM's exit would: an unpin that fails is a finding
         # here rather than an exception ignored at garbage collection.
         for p in s.names("p"):
             f = s.run(Step(f"{p}.close(); del {p}", "mapping.unpin", (p,)))
             done += 1
-            if f is not None and (on_finding(f, s) or f.category in FATAL):
+            if f is not None and (on_finding(f, s) or f.category in fatal):
                 break
     return done
 
 
 def replay(opts: dict[str, Any], steps: list[Step], key: tuple[str, ...],
-           session_factory: Callable[[dict[str, Any]], Session] = Session) -> Session | None:
+           session_factory: Callable[[dict[str, Any]], Session] = Session,
+           fatal: tuple[str, ...] = FATAL) -> Session | None:
     """Run ``steps`` in a fresh system; the session if finding ``key`` occurs (it then stops
     there), else None."""
     s = session_factory(opts)
@@ -117,17 +119,18 @@ def replay(opts: dict[str, Any], steps: list[Step], key: tuple[str, ...],
         if f is not None:
             if f.key == key:
                 return s
-            if f.category in FATAL:
+            if f.category in fatal:
                 return None
     return None
 
 
 def shrink(opts: dict[str, Any], steps: list[Step], key: tuple[str, ...], budget_s: float = 5.0,
-           session_factory: Callable[[dict[str, Any]], Session] = Session) -> tuple[list[Step], Session]:
+           session_factory: Callable[[dict[str, Any]], Session] = Session,
+           fatal: tuple[str, ...] = FATAL) -> tuple[list[Step], Session]:
     """Delta debugging: drop chunks of steps (halves, quarters, ..., single steps) while the same
     finding still occurs; stops at a fixpoint or when the time budget is spent."""
     deadline = time.monotonic() + budget_s
-    s = replay(opts, steps, key, session_factory)
+    s = replay(opts, steps, key, session_factory, fatal)
     if s is None:  # not reproducible from a fresh start (should not happen: everything is seeded)
         s = session_factory(opts)
         for st in steps:
@@ -142,7 +145,7 @@ def shrink(opts: dict[str, Any], steps: list[Step], key: tuple[str, ...], budget
         while i < len(cur) - 1 and time.monotonic() < deadline:  # never drop the failing step
             cand = cur[:i] + cur[i + chunk:]
             if len(cand) < len(cur) and cand and cand[-1] is cur[-1]:
-                r = replay(opts, cand, key, session_factory)
+                r = replay(opts, cand, key, session_factory, fatal)
                 if r is not None:
                     cur, best, changed = list(r.ran), r, True
                     continue
@@ -157,8 +160,12 @@ def shrink(opts: dict[str, Any], steps: list[Step], key: tuple[str, ...], budget
 def fuzz(seconds: float, seed: int = 0, *, max_steps: int = 60, max_sequences: int | None = None,
          shrink_budget: float = 5.0, gen_factory: Callable[[random.Random], StepGen] = StepGen,
          session_factory: Callable[[dict[str, Any]], Session] = Session,
-         progress: Callable[[Report], None] | None = None) -> Report:
-    """Run sequences until ``seconds`` have passed (or ``max_sequences`` ran)."""
+         progress: Callable[[Report], None] | None = None,
+         shrink_only: Callable[[tuple[str, ...]], bool] | None = None,
+         fatal: tuple[str, ...] = FATAL, backend: str = "model") -> Report:
+    """Run sequences until ``seconds`` have passed (or ``max_sequences`` ran); shrink every
+    distinct finding (or those whose key ``shrink_only`` accepts; the others keep their first
+    occurrence unshrunk)."""
     rep = Report()
     old_hook = sys.unraisablehook
 
@@ -168,7 +175,7 @@ def fuzz(seconds: float, seed: int = 0, *, max_steps: int = 60, max_sequences: i
     sys.unraisablehook = hook
     try:
         return _fuzz(rep, seconds, seed, max_steps, max_sequences, shrink_budget, gen_factory,
-                     session_factory, progress)
+                     session_factory, progress, shrink_only, fatal, backend)
     finally:
         gc.collect()  # release the last sessions while the hook still counts
         sys.unraisablehook = old_hook
@@ -177,7 +184,9 @@ def fuzz(seconds: float, seed: int = 0, *, max_steps: int = 60, max_sequences: i
 def _fuzz(rep: Report, seconds: float, seed: int, max_steps: int, max_sequences: int | None,
           shrink_budget: float, gen_factory: Callable[[random.Random], StepGen],
           session_factory: Callable[[dict[str, Any]], Session],
-          progress: Callable[[Report], None] | None) -> Report:
+          progress: Callable[[Report], None] | None,
+          shrink_only: Callable[[tuple[str, ...]], bool] | None = None,
+          fatal: tuple[str, ...] = FATAL, backend: str = "model") -> Report:
     t0 = time.monotonic()
     deadline = t0 + seconds
     pending: list[tuple[Finding, dict[str, Any], list[Step], str]] = []
@@ -195,7 +204,7 @@ def _fuzz(rep: Report, seconds: float, seed: int, max_steps: int, max_sequences:
             pending.append((f, rec.opts, rec.steps, seq))
             return False
 
-        rep.steps += run_sequence(seq, max_steps, on_finding, gen_factory, session_factory)
+        rep.steps += run_sequence(seq, max_steps, on_finding, gen_factory, session_factory, fatal)
         rep.sequences += 1
         i += 1
         if progress is not None and i % 100 == 0:
@@ -205,12 +214,17 @@ def _fuzz(rep: Report, seconds: float, seed: int, max_steps: int, max_sequences:
     for f, opts, steps, seq in pending:
         rec = rep.records[f.key]
         rec.shrunk_from = len(steps)
-        small, sess = shrink(opts, steps, f.key, shrink_budget, session_factory)
+        budget = shrink_budget if shrink_only is None or shrink_only(f.key) else 0.0
+        small, sess = shrink(opts, steps, f.key, budget, session_factory, fatal)
         final = _finding_in(sess, f)
         rec.steps = small
-        rec.reproducer = render(opts, sess.ran, sess.outcomes, final,
-                                header=f"seed {seq} (guestmem fuzz --seed {seq.split(':')[0]}); "
-                                       f"shrunk from {len(steps)} to {len(sess.ran)} steps")
+        header = (f"seed {seq} (guestmem fuzz --seed {seq.split(':')[0]}"
+                  f"{' --backend kernel' if backend == 'kernel' else ''}); "
+                  f"shrunk from {len(steps)} to {len(sess.ran)} steps")
+        if backend == "kernel":
+            rec.reproducer = render_differential(opts, sess.ran, sess.outcomes, final, header=header)
+        else:
+            rec.reproducer = render(opts, sess.ran, sess.outcomes, final, header=header)
     return rep
 
 
