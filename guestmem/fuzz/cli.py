@@ -47,6 +47,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--shrink-seconds", type=float, default=5.0, metavar="S",
                    help="time to spend shrinking each distinct finding (default 5)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--findings", metavar="FILE",
+                   help="also write the findings grouped by cause as Markdown to FILE")
     p.set_defaults(func=run_command)
 
 
@@ -70,6 +72,11 @@ def run_command(args: argparse.Namespace, console: Any = None) -> int:
                                        path=getattr(args, "device", "/dev/kvm"))
     else:
         rep = fuzz(seconds, args.seed, max_steps=args.max_steps, shrink_budget=args.shrink_seconds)
+    if args.findings:
+        from guestmem.report.atomic import write_text
+
+        cmd = f"guestmem fuzz --minutes {args.minutes:g} --seed {args.seed} --backend {args.backend}"
+        write_text(args.findings, rep.markdown("guestmem fuzz findings", cmd))
     if args.json:
         print(json.dumps(rep.to_json(), indent=2))
     else:

@@ -64,6 +64,40 @@ class Report:
         return (f"{self.sequences} sequences, {self.steps} steps, {len(self.records)} findings "
                 f"({self.seconds:.1f} s, {rate:.1f} sequences/s, {srate:.0f} steps/s{tail})")
 
+    def groups(self) -> dict[str, list[Record]]:
+        """Findings grouped by distinct cause: the integer rule and closed objects are one cause
+        each whatever the call; a crash is its exception and location; the rest their key."""
+        out: dict[str, list[Record]] = {}
+        for r in self.findings:
+            k = r.finding.key
+            cause = next((c for c in k if isinstance(c, str) and c.startswith(("integer-rule",
+                                                                                "closed-object"))), None)
+            if r.finding.category == "crash" and cause is None:
+                g = f"crash: {' '.join(k[1:3]) if k[1] != 'kernel' else ' '.join(k[1:4])}"
+            elif cause is not None:
+                g = cause.split(" (", 1)[0]
+                if r.finding.category == "crash":
+                    g += f" -> crash {k[1]} at {k[2]}"
+            elif r.finding.category == "differs":
+                g = f"differs: {k[1]} (model {k[2]}, kernel {k[3]})"
+            else:
+                g = f"{r.finding.category}: {' | '.join(str(x) for x in k[1:])}"
+            out.setdefault(g, []).append(r)
+        return dict(sorted(out.items(), key=lambda kv: -sum(r.count for r in kv[1])))
+
+    def markdown(self, title: str, command: str) -> str:
+        """The findings file: one entry per distinct cause, with its shortest reproducer."""
+        lines = [f"# {title}", "", f"`{command}`: {self.summary()}", ""]
+        for g, recs in self.groups().items():
+            n = sum(r.count for r in recs)
+            calls = sorted({r.finding.key[1] for r in recs})
+            best = min(recs, key=lambda r: (len(r.reproducer.splitlines()), r.finding.key))
+            lines += [f"## {g} — {n} hits, {len(recs)} distinct keys", "",
+                      f"Calls: {', '.join(f'`{c}`' for c in calls)}", "",
+                      f"Example ({best.finding.category}): {best.finding.message}", "",
+                      "```python", best.reproducer.rstrip(), "```", ""]
+        return "\n".join(lines)
+
     def to_json(self) -> dict[str, Any]:
         return {
             "sequences": self.sequences, "steps": self.steps, "seconds": round(self.seconds, 3),

@@ -149,16 +149,15 @@ def test_fuzzer_finds_an_injected_bug_and_its_reproducer_reproduces(monkeypatch:
 
 
 def test_refused_call_that_changes_state_is_found(monkeypatch: pytest.MonkeyPatch) -> None:
-    kvm_cls = type(guestmem.open("model"))
     vm_cls = type(guestmem.open("model").create_vm(0))
     real = vm_cls.enable_cap
 
-    def enable_cap(self, cap: int, flags: int = 0, args: tuple[int, ...] = ()) -> None:  # noqa: ANN001
-        real(self, cap, 0, args) if isinstance(flags, int) and not isinstance(flags, bool) else None
+    def enable_cap(self: object, cap: int, flags: int = 0, args: tuple[int, ...] = ()) -> None:
+        """Injected bug: the flags check comes after the change."""
+        real(self, cap, 0, args)
         if flags:
             raise guestmem.KvmError(errno.EINVAL, "KVM_ENABLE_CAP", "injected: after the change")
     monkeypatch.setattr(vm_cls, "enable_cap", enable_cap)
-    del kvm_cls
     s = Session({})
     for code, kind in [("vm1 = kvm.create_vm(0)", "kvm.create_vm"),
                        ("vm1.enable_cap(201, 1, args=(4096,))", "vm.enable_cap")]:
