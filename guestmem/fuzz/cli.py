@@ -42,6 +42,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--backend", choices=("model", "kernel"), default="model",
                    help="model: the model alone, every promise checked; kernel: differential, the "
                         "kernel backend against the model configured like this host")
+    p.add_argument("--sequences", type=int, default=None, metavar="N",
+                   help="stop after N sequences even if time is left")
     p.add_argument("--max-steps", type=int, default=60, metavar="N",
                    help="steps per sequence at most (default 60; 12 on the kernel backend)")
     p.add_argument("--shrink-seconds", type=float, default=5.0, metavar="S",
@@ -56,8 +58,8 @@ def run_command(args: argparse.Namespace, console: Any = None) -> int:
     """The command: returns the exit status."""
     from guestmem.fuzz.runner import fuzz
 
-    if args.max_steps < 1:
-        print("guestmem fuzz: error: --max-steps must be >= 1", file=sys.stderr)
+    if args.max_steps < 1 or (args.sequences is not None and args.sequences < 1):
+        print("guestmem fuzz: error: --max-steps and --sequences must be >= 1", file=sys.stderr)
         return 2
     seconds = args.minutes * 60
     if args.backend == "kernel":
@@ -69,9 +71,11 @@ def run_command(args: argparse.Namespace, console: Any = None) -> int:
             return 2
         rep = differential.fuzz_kernel(seconds, args.seed, max_steps=min(args.max_steps, 12),
                                        shrink_budget=args.shrink_seconds,
-                                       path=getattr(args, "device", "/dev/kvm"))
+                                       path=getattr(args, "device", "/dev/kvm"),
+                                       max_sequences=args.sequences)
     else:
-        rep = fuzz(seconds, args.seed, max_steps=args.max_steps, shrink_budget=args.shrink_seconds)
+        rep = fuzz(seconds, args.seed, max_steps=args.max_steps, shrink_budget=args.shrink_seconds,
+                   max_sequences=args.sequences)
     if args.findings:
         from guestmem.report.atomic import write_text
 
