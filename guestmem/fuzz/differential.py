@@ -126,8 +126,14 @@ class DiffSession(Session):
                 self.kns.pop(target, None)
             return f
         if _cls(model_out) != _cls(kernel_out):
-            return Finding("differs", ("differs", step.kind, _cls(model_out), _cls(kernel_out)),
-                           f"model: {model_out or 'ok'}, kernel: {kernel_out or 'ok'}", index)
+            cause = self.last_expect.cause()
+            if cause.startswith(("integer-rule", "closed-object")):
+                # One cause (the rule, on whichever side lacks it), whatever each side answered.
+                key: tuple[str, ...] = ("differs", step.kind, cause.split(" (", 1)[0])
+            else:
+                key = ("differs", step.kind, _cls(model_out), _cls(kernel_out))
+            return Finding("differs", key, f"model: {model_out or 'ok'}, kernel: {kernel_out or 'ok'}"
+                           f"{f' ({cause})' if cause != '-' else ''}", index)
         for name in ("_", target):
             if name and name in self.ns and name in self.kns:
                 a, b = _summary(self.ns[name]), _summary(self.kns[name])

@@ -111,6 +111,7 @@ class Session:
         self.counter = 0
         self.ran: list[Step] = []
         self.last_finding: Finding | None = None
+        self.last_expect: Expect = Expect()
         # Objects made by an accepted bad call (a 16 EiB mapping, a slot at a negative gpa): what
         # happens to them later is a consequence of that finding, so only invariants are judged.
         self.tainted: set[str] = set()
@@ -156,6 +157,7 @@ class Session:
         self.ran.append(step)
         tainted = any(n in self.tainted for n in step.uses)
         exp = step.expect(self) if step.expect is not None else Expect()
+        self.last_expect = exp
         before = snapshot(self.kvm) if self.check_state else None
         exc: BaseException | None = None
         try:

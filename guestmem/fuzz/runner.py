@@ -72,7 +72,9 @@ class Report:
             k = r.finding.key
             cause = next((c for c in k if isinstance(c, str) and c.startswith(("integer-rule",
                                                                                 "closed-object"))), None)
-            if r.finding.category == "crash" and cause is None:
+            if r.finding.category == "differs" and cause is not None:
+                g = f"differs because of the {cause.split(' (', 1)[0]}"
+            elif r.finding.category == "crash" and cause is None:
                 g = f"crash: {' '.join(k[1:3]) if k[1] != 'kernel' else ' '.join(k[1:4])}"
             elif cause is not None:
                 g = cause.split(" (", 1)[0]
