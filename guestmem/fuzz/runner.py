@@ -104,6 +104,7 @@ class Report:
         return {
             "sequences": self.sequences, "steps": self.steps, "seconds": round(self.seconds, 3),
             "ignored_at_release": dict(self.ignored),
+            "coverage": dict(sorted(self.kinds.items())),
             "findings": [{"category": r.finding.category, "key": list(r.finding.key),
                           "message": r.finding.message, "count": r.count, "seed": r.seed,
                           "steps": len(r.steps), "shrunk_from": r.shrunk_from,
@@ -118,9 +119,10 @@ def sequence_seed(seed: int, i: int) -> str:
 def run_sequence(seed: str, max_steps: int, on_finding: Callable[[Finding, Session], bool],
                  gen_factory: Callable[[random.Random], StepGen] = StepGen,
                  session_factory: Callable[[dict[str, Any]], Session] = Session,
-                 fatal: tuple[str, ...] = FATAL) -> int:
+                 fatal: tuple[str, ...] = FATAL, coverage: Counter[str] | None = None) -> int:
     """Run one sequence; ``on_finding`` is told about each finding and returns whether to stop.
-    Returns the number of steps run."""
+    Returns the number of steps run; ``coverage`` counts the step kinds that ran, the model
+    switches and the VM types created."""
     rng = random.Random(seed)
     opts = draw_options(rng)
     s = session_factory(opts)
@@ -141,6 +143,11 @@ def run_sequence(seed: str, max_steps: int, on_finding: Callable[[Finding, Sessi
             done += 1
             if f is not None and (on_finding(f, s) or f.category in fatal):
                 break
+    if coverage is not None:
+        coverage.update(st.kind for st in s.ran)
+        coverage.update(f"option {k}={v}" for k, v in s.opts.items() if k in (
+            "attributes", "inplace_revision", "gmem_folio_order", "anon_folio_order", "tdp_mmu", "smm"))
+        coverage.update(f"vm type {vm.vm_type}" for vm in getattr(s.kvm, "vms", ()))
     return done
 
 
@@ -240,7 +247,8 @@ def _fuzz(rep: Report, seconds: float, seed: int, max_steps: int, max_sequences:
             pending.append((f, rec.opts, rec.steps, seq))
             return False
 
-        rep.steps += run_sequence(seq, max_steps, on_finding, gen_factory, session_factory, fatal)
+        rep.steps += run_sequence(seq, max_steps, on_finding, gen_factory, session_factory, fatal,
+                                  rep.kinds)
         rep.sequences += 1
         i += 1
         if progress is not None and i % 100 == 0:
