@@ -163,3 +163,11 @@ def test_refused_call_that_changes_state_is_found(monkeypatch: pytest.MonkeyPatc
                        ("vm1.enable_cap(201, 1, args=(4096,))", "vm.enable_cap")]:
         f = s.run(Step(code, kind, ("kvm",) if kind.startswith("kvm") else ("vm1",)))
     assert f is not None and f.category == "state-changed" and "hc_mask" in f.message
+
+
+def test_same_seed_same_run() -> None:
+    """``--seed`` reproduces: the same sequences, steps and findings (only timings differ)."""
+    a = fuzz(60, seed=5, max_sequences=6, shrink_budget=0.0)
+    b = fuzz(60, seed=5, max_sequences=6, shrink_budget=0.0)
+    assert (a.steps, dict(a.kinds)) == (b.steps, dict(b.kinds))
+    assert {k: r.count for k, r in a.records.items()} == {k: r.count for k, r in b.records.items()}
