@@ -182,6 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_scenarios(sub)
     register_compare(sub)
+    from guestmem.fuzz.cli import add_parser as register_fuzz
+
+    register_fuzz(sub)
     return parser
 
 
