@@ -13,7 +13,6 @@ from typing import Any, Literal
 
 from guestmem import uapi as u
 
-
 _CHOICES: dict[str, tuple[Any, ...]] = {
     "attributes": ("vm", "gmem"),
     "inplace_revision": ("v5", "v8"),
