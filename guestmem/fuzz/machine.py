@@ -515,13 +515,21 @@ class StepGen:
 
         def exp(ss: Session) -> Expect:
             e = expect_for(args, ss.is_closed(g))
+            if a_len.value is None and a_off.good:  # length None: the whole file (a default)
+                a_len.cls, a_len.conv = "ok", s.ns[g].size
+                e = expect_for(args, ss.is_closed(g))
             if a_len.good and a_off.good:
-                if a_len.conv == 0 or a_off.conv % PS:
-                    e.bad("mmap of zero length or unaligned offset", errno.EINVAL)
+                if a_off.conv % PS and e.must in (None, "KvmError"):
+                    # ksys_mmap_pgoff checks the offset before it looks the fd up
+                    return Expect("KvmError", errno.EINVAL, "mmap offset unaligned")
+                if a_len.conv == 0:
+                    e.bad("mmap of zero length", errno.EINVAL)
                 if a_off.conv < 0:
                     e.bad("negative mmap offset (EINVAL or EOVERFLOW)")
                 if a_len.conv > 1 << 47:
                     e.bad("mmap length beyond the user address space", errno.ENOMEM)
+                elif a_len.conv > 1 << 46:
+                    return e  # may or may not fit in what is left of the address space
                 if not flags & u.GUEST_MEMFD_FLAG_MMAP:
                     e.bad("guest_memfd without MMAP", errno.ENODEV)
             return e
@@ -728,27 +736,34 @@ class StepGen:
         start = self.rng.randrange(npages) * PS + (self.rng.choice([0, 0, 0, 17]))
         n = self.rng.choice([1, 16, PS, 2 * PS])
         what = self.rng.choice(["read", "write", "fill", "discard", "read"])
-        a_off, a_len = self.arg(start, o.S64), self.arg(n, o.S64)
+        a_off, a_len = self.arg(start, o.SIZE_T), self.arg(n, o.SIZE_T)
         if what == "read":  # the value is kept in ``_`` (the differential mode compares contents)
             code = f"_ = {m}.read({a_off.code}, {a_len.code})"
         elif what == "write":
             code = f"{m}.write({a_off.code}, bytes([{self.rng.randrange(256)}]) * {n})"
-            a_len = make_arg(n, None, o.S64)
+            a_len = make_arg(n, None, o.SIZE_T)
         elif what == "fill":
             code = f"{m}.fill({a_off.code}, {a_len.code}, {self.rng.randrange(256)})"
         else:
-            a_off = self.arg(start - start % PS, o.S64)
-            a_len = self.arg(self.rng.randint(1, 4) * PS, o.S64)
+            a_off = self.arg(start - start % PS, o.SIZE_T)
+            a_len = self.arg(self.rng.randint(1, 4) * PS, o.SIZE_T)
             code = f"{m}.discard({a_off.code}, {a_len.code})"
         args = {"offset": a_off, "length": a_len}
 
         def exp(ss: Session) -> Expect:
             e = expect_for(args, ss.is_closed(m))
             if e.must is None and a_off.good and a_len.good:
-                if a_off.conv < 0 or a_len.conv < 0 or a_off.conv + a_len.conv > length:
+                off, n = a_off.conv, a_len.conv
+                if what == "discard":
+                    # madvise: the start must be aligned, the length is rounded up to pages, and
+                    # the mapping covers whole pages.
+                    whole = -(-length // PS) * PS
+                    if off % PS:
+                        e.bad("discard start unaligned", errno.EINVAL)
+                    elif n and off + -(-n // PS) * PS > whole:
+                        e.bad("discard range reaches past the mapping", errno.ENOMEM)
+                elif off > length or n > length - off:
                     e.must, e.why = "refused", "access outside the mapping"
-                if what == "discard" and (a_off.conv % PS or a_len.conv % PS):
-                    e.bad("discard range unaligned", errno.EINVAL)
             return e
         return Step(code, f"mapping.{what}", (m,), exp)
 
@@ -758,16 +773,18 @@ class StepGen:
         length = s.ns[m].length
         start = self.rng.randrange(max(1, length // PS)) * PS
         n = min(self.rng.choice([1, 1, 4]) * PS, max(PS, length - start))
-        a_off, a_len = self.arg(start, o.S64), self.arg(n, o.S64)
+        a_off, a_len = self.arg(start, o.SIZE_T), self.arg(n, o.SIZE_T)
         p = s.fresh("p")
         # A pin is a context manager held across steps: entered here, exited by unpin.
         code = f"{p} = ExitStack(); {p}.enter_context({m}.pin({a_off.code}, {a_len.code}))"
 
         def exp(ss: Session) -> Expect:
             e = expect_for({"offset": a_off, "length": a_len}, ss.is_closed(m))
-            if e.must is None and a_off.good and a_len.good and (
-                    a_off.conv % PS or a_len.conv % PS or a_len.conv <= 0):
-                e.bad("pin range unaligned or empty", errno.EINVAL)
+            if e.must is None and a_off.good and a_len.good:
+                if a_off.conv % PS or a_len.conv % PS or a_len.conv == 0:
+                    e.bad("pin range unaligned or empty", errno.EINVAL)
+                elif a_off.conv > length or a_len.conv > length - a_off.conv:
+                    e.must, e.why = "refused", "pin outside the mapping"
             return e
         return Step(code, "mapping.pin", (m,), exp)
 
@@ -881,6 +898,8 @@ class StepGen:
     def _convert_code(self, s: Session, vm: Any, vmn: str, gpa: int, size: int, to_private: bool
                       ) -> tuple[str, str, tuple[str, ...]] | None:
         attr = PRIVATE if to_private else 0
+        if not 0 < size < 1 << 64 or gpa + size > 1 << 64:
+            return None  # a VMM answers such a request with an error; it does not forward it
         if not s.kvm.options.gmem_attributes:
             return (f"{vmn}.set_memory_attributes({gpa:#x}, {size:#x}, {attr:#x})",
                     "vm.set_memory_attributes", (vmn,))
@@ -907,6 +926,8 @@ class StepGen:
 
         def exp(ss: Session) -> Expect:
             e = expect_for(a, ss.is_closed(c))
+            if e.must is None and getattr(getattr(ss.ns.get(c), "vm", None), "bugged", False):
+                return Expect("KvmError", errno.EIO, "the VM is bugged (checked first)")
             if all(x.good for x in a.values()):
                 if a["flags"].conv:
                     e.bad("flags must be 0", errno.EINVAL)

@@ -139,10 +139,11 @@ class Expect:
 def expect_for(args: dict[str, Arg], closed: bool) -> Expect:
     """The expectation from argument conversion and the object's state, before the kernel's own
     argument rules (which the caller adds with :meth:`Expect.bad`)."""
+    # Arguments are converted one by one in the order of the signature (``args`` is built in
+    # that order): the first that cannot be converted decides which exception it is.
     for name, a in args.items():
         if a.cls == "type":
             return Expect("TypeError", None, f"non-integer {name}")
-    for name, a in args.items():
         if a.cls == "overflow":
             return Expect("OverflowError", None, f"{name} does not fit its field")
     converted = any(a.conv != a.value for a in args.values())

@@ -91,9 +91,9 @@ def snapshot(kvm: Any) -> dict[str, Any]:
     """Everything observable about the model system ``kvm`` (a ``ModelKvm``)."""
     proc = kvm.process
     with proc._lock:
-        fds = tuple(sorted((fd, type(o).__name__, id(o)) for fd, o in proc._fds.items()))
-        maps = tuple(sorted((m.addr, m.length, m.pgoff, id(m.file), m.closed)
-                            for m in proc._mappings.values()))
+        fds = tuple(sorted((fd, type(o).__name__, id(o))
+                           for fd in list(proc._fds) if (o := proc.fget(fd)) is not None))
+    maps = tuple(sorted((m.addr, m.length, m.pgoff, id(m.file), m.closed) for m in proc.mappings()))
     files = {}
     for f in kvm.live_files():
         files[id(f)] = _file_state(f, kvm.pool)
@@ -103,7 +103,7 @@ def snapshot(kvm: Any) -> dict[str, Any]:
         "mappings": maps,
         "vms": {id(vm): _vm_state(vm) for vm in list(kvm.vms)},
         "files": files,
-        "pool": (kvm.pool.allocated,),
+        "pool": (kvm.pool.allocated, kvm.pool.deferred),
     }
 
 

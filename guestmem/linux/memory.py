@@ -163,6 +163,8 @@ class KernelMapping:
     def pin(self, offset: int, length: int) -> KernelPin:
         """Take real page references on ``[offset, offset+length)`` for as long as the context is held."""
         offset, length = u64(offset, "offset"), u64(length, "length")
+        if self.closed:
+            raise KvmError(errno.EBADF, "mapping.pin", "mapping is closed")
         if offset % PAGE_SIZE or length == 0 or length % PAGE_SIZE:
             raise KvmError(errno.EINVAL, "mapping.pin", "offset and length must be page aligned")
         offset, length = self._check("pin", offset, length)

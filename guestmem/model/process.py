@@ -217,6 +217,8 @@ class ModelMapping:
         The pin holds the pages themselves: a hole punch or a close while it is held removes them
         from the file, but their frames are freed only when the pin goes, as in the kernel."""
         offset, length = u64(offset, "offset"), u64(length, "length")
+        if self.closed:
+            raise KvmError(errno.EBADF, "mapping.pin", "mapping is closed")
         if offset % PS or length == 0 or length % PS:
             raise KvmError(errno.EINVAL, "mapping.pin", "offset and length must be page aligned")
         offset, length = self.check_access("mapping.pin", offset, length)
