@@ -72,8 +72,6 @@ class RangeMap(Generic[V]):
 
     __getitem__ = get
 
-    __getitem__ = get
-
     def items(self) -> Iterator[tuple[int, int, V]]:
         """The stored intervals, in order (default-valued gaps are not yielded)."""
         return zip(self._starts, self._ends, self._values, strict=True)
@@ -240,6 +238,7 @@ class _ChunkedRangeMap(RangeMap[V]):
     __slots__ = ()
 
     def __len__(self) -> int:
+        """Number of stored intervals, kept as a count (chunks would make ``len`` O(n / _LOAD))."""
         return self._len
 
     def get(self, index: int) -> V:
@@ -250,8 +249,6 @@ class _ChunkedRangeMap(RangeMap[V]):
             if index < self._es[c][i]:
                 return self._vs[c][i]
         return self.default
-
-    __getitem__ = get
 
     __getitem__ = get
 
