@@ -379,6 +379,54 @@ def bench_resident(size: int) -> dict[str, Any]:
             "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
+# --- RangeMap at scale (issue 10, goal 6) ----------------------------------------------------------
+
+RANGEMAP_SET_GOAL_US = 3.0  # per random single-page set at 1M ranges
+
+
+def bench_rangemap(sizes: list[int], ops: int = 2000, repeat: int = 7) -> dict[str, Any]:
+    """Random single-page ``set`` and point ``get`` on a RangeMap holding ``n`` ranges.
+
+    The map holds ``[4i, 4i+3) = 1 + i % 3``; each op splits one random range with a new value and
+    the next restores it (a merge), so the map keeps ``n`` ranges and both paths are timed.  Each
+    of ``repeat`` batches of ``ops`` ops is timed alone: best, median and worst per op are
+    reported, since other processes on the machine move single figures a lot.
+    """
+    import random
+
+    from guestmem.ranges import RangeMap
+
+    def spread(samples: list[float]) -> dict[str, float]:
+        s = sorted(samples)
+        return {"best": s[0], "median": s[len(s) // 2], "worst": s[-1]}
+
+    rows = []
+    for n in sizes:
+        m: RangeMap[int] = RangeMap(0)
+        for i in range(n):
+            m.set(4 * i, 4 * i + 3, 1 + i % 3)
+        rnd = random.Random(n)
+        set_us, get_us = [], []
+        for _ in range(repeat):
+            picks = [rnd.randrange(n) for _ in range(ops)]
+            t = time.perf_counter()
+            for i in picks:
+                p = 4 * i + 1
+                m.set(p, p + 1, 7)
+                m.set(p, p + 1, 1 + i % 3)
+            set_us.append((time.perf_counter() - t) / (2 * ops) * 1e6)
+            t = time.perf_counter()
+            for i in picks:
+                m.get(4 * i + 1)
+            get_us.append((time.perf_counter() - t) / ops * 1e6)
+        assert len(m) == n
+        rows.append({"ranges": n, "set_us": spread(set_us), "get_us": spread(get_us)})
+        del m
+        gc.collect()
+    return {"goal_set_us_at_1m": RANGEMAP_SET_GOAL_US, "ops_per_batch": ops, "batches": repeat,
+            "sizes": rows}
+
+
 def run_all(quick: bool = False) -> dict[str, Any]:
     sizes = [GiB, 16 * GiB, 256 * GiB, 1 << 40] if not quick else [GiB, 1 << 40]
     t = time.perf_counter()
@@ -392,6 +440,7 @@ def run_all(quick: bool = False) -> dict[str, Any]:
         "private_write_peak_rss": bench_write_peak_rss((256 << 20) if quick else GiB),
         "eagain_split_merge": bench_eagain_and_split((64 if quick else 256) << 20),
         "resident": bench_resident(64 << 20),
+        "rangemap": bench_rangemap([10_000, 100_000, 1_000_000]),
     }
     result["total_s"] = time.perf_counter() - t
     return result
