@@ -345,6 +345,7 @@ class StepGen:
             (2, self.close),
             (1, self.check_extension),
         ]
+        table = [(w, f) for w, f in table if w > 0]  # hypothesis' Random may pick weight-0 items
         for _ in range(50):
             fn = self.rng.choices([f for _, f in table], [w for w, _ in table])[0]
             try:

@@ -62,7 +62,6 @@ def test_kernel_backend_without_kvm_exits_2() -> None:
     assert main(["fuzz", "--backend", "kernel", "--minutes", "0.01"]) == 2
 
 
-@pytest.mark.xfail(strict=False, reason="lead fixing: the model bugs in FINDINGS.md")
 def test_real_run_is_clean(capsys: pytest.CaptureFixture[str]) -> None:
     rc = main(["fuzz", "--minutes", "0.05", "--seed", "1", "--shrink-seconds", "1"])
     out = capsys.readouterr().out

@@ -15,8 +15,6 @@ def test_concurrent_without_pins(order: int) -> None:
     assert rep.ops["vcpu.program"] > 0 and rep.ops["convert"] > 0 and rep.ops["check"] > 0
 
 
-@pytest.mark.xfail(strict=False, reason="lead fixing: pins keeping frames alive until unpin "
-                                        "(punch under a pin underflows the reference count)")
 def test_concurrent_with_pins() -> None:
     rep = run_threads(1.0, seed=1, pins=True)
     assert rep.ok, rep.summary() + "\n" + "\n".join(rep.errors + rep.lost_writes + rep.invariant_errors)
