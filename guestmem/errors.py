@@ -54,3 +54,18 @@ class CapabilityMissing(RuntimeError):
     def __init__(self, cap: str, detail: str = ""):
         super().__init__(f"host lacks {cap}" + (f": {detail}" if detail else ""))
         self.cap = cap
+
+
+class ModelSwitchOff(CapabilityMissing):
+    """The model lacks a capability only because one of its switches is off (the model can do it):
+    the message names the switch and how to turn it on, instead of blaming a host."""
+
+    def __init__(self, cap: str, switch: str, value: object, current: object, detail: str = "") -> None:
+        toml = repr(value).replace("'", '"') if isinstance(value, str) else str(value).lower()
+        RuntimeError.__init__(
+            self, f"the model runs with the switch {switch}={current!r}, so it offers no {cap}"
+            + (f" ({detail})" if detail else "")
+            + f"; set `{switch} = {toml}` in the scenario's [model] table or pass "
+            f"--model {switch}={value}")
+        self.cap = cap
+        self.switch = switch

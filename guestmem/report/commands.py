@@ -25,7 +25,7 @@ from rich.table import Table
 
 import guestmem
 from guestmem import cliargs
-from guestmem.errors import CapabilityMissing, KvmError
+from guestmem.errors import CapabilityMissing, KvmError, ModelSwitchOff
 from guestmem.report.atomic import OutputError, check_writable, write_bytes, write_text
 from guestmem.report.images import render_png, render_svg
 from guestmem.report.maps import kinds_table, render_terminal
@@ -48,6 +48,19 @@ def _fail(cmd: str, message: str, code: int) -> int:
     return code
 
 
+def model_switch(text: str) -> tuple[str, Any]:
+    """``--model NAME=VALUE``: one model switch, typed and checked as ``guestmem.open`` would."""
+    from guestmem.model.options import ModelOptions
+
+    name, sep, value = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"{text!r}: give NAME=VALUE, e.g. attributes=gmem")
+    try:
+        return name.strip(), ModelOptions.parse_text(name.strip(), value.strip())
+    except (TypeError, ValueError) as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="model", metavar="NAME",
                    help=f"where to run it: {' or '.join(guestmem.BACKENDS)} (default: model)")
@@ -60,6 +73,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=cliargs.seconds, metavar="SECONDS",
                    help="stop the run after this long (default: the scenario's, 600 s; at most a week)")
     p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+    p.add_argument("--model", action="append", type=model_switch, metavar="NAME=VALUE", default=[],
+                   help="a model switch (repeatable), e.g. attributes=gmem, gmem_folio_order=9, "
+                   "inplace_revision=v8, tdp_mmu=false (see guestmem/model/options.py); it overrides "
+                   "the scenario's [model] table")
     cliargs.add_max_resident(p)
 
 
@@ -135,7 +152,7 @@ def _run_from_args(args: argparse.Namespace, console: Console, *, snapshots: boo
         return run_scenario(scn, backend=args.backend, flavour=args.flavour, vcpus=args.vcpus,
                             memory=memory, progress=progress, snapshots=snapshots,
                             timeout_s=args.timeout, device=getattr(args, "device", None),
-                            max_resident=limit)
+                            max_resident=limit, model=dict(getattr(args, "model", None) or []) or None)
 
 
 def _stopped_at_bound(cmd: str, report: ScenarioReport) -> int | None:
@@ -149,7 +166,7 @@ def _stopped_at_bound(cmd: str, report: ScenarioReport) -> int | None:
 def _guarded(cmd: str, args: argparse.Namespace, fn: Callable[[], int]) -> int:
     try:
         return fn()
-    except (ScenarioError, UnknownFlavour, BadInput, OutputError) as exc:
+    except (ScenarioError, UnknownFlavour, BadInput, OutputError, ModelSwitchOff) as exc:
         return _fail(cmd, str(exc), EXIT_BAD_INPUT)
     except CapabilityMissing as exc:
         name = getattr(args, "scenario", None) or "the scenario"

@@ -228,7 +228,7 @@ class _Parser:
 
     def scenario(self, doc: dict[str, Any]) -> Scenario:
         c = self.c
-        c.keys(doc, (), {"scenario", "vmm", "region", "range", "phase"})
+        c.keys(doc, (), {"scenario", "vmm", "model", "region", "range", "phase"})
         head = c.table(c.get(doc, (), "scenario", dict), ("scenario",))
         p: KeyPath = ("scenario",)
         c.keys(head, p, {"name", "description", "flavours", "vcpus", "memory", "memory_per_vcpu", "timeout",
@@ -276,8 +276,27 @@ class _Parser:
             raise c.error((*p, "slices"), f"{slices!r} must name a range that is neither per vCPU nor "
                           f"per {ITEM} (or be \"ram\")")
         locs = {k: c.loc(("scenario", k)) for k in head}
+        model = self._model(c.table(doc.get("model", {}), ("model",)))
+        locs.update({f"model.{k}": c.loc(("model", k)) for k in model})
         return Scenario(name, description, c.file, flavours, vcpus, memory, per_vcpu, float(timeout),
-                        requires, vmm, regions, ranges, phases, locs, slices)
+                        requires, vmm, regions, ranges, phases, locs, slices, model)
+
+    def _model(self, t: dict[str, Any]) -> dict[str, Any]:
+        """``[model]``: the model's switches, each checked as ``guestmem.open("model", ...)`` would
+        (name, type, allowed values); VM types may be given by name (``"sw-protected"``)."""
+        from guestmem.model.options import ModelOptions
+
+        c, p = self.c, ("model",)
+        c.keys(t, p, set(ModelOptions.__dataclass_fields__))
+        out: dict[str, Any] = {}
+        for key, value in t.items():
+            try:
+                if key == "vm_types" and isinstance(value, list) and all(isinstance(v, str) for v in value):
+                    value = ModelOptions.parse_text(key, ",".join(value))
+                out[key] = ModelOptions.check(key, value)
+            except (TypeError, ValueError) as exc:
+                raise c.error((*p, key), str(exc)) from None
+        return out
 
     def _str_list(self, table: dict[str, Any], path: KeyPath, key: str, default: list[str]) -> list[str]:
         value = self.c.get(table, path, key, list, default)

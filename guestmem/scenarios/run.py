@@ -20,7 +20,7 @@ from typing import Any
 
 import guestmem
 from guestmem.api import Kvm, Vcpu
-from guestmem.errors import CapabilityMissing
+from guestmem.errors import CapabilityMissing, ModelSwitchOff
 from guestmem.scenarios.build import (
     BARRIER,
     HOSTCALL,
@@ -99,13 +99,35 @@ class ScenarioReport:
         }
 
 
-def open_backend(backend: str, scn: Scenario | None = None, *, device: str | None = None) -> Kvm:
+def model_options(scn: Scenario | None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The model switches a scenario runs with: what its [vmm] settings imply (a hugetlb shared
+    side is 2 MiB host folios; in-place backing needs per-guest_memfd attributes), then its
+    [model] table, then ``overrides`` (``--model NAME=VALUE``), later ones winning."""
+    options: dict[str, Any] = {}
+    if scn is not None:
+        if scn.vmm.shared_backing == "hugetlb":
+            options["anon_folio_order"] = 9  # the model's stand-in for a hugetlb-backed shared side
+        if scn.vmm.backing == "inplace":
+            options["attributes"] = "gmem"
+        options.update(scn.model)
+    options.update(overrides or {})
+    return options
+
+
+# Capabilities a model switch turns off, with the switch and the value that turns them on.
+_SWITCH_FOR_CAP = {
+    "KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES": ("attributes", "gmem"),
+    "KVM_CAP_MEMORY_ATTRIBUTES": ("attributes", "vm"),
+    "KVM_CAP_PRE_FAULT_MEMORY": ("tdp_mmu", True),
+}
+
+
+def open_backend(backend: str, scn: Scenario | None = None, *, device: str | None = None,
+                 model: dict[str, Any] | None = None) -> Kvm:
     """Open a backend for a scenario; a backend that cannot be opened is a missing capability."""
     if backend not in guestmem.BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(guestmem.BACKENDS)}")
-    options: dict[str, Any] = {}
-    if backend == "model" and scn is not None and scn.vmm.shared_backing == "hugetlb":
-        options["anon_folio_order"] = 9  # the model's stand-in for a hugetlb-backed shared side
+    options: dict[str, Any] = model_options(scn, model) if backend == "model" else {}
     if backend == "kernel" and device:
         options["path"] = device
     try:
@@ -154,17 +176,29 @@ def create_machine(kvm: Kvm, scn: Scenario, plan: Plan, flavour: str | None, tra
         except CapabilityMissing as exc:
             if m is not None:
                 m.close()
+            exc = _blame_switch(kvm, exc)
             first_error = first_error or exc
             notes.append(f"flavour {name} skipped: {exc}")
     assert first_error is not None
     raise first_error
 
 
+def _blame_switch(kvm: Kvm, exc: CapabilityMissing) -> CapabilityMissing:
+    """On the model, a capability that is only missing because a switch is off says so."""
+    options = getattr(kvm, "options", None)
+    if kvm.backend != "model" or options is None:
+        return exc
+    for cap, (switch, value) in _SWITCH_FOR_CAP.items():
+        if exc.cap.startswith(cap) and getattr(options, switch) != value:
+            return ModelSwitchOff(cap, switch, value, getattr(options, switch), str(exc))
+    return exc
+
+
 def run_scenario(scn: Scenario, *, backend: str = "model", flavour: str | None = None,
                  vcpus: int | None = None, memory: int | None = None, kvm: Kvm | None = None,
                  progress: Progress | None = None, snapshots: bool = False,
                  timeout_s: float | None = None, device: str | None = None,
-                 max_resident: int | None = None) -> ScenarioReport:
+                 max_resident: int | None = None, model: dict[str, Any] | None = None) -> ScenarioReport:
     """Run ``scn`` and report (see the module docstring for what raises and what is reported).
     ``max_resident`` bounds the whole process's resident set: crossing it stops the run and the
     report says so (``extra["resident_limit"]``)."""
@@ -175,7 +209,9 @@ def run_scenario(scn: Scenario, *, backend: str = "model", flavour: str | None =
             raise ScenarioError(f"scenario {scn.name!r} is written for flavour(s) {', '.join(scn.flavours)}, "
                                 f"not {flavour!r}", field="--flavour")
     own = kvm is None
-    kvm = kvm or open_backend(backend, scn, device=device)
+    if model and backend != "model":
+        raise ScenarioError("model switches apply to the model backend only", field="--model")
+    kvm = kvm or open_backend(backend, scn, device=device, model=model)
     trace = EventTrace()
     try:
         machine, notes = create_machine(kvm, scn, plan, flavour, trace)

@@ -144,6 +144,8 @@ class Scenario:
     phases: tuple[Phase, ...]
     locs: dict[str, Loc]
     slices: str = "ram"  # the range the per-vCPU slices divide
+    # [model]: switches for the model backend (guestmem/model/options.py), already validated.
+    model: dict[str, Any] = field(default_factory=dict)
 
     def loc(self, key: str) -> Loc:
         return self.locs.get(key, Loc(self.file, None, key))
