@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
@@ -24,6 +25,7 @@ from typing import Any, NoReturn
 from rich.console import Console
 from rich.table import Table
 
+import guestmem
 from guestmem import cliargs
 
 DEFAULT_DEVICE = "/dev/kvm"
@@ -33,6 +35,17 @@ MAX_DEMO_MIB = 1 << 20  # 1 TiB; the memory guard refuses far less on most hosts
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+class _DeviceAfterToo(_Parser):
+    """A subcommand's parser: ``--device`` and ``-v`` are accepted after the subcommand too
+    (``guestmem caps --device /dev/kvm``), as users type them."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.add_argument("--device", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        self.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
+                          help=argparse.SUPPRESS)
 
 
 def _print_caps(info: dict[str, Any], console: Console) -> None:
@@ -108,7 +121,7 @@ def _cmd_demo(args: argparse.Namespace, console: Console) -> int:
     size = args.size << 20
     # The kernel steps hold the guest_memfd and the host's view of it; the showcase adds its model run.
     estimate = cliargs.BASE_RESIDENT + 2 * size + (0 if args.kernel_only else 2 * SHOWCASE_MEMORY)
-    reason = cliargs.check_fits(estimate, args.max_resident, f"demo --size {args.size}")
+    reason = cliargs.check_fits(estimate, args.max_resident, f"demo --memory {args.size}M")
     if reason:
         return _error("demo", reason)
     if args.kernel_only and not args.device_given:
@@ -146,6 +159,14 @@ def _cmd_bench(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _memory_mib(text: str) -> int:
+    """``--memory SIZE`` as every subcommand takes it, in whole MiB for the demo."""
+    size = cliargs.byte_size(4 << 20, MAX_DEMO_MIB << 20)(text)
+    if size % (4 << 20):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a multiple of 4M")
+    return size >> 20
+
+
 def _size_mib(text: str) -> int:
     value = cliargs.int_in(4, MAX_DEMO_MIB, "MiB")(text)
     if value % 4:
@@ -155,18 +176,26 @@ def _size_mib(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="guestmem",
-                     description="KVM guest_memfd: an executable model and a /dev/kvm backend")
-    parser.add_argument("--device", help=f"the KVM device (default: {DEFAULT_DEVICE}); it must be the KVM "
-                        "character device and answer KVM_GET_API_VERSION")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+                     description="KVM guest_memfd: an executable model and a /dev/kvm backend",
+                     epilog="exit status: 0 done, 1 the run failed (or was stopped at its memory bound), "
+                     "2 bad input, 3 the host lacks what was asked for")
+    parser.add_argument("--version", action="version", version=f"guestmem {guestmem.__version__}")
+    device_help = (f"the KVM device (default: {DEFAULT_DEVICE}); it must be the KVM character device "
+                   "and answer KVM_GET_API_VERSION")
+    parser.add_argument("--device", help=device_help)
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="log what happens (-v: steps, -vv: debug) on stderr")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_DeviceAfterToo)
     caps = sub.add_parser("caps", help="what this host's KVM supports")
     caps.add_argument("--json", action="store_true", help="print JSON instead of tables")
     caps.add_argument("--no-hypercall-probe", action="store_true",
                       help="skip running a guest to see whether KVM_HC_MAP_GPA_RANGE exits")
     caps.set_defaults(func=_cmd_caps)
     demo = sub.add_parser("demo", help="guest_memfd as guest RAM, step by step, with timings")
-    demo.add_argument("--size", type=_size_mib, default=4, metavar="MIB",
-                      help="guest_memfd size in MiB for the real-kernel steps (multiple of 4; default 4)")
+    demo.add_argument("--memory", type=_memory_mib, dest="size", default=4, metavar="SIZE",
+                      help="guest_memfd size for the real-kernel steps, e.g. 8M (a multiple of 4M; "
+                      "default 4M)")
+    demo.add_argument("--size", type=_size_mib, dest="size", metavar="MIB", help=argparse.SUPPRESS)
     demo.add_argument("--kernel-only", action="store_true",
                       help="only the real-kernel steps (skip the model showcase)")
     demo.add_argument("--json", action="store_true", help="also print the step timings as JSON")
@@ -194,6 +223,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exit_:
         return int(exit_.code or 0) if not isinstance(exit_.code, str) else 2
+    if args.verbose:
+        logging.basicConfig(level=logging.DEBUG if args.verbose > 1 else logging.INFO,
+                            format="guestmem: %(name)s: %(message)s", stream=sys.stderr)
     args.device_given = args.device is not None
     if args.device is None:
         args.device = DEFAULT_DEVICE

@@ -225,13 +225,33 @@ def _rounds(text: str) -> int:
     return cliargs.int_in(1, 64, "rounds")(text)
 
 
+def _memory_mib(text: str) -> int:
+    """``--memory SIZE`` (the vocabulary of every other subcommand), as whole MiB for the runner."""
+    size = cliargs.byte_size(MIN_RAM, 1 << 40)(text)
+    if size % (2 * MiB):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a multiple of 2M")
+    return _ram_mib(str(size // MiB))
+
+
+_FLAVOUR_NAMES = {"sw-protected": "sw", "sw": "sw", "snp": "snp"}
+
+
+def _flavour(text: str) -> str:
+    """The flavour names ``run``/``map`` use (``sw-protected``); ``sw`` is kept as an alias."""
+    if text not in _FLAVOUR_NAMES:
+        raise argparse.ArgumentTypeError(f"unknown flavour {text!r}; compare runs sw-protected or snp")
+    return _FLAVOUR_NAMES[text]
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("workload", nargs="?", default=DEFAULT_WORKLOAD, choices=list(PHASES),
                         help="what the guest does (default: all = boot, bounce-io and balloon in one guest)")
-    parser.add_argument("--ram", type=_ram_mib, default=DEFAULT_RAM // MiB, metavar="MIB",
-                        help=f"guest RAM in MiB (even, >= {MIN_RAM // MiB}; default {DEFAULT_RAM // MiB})")
-    parser.add_argument("--flavour", choices=list(FLAVOURS), default="snp",
-                        help="VM flavour: snp (SEV-SNP-like, default) or sw (software-protected)")
+    parser.add_argument("--memory", type=_memory_mib, dest="ram", default=DEFAULT_RAM // MiB, metavar="SIZE",
+                        help=f"guest RAM, e.g. 64M (a multiple of 2M, >= {MIN_RAM // MiB}M; "
+                        f"default {DEFAULT_RAM // MiB}M)")
+    parser.add_argument("--ram", type=_ram_mib, dest="ram", metavar="MIB", help=argparse.SUPPRESS)
+    parser.add_argument("--flavour", type=_flavour, default="snp", metavar="NAME",
+                        help="VM flavour: snp (SEV-SNP-like, default) or sw-protected")
     parser.add_argument("--rounds", type=_rounds, default=8, help="bounce-buffer I/O rounds (default 8)")
     parser.add_argument("--reply", action="store_true",
                         help="add v9 with seed 000's reply (per-folio invalidation with order) as a row")
@@ -257,7 +277,7 @@ def cmd_compare(args: argparse.Namespace, console: Console | None = None) -> int
     # One design's machine at a time; each holds about its guest RAM (measured: --ram 256 peaks at
     # ~310 MiB), so twice the RAM is a safe bound.
     reason = cliargs.check_fits(cliargs.BASE_RESIDENT + 2 * args.ram * MiB,
-                                getattr(args, "max_resident", None), f"compare --ram {args.ram}")
+                                getattr(args, "max_resident", None), f"compare --memory {args.ram}M")
     if reason:
         print(f"guestmem compare: error: {reason}", file=sys.stderr)
         return 2

@@ -13,6 +13,8 @@ import json
 import sys
 from typing import Any
 
+from guestmem import cliargs
+
 
 def _minutes(text: str) -> float:
     try:
@@ -42,14 +44,14 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--backend", choices=("model", "kernel"), default="model",
                    help="model: the model alone, every promise checked; kernel: differential, the "
                         "kernel backend against the model configured like this host")
-    p.add_argument("--sequences", type=int, default=None, metavar="N",
+    p.add_argument("--sequences", type=cliargs.int_in(1, 10**9, "sequences"), default=None, metavar="N",
                    help="stop after N sequences even if time is left")
-    p.add_argument("--max-steps", type=int, default=60, metavar="N",
+    p.add_argument("--max-steps", type=cliargs.int_in(1, 10_000, "steps"), default=60, metavar="N",
                    help="steps per sequence at most (default 60; 12 on the kernel backend)")
-    p.add_argument("--shrink-seconds", type=float, default=5.0, metavar="S",
+    p.add_argument("--shrink-seconds", type=cliargs.seconds, default=5.0, metavar="S",
                    help="time to spend shrinking each distinct finding (default 5)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.add_argument("--findings", metavar="FILE",
+    p.add_argument("--findings", metavar="FILE", type=cliargs.output_file,
                    help="also write the findings grouped by cause as Markdown to FILE")
     p.set_defaults(func=run_command)
 

@@ -43,8 +43,12 @@ class BadInput(ValueError):
     """Command-line input that cannot work."""
 
 
+_last_error: list[str] = []
+
+
 def _fail(cmd: str, message: str, code: int) -> int:
     print(f"guestmem {cmd}: error: {message}", file=sys.stderr)
+    _last_error[:] = [message]
     return code
 
 
@@ -164,6 +168,16 @@ def _stopped_at_bound(cmd: str, report: ScenarioReport) -> int | None:
 
 
 def _guarded(cmd: str, args: argparse.Namespace, fn: Callable[[], int]) -> int:
+    """Run a command; whatever ends it early is one line on stderr and an exit status, and with
+    ``--json`` also a JSON object on stdout (so a script reading stdout always gets JSON)."""
+    code = _guarded_inner(cmd, args, fn)
+    if code and getattr(args, "json", False) and not getattr(args, "_json_printed", False):
+        print(json.dumps({"ok": False, "command": cmd, "exit_status": code,
+                          "error": _last_error[0] if _last_error else None}))
+    return code
+
+
+def _guarded_inner(cmd: str, args: argparse.Namespace, fn: Callable[[], int]) -> int:
     try:
         return fn()
     except (ScenarioError, UnknownFlavour, BadInput, OutputError, ModelSwitchOff) as exc:
@@ -195,6 +209,7 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
                                               f"({report.backend}, {report.flavour})",
                                               meta=_trace_meta(report)))
         if args.json:
+            args._json_printed = True
             print(json.dumps(report.summary() | ({"trace": args.trace} if args.trace else {}), indent=2))
         else:
             console.print(summary_table(report))
@@ -225,6 +240,7 @@ def cmd_map(args: argparse.Namespace, console: Console) -> int:
             if args.before and report.before is not None:
                 out["before"] = report.before.as_dict()
             out["files"] = {k: getattr(args, k) for k in ("png", "svg") if getattr(args, k)}
+            args._json_printed = True
             print(json.dumps(out, indent=2))
         else:
             if args.before and report.before is not None:
