@@ -17,6 +17,7 @@ Conventions every implementation keeps:
 
 from __future__ import annotations
 
+import errno as errno_mod
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -58,6 +59,11 @@ class ExitMemoryFault(Exit):
     def private(self) -> bool:
         return bool(self.flags & u.KVM_MEMORY_EXIT_FLAG_PRIVATE)
 
+    def __repr__(self) -> str:
+        err = "" if self.errno == 14 else f", errno={errno_mod.errorcode.get(self.errno, self.errno)}"
+        return (f"ExitMemoryFault(gpa={self.gpa:#x}, size={self.size:#x}, "
+                f"flags={u.named(u.MemoryExitFlag, self.flags)!r}{err})")
+
 
 @dataclass
 class ExitHypercall(Exit):
@@ -89,6 +95,13 @@ class ExitHypercall(Exit):
     def to_private(self) -> bool:
         return bool(self.attrs & u.KVM_MAP_GPA_RANGE_ENCRYPTED)
 
+    def __repr__(self) -> str:
+        nr = u.named(u.Hypercall, self.nr)
+        if self.nr == u.KVM_HC_MAP_GPA_RANGE and len(self.args) >= 3:
+            return (f"ExitHypercall(nr={nr!r}, gpa={self.gpa:#x}, npages={self.npages}, "
+                    f"attrs={u.named(u.MapGpaRangeAttr, self.attrs)!r}, ret={self.ret})")
+        return f"ExitHypercall(nr={nr!r}, args=({', '.join(hex(a) for a in self.args)}), ret={self.ret})"
+
     @property
     def page_size(self) -> int:
         """The page size the guest asked for (its PAGE_SZ bits); npages counts 4 KiB pages regardless."""
@@ -108,6 +121,11 @@ class ExitIo(Exit):
     def __post_init__(self) -> None:
         self.reason = u.KVM_EXIT_IO
 
+    def __repr__(self) -> str:
+        way = "out" if self.direction == u.KVM_EXIT_IO_OUT else "in"
+        data = self.data.hex() or "-"
+        return f"ExitIo(port={self.port:#x}, size={self.size}, {way}, data={data}, count={self.count})"
+
 
 @dataclass
 class ExitMmio(Exit):
@@ -118,6 +136,11 @@ class ExitMmio(Exit):
 
     def __post_init__(self) -> None:
         self.reason = u.KVM_EXIT_MMIO
+
+    def __repr__(self) -> str:
+        way = "write" if self.is_write else "read"
+        data = self.data.hex() or "-"
+        return f"ExitMmio(phys_addr={self.phys_addr:#x}, len={self.len}, {way}, data={data})"
 
 
 @dataclass
@@ -201,24 +224,51 @@ class ExitGuestAssert(Exit):
 
 @runtime_checkable
 class Mapping(Protocol):
-    """A host-userspace mapping (anonymous memory or a guest_memfd mmap).
+    """A host-userspace mapping: anonymous memory (``Kvm.mmap_anonymous``) or a guest_memfd mmap.
 
-    ``addr`` is a host virtual address usable as a memslot's ``userspace_addr``.  ``read``/``write``
-    raise :class:`guestmem.errors.GuestAccessFault` where the kernel would deliver SIGBUS.
+    ``addr`` is a host virtual address usable as a memslot's ``userspace_addr``.  Offsets and
+    lengths are ``size_t``; a range outside the mapping raises :class:`GuestAccessFault`
+    ("SIGSEGV") before anything is touched, and a closed mapping raises ``KvmError(EBADF)``.
+    Reads and writes go through the kernel's fault path (the model's ``host_fault``), so where the
+    kernel would deliver SIGBUS — a private guest_memfd page, a page past the file's end, a
+    guest_memfd without host-shared pages, an SNP guest-owned frame — they raise
+    :class:`GuestAccessFault` with the faulting ``offset``.
     """
 
     addr: int
     length: int
 
-    def read(self, offset: int, length: int) -> bytes: ...
-    def write(self, offset: int, data: bytes) -> None: ...
-    def fill(self, offset: int, length: int, byte: int) -> None: ...
-    def pin(self, offset: int, length: int) -> AbstractContextManager[None]: ...
-    def discard(self, offset: int, length: int) -> None:
-        """Free the pages of a page-aligned range (``madvise(MADV_REMOVE)``): they read as zero
-        afterwards and stop counting as resident.  How a VMM drops the shared side."""
+    def read(self, offset: int, length: int) -> bytes:
+        """Copy ``length`` bytes out of the mapping at ``offset`` (a CPU load; faults pages in)."""
         ...
-    def close(self) -> None: ...
+
+    def write(self, offset: int, data: bytes) -> None:
+        """Copy ``data`` (any buffer) into the mapping at ``offset`` (a CPU store)."""
+        ...
+
+    def fill(self, offset: int, length: int, byte: int) -> None:
+        """``memset`` of ``[offset, offset+length)`` with ``byte`` (0..255; -128..-1 as unsigned char)."""
+        ...
+
+    def pin(self, offset: int, length: int) -> AbstractContextManager[None]:
+        """A long-term pin (``get_user_pages``/``vmsplice``, what an IOMMU DMA mapping holds) on the
+        page-aligned range, held while the returned context is.  EINVAL for an unaligned or empty
+        range.  The pin holds the *pages*: a hole punch or close meanwhile removes them from the
+        file but frees them only at the unpin.  In-place conversion to private refuses pinned
+        pages with EAGAIN (``kvm_gmem_is_safe_for_conversion``)."""
+        ...
+
+    def discard(self, offset: int, length: int) -> None:
+        """``madvise(MADV_REMOVE)``: free the pages of the range (the length rounds up to pages;
+        EINVAL for an unaligned offset, ENOMEM past the mapping).  They read as zero afterwards and
+        stop counting as resident; on a guest_memfd mapping this punches the file.  How a VMM drops
+        the shared side of converted memory."""
+        ...
+
+    def close(self) -> None:
+        """``munmap``.  Idempotent; also done when the object is garbage-collected."""
+        ...
+
     def __enter__(self) -> Mapping: ...
     def __exit__(self, *exc: object) -> None: ...
 
@@ -229,64 +279,186 @@ class HostFile(Protocol):
 
     fd: int
 
-    def close(self) -> None: ...
+    def close(self) -> None:
+        """``close(2)``."""
+        ...
 
 
 @runtime_checkable
 class GuestMemfd(Protocol):
-    """A guest_memfd file: fd-based guest memory owned by one VM."""
+    """A guest_memfd file (``KVM_CREATE_GUEST_MEMFD``): fd-based guest memory owned by one VM.
+
+    Upstream: ``virt/kvm/guest_memfd.c``.  The file holds a reference on its VM (closing the VM fd
+    first is fine).  ``flags`` shows its names (``GUEST_MEMFD_FLAG_MMAP|INIT_SHARED``).
+    """
 
     fd: int
     size: int
     flags: int
 
-    def fallocate(self, mode: int, offset: int, length: int) -> None: ...
-    def allocate(self, offset: int, length: int) -> None: ...
-    def punch_hole(self, offset: int, length: int) -> None: ...
-    def mmap(self, length: int | None = None, offset: int = 0, *, shared: bool = True) -> Mapping: ...
-    def read(self, length: int, offset: int | None = None) -> bytes:
-        """``read(2)`` when ``offset`` is None, else ``pread(2)`` (guest_memfd refuses both:
-        EINVAL and ESPIPE respectively)."""
+    def fallocate(self, mode: int, offset: int, length: int) -> None:
+        """``fallocate(2)``: ``vfs_fallocate``'s checks (EINVAL for a negative offset or length <= 0,
+        EOPNOTSUPP for unknown or contradictory modes, EFBIG past the maximum file size), then
+        ``kvm_gmem_fallocate``: only ``FALLOC_FL_KEEP_SIZE`` with or without ``PUNCH_HOLE``
+        (EOPNOTSUPP otherwise), page-aligned (EINVAL), allocation within the size (EINVAL)."""
         ...
-    def write(self, data: bytes, offset: int | None = None) -> int: ...
-    def truncate(self, size: int) -> None: ...
-    def stat(self) -> tuple[int, int, int]: ...  # (st_size, st_blksize, st_ino)
+
+    def allocate(self, offset: int, length: int) -> None:
+        """``fallocate(KEEP_SIZE)``: allocate (not zero, not prepare) the pages of the range."""
+        ...
+
+    def punch_hole(self, offset: int, length: int) -> None:
+        """``fallocate(KEEP_SIZE|PUNCH_HOLE)`` (``kvm_gmem_punch_hole``): invalidate every SPTE that
+        maps the range, then free its pages (a pinned page is freed at its unpin).  Punching past
+        the end is allowed."""
+        ...
+
+    def mmap(self, length: int | None = None, offset: int = 0, *, shared: bool = True) -> Mapping:
+        """``mmap`` of the file (``kvm_gmem_mmap``): ENODEV without ``GUEST_MEMFD_FLAG_MMAP``,
+        EINVAL for ``shared=False`` (MAP_PRIVATE) or an unaligned offset, ENOMEM for a length that
+        cannot fit.  ``length`` None maps the whole file.  Host access faults (SIGBUS) on pages that
+        are private, or on every page without ``INIT_SHARED`` (upstream 6.18/7.2)."""
+        ...
+
+    def read(self, length: int, offset: int | None = None) -> bytes:
+        """``read(2)`` when ``offset`` is None, else ``pread(2)``: guest_memfd refuses both (EINVAL
+        and ESPIPE; a negative ``pread`` offset is EINVAL before the fd is even looked up)."""
+        ...
+
+    def write(self, data: bytes, offset: int | None = None) -> int:
+        """``write(2)``/``pwrite(2)``: refused like :meth:`read`."""
+        ...
+
+    def truncate(self, size: int) -> None:
+        """``ftruncate(2)``: a guest_memfd's size never changes (EINVAL)."""
+        ...
+
+    def stat(self) -> tuple[int, int, int]:
+        """``fstat(2)``: ``(st_size, st_blksize, st_ino)``."""
+        ...
+
     def set_memory_attributes2(self, offset: int, size: int, attributes: int, flags: int = 0,
-                               reserved: Sequence[int] = ()) -> None: ...
-    def close(self) -> None: ...
+                               reserved: Sequence[int] = ()) -> None:
+        """``KVM_SET_MEMORY_ATTRIBUTES2`` on this fd (the in-place conversion series, seed 004): make
+        ``[offset, offset+size)`` private (``KVM_MEMORY_ATTRIBUTE_PRIVATE``) or shared (0), all or
+        nothing.  ``flags`` is the content mode in RFC v5 (``ContentMode``: 0 UNSPECIFIED, ZERO,
+        PRESERVE; must be 0 in v8).  ENOTTY where the kernel (or the model, with
+        ``attributes="vm"``) has no per-guest_memfd attributes; EINVAL for bad flags, reserved
+        words, attributes or range; EOPNOTSUPP (``error_offset`` = offset) for a content mode the
+        VM type cannot honour; EAGAIN (``error_offset`` = the first pinned folio) when converting
+        pinned pages to private."""
+        ...
+
+    def close(self) -> None:
+        """``close(2)``: the file lives on while a mapping holds it; its release
+        (``kvm_gmem_release``) zaps every SPTE it backs and unbinds its memslots."""
+        ...
+
     def __enter__(self) -> GuestMemfd: ...
     def __exit__(self, *exc: object) -> None: ...
 
 
 @runtime_checkable
 class Vcpu(Protocol):
+    """A vCPU (``KVM_CREATE_VCPU``) running a guest program in the op language."""
+
     id: int
 
-    def load(self, program: Program) -> None: ...
-    def run(self) -> Exit: ...
-    def pre_fault_memory(self, gpa: int, size: int, flags: int = 0) -> int:
-        """``KVM_PRE_FAULT_MEMORY`` once; returns the bytes left unmapped (0 when all of it was
-        mapped); raises when not even the first page could be."""
+    def load(self, program: Program) -> None:
+        """Load a :class:`guestmem.guest.Program` (the model interprets it; the kernel backend
+        compiles it to x86-64).  TypeError for anything else."""
         ...
+
+    def run(self) -> Exit:
+        """``KVM_RUN`` until the next exit, returned as a typed :class:`Exit`.  Memory faults come
+        back as :class:`ExitMemoryFault` (the kernel's ``-EFAULT`` + ``KVM_EXIT_MEMORY_FAULT``);
+        EIO once the VM is bugged; EBADF once closed."""
+        ...
+
+    def pre_fault_memory(self, gpa: int, size: int, flags: int = 0) -> int:
+        """``KVM_PRE_FAULT_MEMORY`` once (``kvm_vcpu_pre_fault_memory``): map ``[gpa, gpa+size)`` as
+        if the guest had touched it; returns the bytes left unmapped (0 when all of it was
+        mapped); raises when not even the first page could be (EINVAL flags/alignment/wrap,
+        EOPNOTSUPP without a TDP MMU or before an SNP/TDX launch is finalized, ENOENT outside any
+        memslot, EIO for a bugged VM)."""
+        ...
+
     def close(self) -> None: ...
 
 
 @runtime_checkable
 class Vm(Protocol):
+    """A VM (``KVM_CREATE_VM``): memslots, memory attributes, guest_memfds, vCPUs."""
+
     vm_type: int
     fd: int
 
-    def check_extension(self, cap: int) -> int: ...
-    def enable_cap(self, cap: int, flags: int = 0, args: tuple[int, ...] = ()) -> None: ...
-    def create_guest_memfd(self, size: int, flags: int = 0) -> GuestMemfd: ...
+    def check_extension(self, cap: int) -> int:
+        """``KVM_CHECK_EXTENSION`` on the VM fd: the capability's value for this VM type (0 = no)."""
+        ...
+
+    def enable_cap(self, cap: int, flags: int = 0, args: tuple[int, ...] = ()) -> None:
+        """``KVM_ENABLE_CAP`` (e.g. ``KVM_CAP_EXIT_HYPERCALL`` with ``1 << KVM_HC_MAP_GPA_RANGE``
+        so the guest's MAP_GPA_RANGE exits to userspace).  EINVAL for flags, unknown caps, or
+        values the capability refuses; OverflowError for more than 4 args."""
+        ...
+
+    def create_guest_memfd(self, size: int, flags: int = 0) -> GuestMemfd:
+        """``KVM_CREATE_GUEST_MEMFD`` (``kvm_gmem_create``): EINVAL for flags the VM type does not
+        support (``KVM_CAP_GUEST_MEMFD_FLAGS``) or a size that is not a positive multiple of the
+        page size."""
+        ...
+
     def set_user_memory_region(self, slot: int, flags: int, guest_phys_addr: int, memory_size: int,
-                               userspace_addr: int) -> None: ...
+                               userspace_addr: int) -> None:
+        """``KVM_SET_USER_MEMORY_REGION`` (v1: no guest_memfd); see :meth:`set_user_memory_region2`."""
+        ...
+
     def set_user_memory_region2(self, slot: int, flags: int, guest_phys_addr: int, memory_size: int,
                                 userspace_addr: int, guest_memfd: GuestMemfd | int | None = None,
-                                guest_memfd_offset: int = 0) -> None: ...
-    def set_memory_attributes(self, address: int, size: int, attributes: int, flags: int = 0) -> None: ...
-    def create_vcpu(self, vcpu_id: int = 0) -> Vcpu: ...
-    def close(self) -> None: ...
+                                guest_memfd_offset: int = 0) -> None:
+        """``KVM_SET_USER_MEMORY_REGION2`` (``kvm_set_memory_region``): create, move, change the
+        flags of, or (``memory_size`` 0) delete memslot ``slot`` (``as_id << 16 | id``).  With
+        ``KVM_MEM_GUEST_MEMFD`` the private side (or, for a mmap-able guest_memfd, everything: a
+        gmem-only slot) comes from ``guest_memfd`` at ``guest_memfd_offset``.  Errnos in upstream's
+        order: EINVAL (flags, alignment, slot ids, wraps, a guest_memfd slot being modified, an
+        offset beyond the file), EEXIST (overlap), EBADF (not an open fd), EINVAL (not a
+        guest_memfd or another VM's)."""
+        ...
+
+    def set_memory_attributes(self, address: int, size: int, attributes: int, flags: int = 0) -> None:
+        """``KVM_SET_MEMORY_ATTRIBUTES`` (per-VM attributes, ``kvm_vm_ioctl_set_mem_attributes``):
+        mark guest physical ``[address, address+size)`` private or shared; SPTEs of the range are
+        zapped.  ENOTTY where the kernel has none (in-place mode); EINVAL for flags, unsupported
+        attributes, a zero size, misalignment or a wrap."""
+        ...
+
+    def launch_update(self, gpa: int, size: int, src: bytes | None = None) -> int:
+        """Add initial private memory to an SNP/TDX guest before it runs (``SNP_LAUNCH_UPDATE`` /
+        ``KVM_TDX_INIT_MEM_REGION``), measured; ``src`` is copied in (``size`` bytes), None encrypts
+        what is there.  Returns the bytes added.  ENOTTY on VM types without a launch flow; EINVAL
+        after :meth:`launch_finalize` or for gfns that are not private."""
+        ...
+
+    def launch_finalize(self) -> None:
+        """End an SNP/TDX launch (``SNP_LAUNCH_FINISH`` / ``KVM_TDX_FINALIZE_VM``): the guest may
+        run, pre-faulting is allowed, PRESERVE to private is not.  A guest fault before it bugs the
+        VM (EIO).  ENOTTY on VM types without a launch flow."""
+        ...
+
+    def check_invariants(self, quiescent: bool = True) -> None:
+        """Check docs/design.md's invariants (model: raises ``InvariantError`` naming the invariant;
+        kernel: its state is not visible from userspace, so nothing is checked)."""
+        ...
+
+    def create_vcpu(self, vcpu_id: int = 0) -> Vcpu:
+        """``KVM_CREATE_VCPU``: EINVAL for an id the VM cannot have, EEXIST for a second one."""
+        ...
+
+    def close(self) -> None:
+        """Close the VM fd (and its vCPUs); the VM lives on while a guest_memfd holds it."""
+        ...
+
     def __enter__(self) -> Vm: ...
     def __exit__(self, *exc: object) -> None: ...
 
@@ -298,11 +470,29 @@ class Kvm(Protocol):
     backend: str
     fd: int
 
-    def api_version(self) -> int: ...
-    def check_extension(self, cap: int) -> int: ...
-    def create_vm(self, vm_type: int = u.KVM_X86_DEFAULT_VM) -> Vm: ...
-    def mmap_anonymous(self, size: int) -> Mapping: ...
-    def memfd_create(self, size: int) -> HostFile: ...
+    def api_version(self) -> int:
+        """``KVM_GET_API_VERSION`` (12)."""
+        ...
+
+    def check_extension(self, cap: int) -> int:
+        """``KVM_CHECK_EXTENSION`` on the system fd: 0 when unsupported, else the capability's value
+        (e.g. ``KVM_CAP_VM_TYPES`` is a bit mask of VM types, ``KVM_CAP_GUEST_MEMFD_FLAGS`` the
+        flags ``create_guest_memfd`` accepts)."""
+        ...
+
+    def create_vm(self, vm_type: int = u.KVM_X86_DEFAULT_VM) -> Vm:
+        """``KVM_CREATE_VM``: EINVAL for a type this host (``KVM_CAP_VM_TYPES``) does not have."""
+        ...
+
+    def mmap_anonymous(self, size: int) -> Mapping:
+        """Anonymous shared memory (``mmap(MAP_SHARED|MAP_ANONYMOUS)``), for a memslot's shared side:
+        EINVAL for 0, ENOMEM for what cannot fit in the address space."""
+        ...
+
+    def memfd_create(self, size: int) -> HostFile:
+        """A regular memfd of ``size`` bytes (``memfd_create`` + ``ftruncate``; EINVAL if negative)."""
+        ...
+
     def close(self) -> None: ...
     def __enter__(self) -> Kvm: ...
     def __exit__(self, *exc: object) -> None: ...

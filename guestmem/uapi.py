@@ -9,6 +9,7 @@ upstream yet and are marked as such.  Struct sizes are asserted at import time a
 from __future__ import annotations
 
 import ctypes
+import enum
 from typing import Final
 
 PAGE_SHIFT: Final = 12
@@ -390,8 +391,165 @@ KVM_CREATE_GUEST_MEMFD: Final = _iowr(0xD4, kvm_create_guest_memfd)
 KVM_PRE_FAULT_MEMORY: Final = _iowr(0xD5, kvm_pre_fault_memory)
 KVM_SET_MEMORY_ATTRIBUTES2: Final = _iowr(0xD2, kvm_memory_attributes2)  # on the guest_memfd fd
 
+# --- confidential launch (arch/x86/include/uapi/asm/kvm.h) ------------------------------------------
+KVM_MEMORY_ENCRYPT_OP: Final = _iowr(0xBA, 8)  # the argument is an unsigned long (a pointer)
+KVM_SEV_SNP_LAUNCH_UPDATE: Final = 101
+KVM_SEV_SNP_LAUNCH_FINISH: Final = 102
+KVM_SEV_SNP_PAGE_TYPE_NORMAL: Final = 0x1
+KVM_TDX_INIT_MEM_REGION: Final = 3
+KVM_TDX_FINALIZE_VM: Final = 4
+KVM_TDX_MEASURE_MEMORY_REGION: Final = 1 << 0
+
+
+class kvm_sev_cmd(ctypes.Structure):
+    _fields_ = [("id", _u32), ("pad0", _u32), ("data", _u64), ("error", _u32), ("sev_fd", _u32)]
+
+
+class kvm_sev_snp_launch_update(ctypes.Structure):
+    _fields_ = [("gfn_start", _u64), ("uaddr", _u64), ("len", _u64), ("type", ctypes.c_uint8),
+                ("pad0", ctypes.c_uint8), ("flags", ctypes.c_uint16), ("pad1", _u32), ("pad2", _u64 * 4)]
+
+
+class kvm_sev_snp_launch_finish(ctypes.Structure):
+    _fields_ = [("id_block_uaddr", _u64), ("id_auth_uaddr", _u64), ("id_block_en", ctypes.c_uint8),
+                ("auth_key_en", ctypes.c_uint8), ("vcek_disabled", ctypes.c_uint8),
+                ("host_data", ctypes.c_uint8 * 32), ("pad0", ctypes.c_uint8 * 3), ("flags", ctypes.c_uint16),
+                ("pad1", _u64 * 4)]
+
+
+class kvm_tdx_cmd(ctypes.Structure):
+    _fields_ = [("id", _u32), ("flags", _u32), ("data", _u64), ("hw_error", _u64)]
+
+
+class kvm_tdx_init_mem_region(ctypes.Structure):
+    _fields_ = [("source_addr", _u64), ("gpa", _u64), ("nr_pages", _u64)]
+
+
+assert ctypes.sizeof(kvm_sev_cmd) == 24 and ctypes.sizeof(kvm_tdx_cmd) == 24
+assert ctypes.sizeof(kvm_sev_snp_launch_update) == 64 and ctypes.sizeof(kvm_sev_snp_launch_finish) == 88
+assert KVM_MEMORY_ENCRYPT_OP == 0xC008AEBA
+
 assert KVM_SET_USER_MEMORY_REGION2 == 0x40A0AE49
 assert KVM_SET_MEMORY_ATTRIBUTES == 0x4020AED2
 assert KVM_CREATE_GUEST_MEMFD == 0xC040AED4
 assert KVM_PRE_FAULT_MEMORY == 0xC040AED5
 assert KVM_SET_MEMORY_ATTRIBUTES2 == 0xC080AED2
+
+# --- the same numbers with names (IntFlag/IntEnum: still ints) ---------------------------------------
+# The plain constants above are what the code uses (fast, and exactly the header's values); these
+# named views are what values are *shown* as, and what a user may pass for readability:
+# ``repr(GuestMemfdFlag(3))`` is ``GUEST_MEMFD_FLAG_MMAP|INIT_SHARED``.
+
+
+class _KernelNames:
+    """repr/str as the kernel's headers spell a value: ``KVM_MEM_READONLY|GUEST_MEMFD``."""
+
+    def __repr__(self) -> str:
+        value = int(self)  # type: ignore[call-overload]
+        cls = type(self)
+        if issubclass(cls, enum.IntFlag):
+            names = [m.name for m in cls if m.value and value & m.value == m.value]  # type: ignore[attr-defined]
+            rest = value & ~sum(m.value for m in cls if m.value and value & m.value == m.value)  # type: ignore[attr-defined]
+            if not names:
+                return hex(value) if value else "0"
+            prefix = _common_prefix(names)
+            parts = [names[0]] + [n[len(prefix):] for n in names[1:]]
+            return "|".join(parts + ([hex(rest)] if rest else []))
+        return str(getattr(self, "name", None) or value)
+
+    __str__ = __repr__
+
+
+def _common_prefix(names: list[str]) -> str:
+    """The ``WORD_`` prefix every name shares (``GUEST_MEMFD_FLAG_``), to shorten all but the first."""
+    if len(names) < 2:
+        return ""
+    parts = [n.split("_") for n in names]
+    common = []
+    for words in zip(*parts, strict=False):
+        if len(set(words)) != 1:
+            break
+        common.append(words[0])
+    return "_".join(common) + "_" if common else ""
+
+
+class VmType(_KernelNames, enum.IntEnum):
+    KVM_X86_DEFAULT_VM = KVM_X86_DEFAULT_VM
+    KVM_X86_SW_PROTECTED_VM = KVM_X86_SW_PROTECTED_VM
+    KVM_X86_SEV_VM = KVM_X86_SEV_VM
+    KVM_X86_SEV_ES_VM = KVM_X86_SEV_ES_VM
+    KVM_X86_SNP_VM = KVM_X86_SNP_VM
+    KVM_X86_TDX_VM = KVM_X86_TDX_VM
+
+
+class MemFlag(_KernelNames, enum.IntFlag):
+    KVM_MEM_LOG_DIRTY_PAGES = KVM_MEM_LOG_DIRTY_PAGES
+    KVM_MEM_READONLY = KVM_MEM_READONLY
+    KVM_MEM_GUEST_MEMFD = KVM_MEM_GUEST_MEMFD
+
+
+class GuestMemfdFlag(_KernelNames, enum.IntFlag):
+    GUEST_MEMFD_FLAG_MMAP = GUEST_MEMFD_FLAG_MMAP
+    GUEST_MEMFD_FLAG_INIT_SHARED = GUEST_MEMFD_FLAG_INIT_SHARED
+
+
+class MemoryAttribute(_KernelNames, enum.IntFlag):
+    KVM_MEMORY_ATTRIBUTE_PRIVATE = KVM_MEMORY_ATTRIBUTE_PRIVATE
+
+
+class MemoryExitFlag(_KernelNames, enum.IntFlag):
+    KVM_MEMORY_EXIT_FLAG_PRIVATE = KVM_MEMORY_EXIT_FLAG_PRIVATE
+
+
+class ContentMode(_KernelNames, enum.IntFlag):
+    """``KVM_SET_MEMORY_ATTRIBUTES2`` flags in RFC v5 (0 is UNSPECIFIED)."""
+
+    KVM_SET_MEMORY_ATTRIBUTES2_MODE_ZERO = KVM_SET_MEMORY_ATTRIBUTES2_MODE_ZERO
+    KVM_SET_MEMORY_ATTRIBUTES2_MODE_PRESERVE = KVM_SET_MEMORY_ATTRIBUTES2_MODE_PRESERVE
+
+
+class MapGpaRangeAttr(_KernelNames, enum.IntFlag):
+    """``KVM_HC_MAP_GPA_RANGE``'s attrs argument (4K is the absence of both size bits)."""
+
+    ENCRYPTED = KVM_MAP_GPA_RANGE_ENCRYPTED
+    PAGE_SZ_2M = KVM_MAP_GPA_RANGE_PAGE_SZ_2M
+    PAGE_SZ_1G = KVM_MAP_GPA_RANGE_PAGE_SZ_1G
+
+
+class FallocFlag(_KernelNames, enum.IntFlag):
+    FALLOC_FL_KEEP_SIZE = FALLOC_FL_KEEP_SIZE
+    FALLOC_FL_PUNCH_HOLE = FALLOC_FL_PUNCH_HOLE
+    FALLOC_FL_NO_HIDE_STALE = FALLOC_FL_NO_HIDE_STALE
+    FALLOC_FL_COLLAPSE_RANGE = FALLOC_FL_COLLAPSE_RANGE
+    FALLOC_FL_ZERO_RANGE = FALLOC_FL_ZERO_RANGE
+    FALLOC_FL_INSERT_RANGE = FALLOC_FL_INSERT_RANGE
+    FALLOC_FL_UNSHARE_RANGE = FALLOC_FL_UNSHARE_RANGE
+    FALLOC_FL_WRITE_ZEROES = FALLOC_FL_WRITE_ZEROES
+
+
+class Hypercall(_KernelNames, enum.IntEnum):
+    KVM_HC_MAP_GPA_RANGE = KVM_HC_MAP_GPA_RANGE
+
+
+class ExitReason(_KernelNames, enum.IntEnum):
+    KVM_EXIT_UNKNOWN = KVM_EXIT_UNKNOWN
+    KVM_EXIT_EXCEPTION = KVM_EXIT_EXCEPTION
+    KVM_EXIT_IO = KVM_EXIT_IO
+    KVM_EXIT_HYPERCALL = KVM_EXIT_HYPERCALL
+    KVM_EXIT_DEBUG = KVM_EXIT_DEBUG
+    KVM_EXIT_HLT = KVM_EXIT_HLT
+    KVM_EXIT_MMIO = KVM_EXIT_MMIO
+    KVM_EXIT_SHUTDOWN = KVM_EXIT_SHUTDOWN
+    KVM_EXIT_FAIL_ENTRY = KVM_EXIT_FAIL_ENTRY
+    KVM_EXIT_INTR = KVM_EXIT_INTR
+    KVM_EXIT_INTERNAL_ERROR = KVM_EXIT_INTERNAL_ERROR
+    KVM_EXIT_SYSTEM_EVENT = KVM_EXIT_SYSTEM_EVENT
+    KVM_EXIT_MEMORY_FAULT = KVM_EXIT_MEMORY_FAULT
+
+
+def named(enum_cls: type[enum.IntEnum] | type[enum.IntFlag], value: int) -> object:
+    """``value`` as a member of ``enum_cls`` when it is one (flags: any combination), else the int."""
+    try:
+        return enum_cls(value)
+    except ValueError:
+        return value

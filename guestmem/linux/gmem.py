@@ -39,7 +39,7 @@ class KernelGuestMemfd:
     def __init__(self, vm: KernelVm, fd: int, size: int, flags: int) -> None:
         self.fd = fd
         self.size = size
-        self.flags = flags
+        self.flags = u.GuestMemfdFlag(flags)  # an int that shows its flag names
         self.vm_fd = vm.fd
         self._vm = weakref.ref(vm)
         self._finalizer = weakref.finalize(self, _close_quiet, fd)

@@ -182,7 +182,7 @@ class GmemFile(OpenFile):
 
     @property
     def flags(self) -> int:
-        return self.inode.flags
+        return u.GuestMemfdFlag(self.inode.flags)  # an int that shows its flag names
 
     @property
     def system(self) -> ModelKvm:
