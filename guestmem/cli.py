@@ -147,15 +147,19 @@ def _cmd_demo(args: argparse.Namespace, console: Console) -> int:
 def _cmd_bench(args: argparse.Namespace, console: Console) -> int:
     from guestmem.bench import run_all
     from guestmem.report.atomic import write_text
+    from guestmem.report.benchtable import make_table
 
     with console.status("measuring (model, and /dev/kvm where available)..."):
         result = run_all(quick=args.quick)
     text = json.dumps(result, indent=2)
     if args.output:
         write_text(args.output, text + "\n")  # the directory was checked before the benchmark ran
-        console.print(f"wrote {args.output}")
-    else:
+    if args.json:
         print(text)
+    else:
+        Console(width=max(console.width, 140)).print(make_table(result))
+    if args.output:
+        console.print(f"wrote {args.output}")
     return 0
 
 
@@ -204,7 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="measure the model (and the kernel) in one run; JSON out")
     bench.add_argument("--quick", action="store_true", help="smaller sizes (a few seconds)")
     bench.add_argument("-o", "--output", metavar="FILE", type=cliargs.output_file,
-                       help="write the JSON here instead of stdout (its directory is checked first)")
+                       help="also write the results as JSON here (its directory is checked first)")
+    bench.add_argument("--json", action="store_true", help="print JSON on stdout instead of the table")
     bench.set_defaults(func=_cmd_bench)
     from guestmem.compare import register as register_compare
     from guestmem.report.commands import register as register_scenarios
