@@ -39,6 +39,10 @@ from guestmem.vmm.flavours import FLAVOURS, UnknownFlavour
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_UNSUPPORTED = 0, 1, 2, 3
 
 
+KERNEL_QUICK_BYTES = 16 << 20  # below this a kernel-backend run takes under half a minute anyway
+KERNEL_S_PER_MIB = 2.0
+
+
 class BadInput(ValueError):
     """Command-line input that cannot work."""
 
@@ -152,6 +156,13 @@ def _run_from_args(args: argparse.Namespace, console: Console, *, snapshots: boo
     if reason:
         raise BadInput(reason)
     limit = cliargs.resident_limit(args.max_resident)
+    if args.backend == "kernel" and plan.memory > KERNEL_QUICK_BYTES:
+        # This host's KVM runs guest code in its instruction emulator: about 2 s per MiB of guest
+        # memory the scenario walks (measured: balloon at 64M took about 2 minutes).
+        eta = plan.memory / (1 << 20) * KERNEL_S_PER_MIB
+        console.print(f"[yellow]note:[/] the kernel backend on a host that emulates guest instructions "
+                      f"takes about {eta / 60:.0f} min for {plan.memory >> 20} MiB (about "
+                      f"{KERNEL_S_PER_MIB:g} s per MiB); use --memory to run less")
     with _progress(console, f"{scn.name} on {args.backend}", not args.json) as progress:
         return run_scenario(scn, backend=args.backend, flavour=args.flavour, vcpus=args.vcpus,
                             memory=memory, progress=progress, snapshots=snapshots,

@@ -12,6 +12,7 @@ everything that goes wrong *during* the run ends up in the report, never as a ha
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -42,6 +43,8 @@ from guestmem.vmm.policy import DiscardPolicy
 from guestmem.vmm.runloop import RunResult
 from guestmem.vmm.snapshot import MapSnapshot, auto_cell_size
 from guestmem.vmm.trace import PHASE, VMM_TID, EventTrace
+
+log = logging.getLogger("guestmem.scenario")
 
 Progress = Callable[[int, int], None]  # (done, total)
 
@@ -212,9 +215,14 @@ def run_scenario(scn: Scenario, *, backend: str = "model", flavour: str | None =
     if model and backend != "model":
         raise ScenarioError("model switches apply to the model backend only", field="--model")
     kvm = kvm or open_backend(backend, scn, device=device, model=model)
+    log.info("%s on the %s backend%s: %d vCPU(s), %s", scn.name, kvm.backend,
+             f" ({getattr(kvm, 'options', '')})" if kvm.backend == "model" else "", plan.vcpus,
+             fmt_size(plan.memory))
     trace = EventTrace()
     try:
         machine, notes = create_machine(kvm, scn, plan, flavour, trace)
+        log.info("machine: flavour %s, %s backing; %s", machine.flavour.name, machine.strategy.value,
+                 "; ".join(notes) or "first flavour tried")
         try:
             machine.accounting.host_limit_bytes = max_resident
             return _run(scn, plan, kvm, machine, notes, trace, progress, snapshots, timeout_s)
@@ -247,7 +255,9 @@ class _Driver:
             self.machine.trace.instant(PHASE, f"skip {phase.name}", VMM_TID, when=phase.when)
             return
         self.machine.trace.instant(PHASE, phase.name, VMM_TID, phase=pi + 1)
+        log.info("phase %d/%d: %s", pi + 1, len(self.plan.scenario.phases), phase.name)
         for call in self.build.setups[pi]:
+            log.debug("setup: %s", call)
             self.host.run(call, self.machine.converter.default_vcpu)
 
     def _between_phases(self) -> None:
