@@ -35,7 +35,7 @@ if TYPE_CHECKING:  # the op language (floor 2 too) is only named in a signature 
 class Exit:
     """Base of every vCPU exit; ``reason`` is the ``KVM_EXIT_*`` number (or a guestmem pseudo-exit)."""
 
-    reason: int = field(init=False, default=u.KVM_EXIT_UNKNOWN)
+    reason: int = field(init=False, default=u.KVM_EXIT_UNKNOWN, repr=False)
 
     @property
     def name(self) -> str:

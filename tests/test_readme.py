@@ -34,3 +34,20 @@ def test_readme_example_type_checks(tmp_path: Path) -> None:
                           "--no-incremental", str(src)], capture_output=True, text=True, timeout=600,
                          env={"MYPYPATH": repo, "PATH": "/usr/bin:/bin"}, cwd=tmp_path)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+EXAMPLE = README.parent / "docs" / "examples" / "snp_bounce_buffer.py"
+
+
+def test_snp_bounce_buffer_example_runs_and_type_checks(tmp_path: Path) -> None:
+    """docs/examples/snp_bounce_buffer.py: an SNP-like bounce-buffer program written against the
+    public API only — it runs, and mypy --strict accepts it."""
+    env = {"PYTHONPATH": str(README.parent), "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, str(EXAMPLE)], capture_output=True, text=True, timeout=300,
+                         env=env, check=True)
+    assert "conversion refused while pinned" in out.stdout and "done after" in out.stdout
+    pytest.importorskip("mypy")
+    out = subprocess.run([sys.executable, "-m", "mypy", "--strict", "--follow-imports=silent",
+                          "--no-incremental", str(EXAMPLE)], capture_output=True, text=True, timeout=600,
+                         env={"MYPYPATH": str(README.parent), "PATH": "/usr/bin:/bin"}, cwd=tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
