@@ -160,3 +160,11 @@ def test_error_of_closed_fd_is_kvmerror(backend: Kvm) -> None:
     g.close()
     with pytest.raises(KvmError):
         g.punch_hole(0, PAGE)
+
+
+@pytest.mark.parametrize("vcpu_id, err", [(0x400, 0), (4095, 0), (4096, errno.EINVAL), (-1, errno.EINVAL)])
+def test_vcpu_ids_up_to_kvm_max_vcpu_ids(backend: Kvm, vcpu_id: int, err: int) -> None:
+    """x86 allows ids up to KVM_MAX_VCPU_IDS (4 x 1024), beyond the number of vCPUs (the fuzzer's
+    differential mode found the model stopping at 1024)."""
+    vm = backend.create_vm(u.KVM_X86_DEFAULT_VM)
+    assert errno_of(lambda: vm.create_vcpu(vcpu_id)) == err

@@ -388,8 +388,13 @@ class ModelVm:
 
         vcpu_id = u64(vcpu_id, "vcpu_id")
         self._check_open("KVM_CREATE_VCPU")
-        if vcpu_id < 0 or vcpu_id >= self.system.options.max_vcpus:
-            raise KvmError(errno.EINVAL, "KVM_CREATE_VCPU", "vcpu id out of range")
+        max_vcpus = self.system.options.max_vcpus
+        # kvm_vm_ioctl_create_vcpu: ids go up to KVM_MAX_VCPU_IDS (x86: 4 x KVM_MAX_VCPUS, for
+        # sparse APIC ids), the number of vCPUs up to KVM_MAX_VCPUS.
+        if vcpu_id >= 4 * max_vcpus:
+            raise KvmError(errno.EINVAL, "KVM_CREATE_VCPU", "vcpu id beyond KVM_MAX_VCPU_IDS")
+        if len(self.vcpus) >= max_vcpus:
+            raise KvmError(errno.EINVAL, "KVM_CREATE_VCPU", "already KVM_MAX_VCPUS vCPUs")
         if vcpu_id in self.vcpus:
             raise KvmError(errno.EEXIST, "KVM_CREATE_VCPU", f"vcpu {vcpu_id} exists")
         vcpu = ModelVcpu(self, vcpu_id)
