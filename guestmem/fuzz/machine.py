@@ -74,7 +74,9 @@ class Step:
     uses: tuple[str, ...]
     expect: ExpectFn | None = None
     # A refused call must change nothing; KVM_RUN is not atomic (the guest made progress, or
-    # KVM_BUG_ON marked the VM bugged, before the error), so it is exempt.
+    # KVM_BUG_ON marked the VM bugged, before the error), so it is exempt.  Neither is a host
+    # access through a mapping that faults part way: like a CPU copy that takes SIGBUS, the pages
+    # before the fault were faulted in (and written), in the kernel as in the model.
     atomic: bool = True
 
 
@@ -766,7 +768,7 @@ class StepGen:
                 elif off > length or n > length - off:
                     e.must, e.why = "refused", "access outside the mapping"
             return e
-        return Step(code, f"mapping.{what}", (m,), exp)
+        return Step(code, f"mapping.{what}", (m,), exp, atomic=what == "discard")
 
     def pin(self, s: Session) -> Step:
         m = self.pick(s.names("m"))
@@ -787,7 +789,7 @@ class StepGen:
                 elif a_off.conv > length or a_len.conv > length - a_off.conv:
                     e.must, e.why = "refused", "pin outside the mapping"
             return e
-        return Step(code, "mapping.pin", (m,), exp)
+        return Step(code, "mapping.pin", (m,), exp, atomic=False)  # GUP faults pages in first
 
     def unpin(self, s: Session) -> Step:
         p = self.pick(s.names("p"))
