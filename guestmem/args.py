@@ -20,9 +20,12 @@ Both raise before any state changes, because the converters run first.
 
 from __future__ import annotations
 
+import errno
 import numbers
 
-__all__ = ["as_bytes", "check_reserved", "s32", "s64", "u8", "u32", "u64"]
+_PAGE = 4096  # uapi.PAGE_SIZE (this module sits beside uapi and imports nothing of guestmem)
+
+__all__ = ["as_bytes", "check_reserved", "mapping_range", "pin_range", "s32", "s64", "u8", "u32", "u64"]
 
 
 def _integral(value: object, name: str) -> int:
@@ -88,3 +91,31 @@ def check_reserved(words: object, struct: type) -> list[int]:
     if len(out) > room:
         raise OverflowError(f"{struct.__name__} has {room} reserved words, not {len(out)}")
     return out
+
+
+# --- host mappings: one rule for both backends ------------------------------------------------------
+def mapping_range(op: str, offset: object, length: object, size: int, closed: bool) -> tuple[int, int]:
+    """A host access of ``[offset, offset+length)`` in a mapping of ``size`` bytes, checked before
+    anything is touched: ``size_t`` arguments, EBADF once unmapped, and an access outside the
+    mapping is a ``GuestAccessFault`` ("SIGSEGV")."""
+    from guestmem.errors import GuestAccessFault, KvmError
+
+    off, n = u64(offset, "offset"), u64(length, "length")
+    if closed:
+        raise KvmError(errno.EBADF, op, "mapping is closed")
+    if off > size or n > size - off:
+        raise GuestAccessFault(op, min(off, size), "SIGSEGV: outside the mapping")
+    return off, n
+
+
+def pin_range(offset: object, length: object, size: int, closed: bool) -> tuple[int, int]:
+    """The range of a ``Mapping.pin``: EBADF once unmapped, EINVAL unless page-aligned and
+    non-empty, then inside the mapping (:func:`mapping_range`)."""
+    from guestmem.errors import KvmError
+
+    off, n = u64(offset, "offset"), u64(length, "length")
+    if closed:
+        raise KvmError(errno.EBADF, "mapping.pin", "mapping is closed")
+    if off % _PAGE or n == 0 or n % _PAGE:
+        raise KvmError(errno.EINVAL, "mapping.pin", "offset and length must be page aligned")
+    return mapping_range("mapping.pin", off, n, size, closed)

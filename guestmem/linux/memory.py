@@ -23,7 +23,7 @@ import os
 import weakref
 from typing import Any
 
-from guestmem.args import as_bytes, u8, u64
+from guestmem.args import as_bytes, mapping_range, pin_range, u8, u64
 from guestmem.errors import GuestAccessFault, KvmError
 from guestmem.linux import _sys
 from guestmem.uapi import PAGE_SIZE
@@ -77,12 +77,7 @@ class KernelMapping:
     def _check(self, op: str, offset: object, length: object) -> tuple[int, int]:
         """Validate an access before anything is touched (the model's ``check_access`` rule):
         ints as ``size_t``, EBADF once unmapped, SIGSEGV outside the mapping."""
-        off, n = u64(offset, "offset"), u64(length, "length")
-        if self.closed:
-            raise KvmError(errno.EBADF, op, "mapping is closed")
-        if off > self.length or n > self.length - off:
-            raise GuestAccessFault(op, min(off, self.length), "SIGSEGV: outside the mapping")
-        return off, n
+        return mapping_range(op, offset, length, self.length, self.closed)
 
     # -- access -------------------------------------------------------------------------------------
     def readinto(self, offset: int, buf: Any) -> None:
@@ -162,12 +157,7 @@ class KernelMapping:
 
     def pin(self, offset: int, length: int) -> KernelPin:
         """Take real page references on ``[offset, offset+length)`` for as long as the context is held."""
-        offset, length = u64(offset, "offset"), u64(length, "length")
-        if self.closed:
-            raise KvmError(errno.EBADF, "mapping.pin", "mapping is closed")
-        if offset % PAGE_SIZE or length == 0 or length % PAGE_SIZE:
-            raise KvmError(errno.EINVAL, "mapping.pin", "offset and length must be page aligned")
-        offset, length = self._check("pin", offset, length)
+        offset, length = pin_range(offset, length, self.length, self.closed)
         return KernelPin(self, offset, length)
 
     # -- lifetime -----------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from typing import Protocol
 import numpy as np
 
 from guestmem import uapi as u
-from guestmem.args import as_bytes, u8, u64
+from guestmem.args import as_bytes, mapping_range, pin_range, u8, u64
 from guestmem.errors import GuestAccessFault, KvmError
 from guestmem.ranges import RangeMap
 from guestmem.sync import holds_locks
@@ -182,13 +182,8 @@ class ModelMapping:
     def check_access(self, op: str, offset: object, length: object) -> tuple[int, int]:
         """Validate an access before anything is allocated or touched: ints as ``size_t``, the
         mapping still mapped (EBADF otherwise), the range inside it (SIGSEGV otherwise)."""
-        off, n = u64(offset, "offset"), u64(length, "length")
         self.process.run_deferred()
-        if self.closed:
-            raise KvmError(errno.EBADF, op, "mapping is closed")
-        if off > self.length or n > self.length - off:
-            raise GuestAccessFault(op, min(off, self.length), "SIGSEGV: outside the mapping")
-        return off, n
+        return mapping_range(op, offset, length, self.length, self.closed)
 
     def read(self, offset: int, length: int) -> bytes:
         offset, length = self.check_access("mapping.read", offset, length)
@@ -216,12 +211,8 @@ class ModelMapping:
 
         The pin holds the pages themselves: a hole punch or a close while it is held removes them
         from the file, but their frames are freed only when the pin goes, as in the kernel."""
-        offset, length = u64(offset, "offset"), u64(length, "length")
-        if self.closed:
-            raise KvmError(errno.EBADF, "mapping.pin", "mapping is closed")
-        if offset % PS or length == 0 or length % PS:
-            raise KvmError(errno.EINVAL, "mapping.pin", "offset and length must be page aligned")
-        offset, length = self.check_access("mapping.pin", offset, length)
+        self.process.run_deferred()
+        offset, length = pin_range(offset, length, self.length, self.closed)
         return self._pinned(offset, length)
 
     @contextmanager
