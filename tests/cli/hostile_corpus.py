@@ -275,6 +275,19 @@ def cases() -> list[Case]:
     add("bench-unknown-flag", "bench", "--frob")
     # caps
     add("caps-unknown-flag", "caps", "--frob")
+    # the options added for issue 12 and the fuzzer
+    for v in ("bogus=1", "tdp_mmu=maybe", "noequals", "gmem_folio_order=3", "phys_bits=99",
+              "vm_types=nope", "=", "attributes=vm"):
+        add(f"run-model-{v}", "run", "inplace-hugepage", "--model", v)
+    for v in ("17M", "0", str(2**70), "1T", "x"):
+        add(f"compare-memory-{v}", "compare", "--memory", v, sub=v == "1T")
+    for v in ("5M", "0", str(2**70), "x"):
+        add(f"demo-memory-{v}", "demo", "--memory", v)
+    for opt, v in (("--sequences", "-5"), ("--max-steps", "0"), ("--shrink-seconds", "nan"),
+                   ("--minutes", "inf"), ("--seed", "-1"), ("--findings", "{missing_dir}/f.md"),
+                   ("--backend", "neither")):
+        add(f"fuzz{opt}-{v}", "fuzz", opt, v)
+    add("caps-device-after", "caps", "--device", "/nonexistent")
     return c
 
 
