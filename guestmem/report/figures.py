@@ -46,6 +46,7 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
+    from guestmem.scenarios.run import ScenarioReport
     from guestmem.vmm.trace import EventTrace
 
 FORMATS = ("png", "svg", "pdf")
@@ -201,7 +202,7 @@ def map_figure(panels: Sequence[tuple[str, MapSnapshot]], *, title: str, subtitl
     n = len(panels)
     cell_in = min(0.2, max(0.09, 6.0 / columns))
     panel_w, panel_h = columns * cell_in + 1.3, rows * cell_in + 0.85
-    extra_h = 0.75 + (0.7 if legend else 0.0)
+    extra_h = (0.75 if title or subtitle else 0.1) + (0.7 if legend else 0.0)
 
     def natural(per_row: int) -> tuple[float, float]:
         return max(7.0, per_row * panel_w + 0.3), -(-n // per_row) * panel_h + extra_h
@@ -212,7 +213,7 @@ def map_figure(panels: Sequence[tuple[str, MapSnapshot]], *, title: str, subtitl
     grid_rows = -(-n // per_row)
     size = options.size or natural(per_row)
     fig = _figure(size, options.dpi)
-    fontsize = 8.5 if size[0] >= 7 else 7.0
+    fontsize = min(12.0, max(7.0, 0.7 * size[0]))  # grows with the figure, for slides
     axes = fig.subplots(grid_rows, per_row, squeeze=False)
     for i, ax in enumerate(axes.flat):
         if i >= n:
@@ -383,3 +384,27 @@ def compare_figure(rows: Sequence[Mapping[str, Any]], *, title: str,
             ax.spines[side].set_visible(False)
     fig.suptitle(title, fontsize=13, color=INK)
     return fig
+
+
+# --- a run's pictures --------------------------------------------------------------------------
+
+
+def run_title(report: ScenarioReport) -> str:
+    """What a picture of a run is of: scenario, flavour, backend (and FAILED if it failed)."""
+    verdict = "" if report.ok else " (FAILED)"
+    return f"{report.scenario}{verdict} — {report.flavour} on the {report.backend} backend"
+
+
+def run_panels(report: ScenarioReport, *, before: bool = False, phases: bool = False
+               ) -> list[tuple[str, MapSnapshot]]:
+    """The moments to draw for a run: before (if asked and taken), after each phase (if asked), and
+    after the run -- left out when it is the same picture as the last phase's."""
+    panels: list[tuple[str, MapSnapshot]] = []
+    if (before or phases) and report.before is not None:
+        panels.append(("before", report.before))
+    if phases:
+        panels += [(s.title, s) for s in report.phase_maps]
+    if report.after is not None and not (phases and report.phase_maps
+                                         and report.phase_maps[-1].cells == report.after.cells):
+        panels.append(("after" if before or phases else "after the run", report.after))
+    return panels
