@@ -80,7 +80,8 @@ def figure_bytes(fig: Figure, fmt: str, *, salt: str = "guestmem", text_as_text:
 
     if fmt not in FORMATS:
         raise ValueError(f"unknown figure format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    metadata: dict[str, Any] = {"png": {"Software": "guestmem"}, "svg": {"Date": None},
+    metadata: dict[str, Any] = {"png": {"Software": "guestmem"},
+                                "svg": {"Date": None, "Creator": None, "Format": None, "Type": None},
                                 "pdf": {"CreationDate": None, "Creator": "guestmem"}}[fmt]
     buf = io.BytesIO()
     with matplotlib.rc_context({"svg.hashsalt": salt, "svg.fonttype": "none" if text_as_text else "path"}):
@@ -305,9 +306,9 @@ def timeline_figure(trace: EventTrace, *, title: str, options: FigureOptions = F
         ax.legend(loc="upper left", fontsize=8, frameon=False)
         for side in ("top", "right"):
             ax.spines[side].set_visible(False)
-    for ms, name in phase_starts(trace):
-        top.annotate(name, (ms, 1.0), xycoords=("data", "axes fraction"), xytext=(3, -2),
-                     textcoords="offset points", fontsize=8, color=MUTED, va="top", rotation=0)
+    for i, (ms, name) in enumerate(phase_starts(trace)):  # staggered: phases can start close together
+        top.annotate(name, (ms, 1.0), xycoords=("data", "axes fraction"), xytext=(3, -2 - 11 * (i % 2)),
+                     textcoords="offset points", fontsize=8, color=MUTED, va="top")
     fig.suptitle(title, fontsize=12, color=INK)
     return fig
 
