@@ -54,6 +54,7 @@ DEFAULT_DPI = 150
 PAGE = 4096
 LEVEL_SAMPLE = "#5b6470"  # the neutral colour the legend draws the mapping levels in
 INSET = 0.07  # gap around each cell, in cells
+MIN_COLUMNS = 20  # a panel is at least this many cells wide, or its headers and totals would not fit
 
 
 @dataclass(frozen=True)
@@ -97,7 +98,8 @@ class _Layout:
     """A panel's rows: ("header", region text) or ("cells", cells of one row)."""
 
     rows: list[tuple[str, Any]]
-    columns: int
+    columns: int  # the axis' width in cells (at least MIN_COLUMNS, so the labels fit a tiny guest)
+    used: int  # the longest row
 
 
 def _layout(snap: MapSnapshot) -> _Layout:
@@ -108,7 +110,8 @@ def _layout(snap: MapSnapshot) -> _Layout:
         for row in reg.rows:
             rows.append(("cells", row))
             columns = max(columns, len(row))
-    return _Layout(rows, min(COLUMNS, columns))
+    used = min(COLUMNS, columns)
+    return _Layout(rows, max(MIN_COLUMNS, used), used)
 
 
 def resident_line(snap: MapSnapshot) -> str:
@@ -153,8 +156,8 @@ def _draw_map(ax: Axes, snap: MapSnapshot, label: str, layout: _Layout, fontsize
     ax.set_aspect("equal")
     step = max(1, math.ceil(len(yticks) / 16))  # at most ~16 GPA labels per panel
     ax.set_yticks(yticks[::step], ylabels[::step], fontsize=fontsize * 0.9, family="monospace")
-    xstep = next(s for s in (1, 2, 4, 8, 16, 32, 64) if layout.columns / s <= 8)
-    xt = list(range(0, layout.columns + 1, xstep))
+    xstep = next(s for s in (2, 4, 8, 16, 32, 64) if layout.used / s <= 8)  # labels 2+ cells apart
+    xt = list(range(0, layout.used + 1, xstep))
     ax.set_xticks(xt, ["+0" if x == 0 else f"+{fmt_size(x * snap.cell_size)}" for x in xt],
                   fontsize=fontsize * 0.9)
     ax.tick_params(length=2, color=MUTED, labelcolor=INK)
@@ -202,11 +205,12 @@ def map_figure(panels: Sequence[tuple[str, MapSnapshot]], *, title: str, subtitl
     rows = max(len(lay.rows) for lay in layouts)
     n = len(panels)
     cell_in = min(0.2, max(0.09, 6.0 / columns))
-    panel_w, panel_h = columns * cell_in + 1.3, rows * cell_in + 0.85
-    extra_h = (0.75 if title or subtitle else 0.1) + (0.7 if legend else 0.0)
+    extra_h = (0.6 if title or subtitle else 0.1) + (0.55 if legend else 0.0)
 
     def natural(per_row: int) -> tuple[float, float]:
-        return max(7.0, per_row * panel_w + 0.3), -(-n // per_row) * panel_h + extra_h
+        width = max(7.0, per_row * (columns * cell_in + 1.3) + 0.3)
+        cell = (width - 0.3) / per_row - 1.3  # the axes' width: cells stay square, so this sets the height
+        return width, -(-n // per_row) * (rows * cell / columns + 0.8) + extra_h
 
     # As many panels per row as brings the figure closest to a 16:9 slide, at most 16 in wide.
     fits = [k for k in range(1, min(n, 4) + 1) if natural(k)[0] <= 16] or [1]
