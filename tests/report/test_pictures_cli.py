@@ -14,7 +14,9 @@ import pytest
 from PIL import Image
 
 from guestmem.cli import main
+from guestmem.report import commands
 from guestmem.report.palette import KIND_GLYPHS_MONO, KIND_LABELS
+from guestmem.scenarios.run import ScenarioReport
 
 
 @pytest.fixture
@@ -42,16 +44,26 @@ def test_map_figures_and_mono_terminal(capsys: pytest.CaptureFixture[str], tmp_p
     assert "PNG written to" in out and "PDF written to" in out
 
 
-def test_report_and_run_html(capsys: pytest.CaptureFixture[str], tmp_path: Path, umask022: None) -> None:
+def test_report_and_run_html(capsys: pytest.CaptureFixture[str], tmp_path: Path, umask022: None,
+                             monkeypatch: pytest.MonkeyPatch) -> None:
     html = tmp_path / "run.html"
     assert main(["report", "selftest-conversions", "-o", str(html)]) == 0
     page = html.read_text(encoding="utf-8")
     assert page.count('class="map-frame"') == 7, "before and six phases"
     assert 'id="summary-table"' in page and stat.S_IMODE(html.stat().st_mode) == 0o644
     assert "HTML report written to" in capsys.readouterr().out
+    # run --html: the same page (built above); here only that run takes the snapshots and writes it.
+    seen: list[ScenarioReport] = []
+
+    def fake_build(report: ScenarioReport) -> str:
+        seen.append(report)
+        return f"<!DOCTYPE html><p>{report.scenario}: {len(report.phase_maps)} phases</p>"
+
+    monkeypatch.setattr(commands, "build_html", fake_build)
     other = tmp_path / "b.html"
     assert main(["run", "balloon", "--memory", "8M", "--html", str(other), "--json"]) == 0
-    assert '"html":' in capsys.readouterr().out and other.read_text().count('class="map-frame"') == 4
+    assert '"html":' in capsys.readouterr().out
+    assert other.read_text() == "<!DOCTYPE html><p>balloon: 3 phases</p>" and len(seen) == 1
 
 
 @pytest.mark.parametrize("argv", [
