@@ -284,17 +284,20 @@ def phase_starts(trace: EventTrace) -> list[tuple[float, str]]:
 
 def timeline_figure(trace: EventTrace, *, title: str, options: FigureOptions = FigureOptions()
                     ) -> Figure:
-    """Resident memory (sampled) and cumulative conversions over the run, phases marked."""
+    """Resident memory (sampled) and cumulative conversions over the run, phases marked (their names
+    above the plot, on two staggered lines, so neither the data nor each other hide them)."""
     fig = _figure(options.size or (9.0, 5.2), options.dpi)
     top, bottom = fig.subplots(2, 1, sharex=True)
     res = resident_series(trace)
     for k, pts in res.items():
         if pts:
             xs, ys = zip(*pts, strict=True)
-            top.step(xs, ys, where="post", color=SERIES_COLOURS[k], label=KIND_LABELS[k], linewidth=1.8)
+            # double-backed pages are also private and shared ones: dashed, so the lines under it show
+            style = "--" if k == "double" else "-"
+            top.step(xs, ys, where="post", color=SERIES_COLOURS[k], label=KIND_LABELS[k], linewidth=1.8,
+                     linestyle=style)
             top.plot(xs, ys, "o", color=SERIES_COLOURS[k], markersize=3)
-    top.set_ylabel("resident MiB")
-    top.set_title("resident memory (sampled at each dot)", loc="left", fontsize=10)
+    top.set_ylabel("resident MiB\n(dots: samples)")
     conv = conversion_series(trace)
     colours = {"to private": KIND_COLOURS["private"], "to shared": KIND_COLOURS["shared"]}
     for k, pts in conv.items():
@@ -307,12 +310,12 @@ def timeline_figure(trace: EventTrace, *, title: str, options: FigureOptions = F
         for ms, _name in phase_starts(trace):
             ax.axvline(ms, color=MUTED, linewidth=0.8, linestyle="--")
         ax.grid(axis="y", color="#e6e6e6")
-        ax.legend(loc="upper left", fontsize=8, frameon=False)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)  # off the data
         for side in ("top", "right"):
             ax.spines[side].set_visible(False)
     for i, (ms, name) in enumerate(phase_starts(trace)):  # staggered: phases can start close together
-        top.annotate(name, (ms, 1.0), xycoords=("data", "axes fraction"), xytext=(3, -2 - 11 * (i % 2)),
-                     textcoords="offset points", fontsize=8, color=MUTED, va="top")
+        top.annotate(name, (ms, 1.0), xycoords=("data", "axes fraction"), xytext=(2, 3 + 11 * (i % 2)),
+                     textcoords="offset points", fontsize=8, color=MUTED, va="bottom")
     fig.suptitle(title, fontsize=12, color=INK)
     return fig
 

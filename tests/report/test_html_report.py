@@ -110,7 +110,7 @@ def test_renders_in_a_real_browser(page: str, balloon_run: ScenarioReport, tmp_p
     assert f"1 / {last + 1}: before</output>" in dom, "the slider's label"
     for ident in ("summary-table", "timeline-chart", "exits-chart", "map-legend"):
         assert f'id="{ident}"' in dom, ident
-    assert dom.count("<svg") >= last + 3 and "resident memory" in dom and "vCPU 1" in dom
+    assert dom.count("<svg") >= last + 3 and "resident MiB" in dom and "vCPU 1" in dom
     img = Image.open(shot).convert("RGB")
     colours = {c for _, c in img.getcolors(maxcolors=1 << 22) or []}
     for kind in ("private", "shared", "double", "unallocated"):  # the map, the legend, the timeline
