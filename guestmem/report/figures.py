@@ -212,9 +212,18 @@ def map_figure(panels: Sequence[tuple[str, MapSnapshot]], *, title: str, subtitl
         cell = (width - 0.3) / per_row - 1.3  # the axes' width: cells stay square, so this sets the height
         return width, -(-n // per_row) * (rows * cell / columns + 0.8) + extra_h
 
-    # As many panels per row as brings the figure closest to a 16:9 slide, at most 16 in wide.
-    fits = [k for k in range(1, min(n, 4) + 1) if natural(k)[0] <= 16] or [1]
-    per_row = min(fits, key=lambda k: abs(math.log(natural(k)[0] / natural(k)[1] / (16 / 9))))
+    def cell_at(per_row: int, size: tuple[float, float]) -> float:
+        """The cell size (in) that ``per_row`` panels per row would get in a figure of ``size``."""
+        across = ((size[0] - 0.3) / per_row - 1.3) / columns
+        down = ((size[1] - extra_h) / -(-n // per_row) - 0.8) / rows
+        return min(across, down)
+
+    choices = range(1, min(n, 4) + 1)
+    if options.size:  # the size is given: the arrangement with the biggest cells
+        per_row = max(choices, key=lambda k: cell_at(k, options.size))  # type: ignore[arg-type]
+    else:  # closest to a 16:9 slide, at most 16 in wide
+        fits = [k for k in choices if natural(k)[0] <= 16] or [1]
+        per_row = min(fits, key=lambda k: abs(math.log(natural(k)[0] / natural(k)[1] / (16 / 9))))
     grid_rows = -(-n // per_row)
     size = options.size or natural(per_row)
     fig = _figure(size, options.dpi)
