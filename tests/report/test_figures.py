@@ -10,7 +10,7 @@ import re
 import xml.etree.ElementTree as ET
 
 import pytest
-from conftest import every_kind_snapshot
+from picture_fixtures import every_kind_snapshot
 from PIL import Image
 
 from guestmem.report.figures import (

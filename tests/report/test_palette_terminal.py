@@ -4,7 +4,7 @@ own glyph, a 16-colour terminal gets named colours of the same hue, ``NO_COLOR``
 from __future__ import annotations
 
 import pytest
-from conftest import every_kind_snapshot
+from picture_fixtures import every_kind_snapshot
 from rich.console import Console
 
 from guestmem.report import figures, htmlreport, maps
