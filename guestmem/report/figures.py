@@ -122,25 +122,29 @@ def resident_line(snap: MapSnapshot) -> str:
             f"{fmt_size(t['shared_resident'] * PAGE)}, double-backed {fmt_size(t['double'] * PAGE)}")
 
 
-def _draw_map(ax: Axes, snap: MapSnapshot, label: str, layout: _Layout, fontsize: float) -> None:
+def _draw_map(ax: Axes, snap: MapSnapshot, label: str, layout: _Layout, fontsize: float,
+              header_h: float = 1.0) -> None:
+    """One panel; a region header is ``header_h`` cells tall (more than one when cells are smaller
+    than its text, or the text would run into the row above)."""
     from matplotlib.collections import PatchCollection
     from matplotlib.patches import Rectangle
 
     groups: dict[tuple[str, str], list[Rectangle]] = {}
     yticks: list[float] = []
     ylabels: list[str] = []
-    header_rows = 0
-    for y, (what, item) in enumerate(layout.rows):
+    y = 0.0
+    for what, item in layout.rows:
         if what == "header":
-            ax.text(0, y + 0.62, item, fontsize=fontsize, color=INK, va="center", ha="left",
+            ax.text(0, y + header_h * 0.6, item, fontsize=fontsize, color=INK, va="center", ha="left",
                     fontweight="bold")
-            header_rows += 1
+            y += header_h
             continue
         yticks.append(y + 0.5)
         ylabels.append(f"{item[0].gpa:#x}")
         for x, c in enumerate(item):
             key = (c.kind, cell_style(c.kind, c.level))
             groups.setdefault(key, []).append(Rectangle((x + INSET, y + INSET), 1 - 2 * INSET, 1 - 2 * INSET))
+        y += 1
     for (kind, style), rects in groups.items():
         colour = KIND_COLOURS[kind]
         kw: dict[str, Any] = {"facecolor": colour, "edgecolor": "none", "linewidth": 0}
@@ -152,7 +156,7 @@ def _draw_map(ax: Axes, snap: MapSnapshot, label: str, layout: _Layout, fontsize
             kw.update(facecolor=BACKGROUND, edgecolor=colour, linewidth=1.5)
         ax.add_collection(PatchCollection(rects, match_original=False, **kw))
     ax.set_xlim(0, layout.columns)
-    ax.set_ylim(len(layout.rows), 0)
+    ax.set_ylim(y, 0)
     ax.set_aspect("equal")
     step = max(1, math.ceil(len(yticks) / 16))  # at most ~16 GPA labels per panel
     ax.set_yticks(yticks[::step], ylabels[::step], fontsize=fontsize * 0.9, family="monospace")
@@ -202,20 +206,30 @@ def map_figure(panels: Sequence[tuple[str, MapSnapshot]], *, title: str, subtitl
         raise ValueError("a map figure needs at least one snapshot")
     layouts = [_layout(s) for _, s in panels]
     columns = max(lay.columns for lay in layouts)
-    rows = max(len(lay.rows) for lay in layouts)
+    headers = max(sum(1 for what, _ in lay.rows if what == "header") for lay in layouts)
+    cell_rows = max(sum(1 for what, _ in lay.rows if what == "cells") for lay in layouts)
     n = len(panels)
     cell_in = min(0.2, max(0.09, 6.0 / columns))
     extra_h = (0.6 if title or subtitle else 0.1) + (0.55 if legend else 0.0)
 
+    def font_for(width: float) -> float:
+        return min(12.0, max(7.0, 0.7 * width))  # grows with the figure, for slides
+
+    def header_cells(width: float, cell: float) -> float:
+        """A region header's height in cells: its text's height, at least one cell."""
+        return max(1.0, font_for(width) * 1.5 / 72 / cell)
+
     def natural(per_row: int) -> tuple[float, float]:
         width = max(7.0, per_row * (columns * cell_in + 1.3) + 0.3)
-        cell = (width - 0.3) / per_row - 1.3  # the axes' width: cells stay square, so this sets the height
-        return width, -(-n // per_row) * (rows * cell / columns + 0.8) + extra_h
+        cell = ((width - 0.3) / per_row - 1.3) / columns  # cells stay square: the width sets the height
+        units = cell_rows + headers * header_cells(width, cell)
+        return width, -(-n // per_row) * (units * cell + 0.8) + extra_h
 
     def cell_at(per_row: int, size: tuple[float, float]) -> float:
         """The cell size (in) that ``per_row`` panels per row would get in a figure of ``size``."""
         across = ((size[0] - 0.3) / per_row - 1.3) / columns
-        down = ((size[1] - extra_h) / -(-n // per_row) - 0.8) / rows
+        units = cell_rows + headers * header_cells(size[0], across)
+        down = ((size[1] - extra_h) / -(-n // per_row) - 0.8) / units
         return min(across, down)
 
     choices = range(1, min(n, 4) + 1)
@@ -227,14 +241,15 @@ def map_figure(panels: Sequence[tuple[str, MapSnapshot]], *, title: str, subtitl
     grid_rows = -(-n // per_row)
     size = options.size or natural(per_row)
     fig = _figure(size, options.dpi)
-    fontsize = min(12.0, max(7.0, 0.7 * size[0]))  # grows with the figure, for slides
+    fontsize = font_for(size[0])
+    header_h = header_cells(size[0], cell_at(per_row, size))
     axes = fig.subplots(grid_rows, per_row, squeeze=False)
     for i, ax in enumerate(axes.flat):
         if i >= n:
             ax.set_visible(False)
             continue
         label, snap = panels[i]
-        _draw_map(ax, snap, label, layouts[i], fontsize)
+        _draw_map(ax, snap, label, layouts[i], fontsize, header_h)
     if title or subtitle:
         fig.suptitle("\n".join(t for t in (title, subtitle) if t), fontsize=fontsize * 1.35, color=INK)
     if legend:
