@@ -2,7 +2,7 @@
 
 ``guestmem caps [--json]`` shows what this host's KVM supports (:mod:`guestmem.linux.caps`);
 ``guestmem demo`` is the showcase (:func:`guestmem.report.commands.run_showcase` on the model and the
-kernel, then :mod:`guestmem.linux.demo` step by step); ``run``/``map`` come from
+kernel, then :mod:`guestmem.linux.demo` step by step); ``run``/``map``/``report`` come from
 :mod:`guestmem.report.commands`, ``compare`` from :mod:`guestmem.compare`, ``bench`` from
 :mod:`guestmem.bench`.
 Bad input prints one error line and exits with status 2, before any work starts: values are

@@ -141,3 +141,65 @@ def check_fits(estimate: int, override: int | None, what: str) -> str | None:
 def human(n: int) -> str:
     """Bytes for a message: ``1.5 GiB``, ``300 MiB``."""
     return f"{n / (1 << 30):.1f} GiB" if n >= 1 << 30 else f"{-(-n // MiB)} MiB"
+
+
+# --- figures -------------------------------------------------------------------------------------------
+
+FIGURE_FORMATS = ("png", "svg", "pdf")
+MIN_INCHES, MAX_INCHES = 1.0, 100.0
+MIN_DPI, MAX_DPI = 30, 1200
+# Agg holds the whole picture as RGBA in memory: 100 Mpx is 400 MB, more than any slide needs.
+MAX_PIXELS = 100_000_000
+
+
+def figure_size(text: str) -> tuple[float, float]:
+    """``WxH`` in inches (``12x6.75``, a 16:9 slide), each finite and in [1, 100]."""
+    parts = text.lower().replace("×", "x").split("x")
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        w, h = float(parts[0]), float(parts[1])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size in inches like 12x6.75 (width x height): "
+                                         f"{text!r}") from None
+    if not all(math.isfinite(v) and MIN_INCHES <= v <= MAX_INCHES for v in (w, h)):
+        raise argparse.ArgumentTypeError(f"width and height must be {MIN_INCHES:g}..{MAX_INCHES:g} inches, "
+                                         f"got {text!r}")
+    return w, h
+
+
+def dpi(text: str) -> int:
+    """Dots per inch for PNG output, a whole number in [30, 1200]."""
+    return int_in(MIN_DPI, MAX_DPI, "dots per inch")(text)
+
+
+def figure_format(text: str) -> str:
+    """``png``, ``svg`` or ``pdf`` (any case)."""
+    value = text.strip().lower()
+    if value not in FIGURE_FORMATS:
+        raise argparse.ArgumentTypeError(f"unknown figure format {text!r}; choose one of "
+                                         f"{', '.join(FIGURE_FORMATS)}")
+    return value
+
+
+def check_pixels(size: tuple[float, float] | None, dots: int | None) -> str | None:
+    """None if a figure of ``size`` inches at ``dots`` per inch is small enough to draw; else why not."""
+    if size is None or dots is None:
+        return None
+    pixels = size[0] * dots * size[1] * dots
+    if pixels > MAX_PIXELS:
+        return (f"--size {size[0]:g}x{size[1]:g} at --dpi {dots} is {pixels / 1e6:.0f} million pixels, more "
+                f"than {MAX_PIXELS // 1_000_000} million; use a smaller size or DPI")
+    return None
+
+
+def format_for(path: str, fmt: str | None) -> str:
+    """The figure format for ``path``: ``fmt`` if given, else its extension (``ValueError`` if it
+    has none of png, svg, pdf)."""
+    if fmt:
+        return fmt
+    ext = os.path.splitext(path)[1].lower().lstrip(".")
+    if ext not in FIGURE_FORMATS:
+        raise ValueError(f"{path}: cannot tell the figure format from the name; end it in .png, .svg "
+                         "or .pdf, or give --format")
+    return ext

@@ -10,8 +10,9 @@ what the guest sees are the same for every design, which the run checks.
 
 ``run_compare`` is the library entry point; ``register(subparsers)`` adds the subcommand to an
 argparse parser (``guestmem.cli`` wires it in); ``python -m guestmem.compare`` runs it standalone.
-Output: a rich table (with a caption saying what each row and column is), ``--png FILE`` (a chart,
-drawn with Pillow) and ``--json`` (one object per design).  Bad input: one error line, status 2.
+Output: a rich table (with a caption saying what each row and column is), ``--png/--svg/--pdf
+FILE`` (a chart drawn with matplotlib, ``--size`` and ``--dpi`` for slides) and ``--json`` (one
+object per design).  Bad input: one error line, status 2.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from rich.text import Text
 from guestmem import cliargs
 from guestmem.model.designs.harness import DESIGNS, REPLY_DESIGN, Design
 from guestmem.model.designs.workloads import DEFAULT_RAM, FLAVOURS, MIN_RAM, PHASES, SUMMARIES, run
+from guestmem.report.atomic import OutputError, check_writable, write_bytes
 
 MiB = 1 << 20
 DEFAULT_WORKLOAD = "all"
@@ -171,41 +173,26 @@ def make_legend(rows: list[dict[str, Any]]) -> Group:
     )
 
 
-def write_png(rows: list[dict[str, Any]], path: str) -> None:
-    """A chart: one panel per measured column, one bar per design, values printed."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    panels = [(("peak_frames",), "peak frames"), (("final_frames",), "final frames"),
-              (("double_frames_peak",), "double (peak)"), (("double_frames_final",), "double (end)"),
-              (("invalidations",), "invalidation calls"), (("conversions",), "conversions"),
-              (("zaps",), "zaps"), (("hugepage_mappings",), "2M mappings kept"),
-              (("directmap_splits",), "direct-map splits"), (("directmap_restores",), "direct-map restores"),
-              (("stale_pages",), "freed while mapped"), (("wall_s",), "wall time (s)")]
-    colours = ["#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948"]
-    cols, pw, ph, pad = 4, 330, 70 + 26 * len(rows), 16
-    nrows = -(-len(panels) // cols)
-    font = ImageFont.load_default(size=13)
-    bold = ImageFont.load_default(size=15)
-    img = Image.new("RGB", (cols * pw + pad, 64 + nrows * ph + pad), "white")
-    draw = ImageDraw.Draw(img)
+def chart_title(rows: list[dict[str, Any]]) -> str:
+    """What the chart shows: workload, flavour, guest size (the same words as the table's title)."""
     first = rows[0]
-    draw.text((pad, 10), f"guestmem compare {first['workload']} ({first['flavour']}, "
-              f"{first['ram_bytes'] // MiB} MiB guest)", fill="black", font=bold)
-    for i, r in enumerate(rows):
-        draw.rectangle((pad + 170 * i, 36, pad + 170 * i + 10, 46), fill=colours[i % len(colours)])
-        draw.text((pad + 170 * i + 14, 33), r["label"], fill="black", font=font)
-    for p, (keys, name) in enumerate(panels):
-        x0, y0 = pad + (p % cols) * pw, 64 + (p // cols) * ph
-        draw.text((x0, y0), name, fill="black", font=bold)
-        values = [float(r[keys[0]]) for r in rows]
-        top = max(values) or 1.0
-        for i, v in enumerate(values):
-            y = y0 + 24 + 26 * i
-            w = int((pw - 110) * v / top)
-            draw.rectangle((x0, y, x0 + max(w, 1), y + 18), fill=colours[i % len(colours)])
-            label = f"{v:.2f}" if keys == ("wall_s",) else str(int(v))
-            draw.text((x0 + max(w, 1) + 6, y + 2), label, fill="black", font=font)
-    img.save(path, format="PNG")
+    flavour = {"snp": "SEV-SNP-like", "sw": "software-protected"}[first["flavour"]]
+    return (f"guestmem compare {first['workload']}: {SUMMARIES[first['workload']]}\n{flavour} VM on the "
+            f"model, {first['ram_bytes'] // MiB} MiB guest RAM; every bar measured in this run")
+
+
+def chart_bytes(rows: list[dict[str, Any]], fmt: str, *, size: tuple[float, float] | None = None,
+                dpi: int | None = None) -> bytes:
+    """The chart (one panel per measured column, one bar per design) as PNG, SVG or PDF bytes."""
+    from guestmem.report.figures import FigureOptions, compare_figure, figure_bytes
+
+    options = FigureOptions(size=size, dpi=dpi or FigureOptions().dpi)
+    return figure_bytes(compare_figure(rows, title=chart_title(rows), options=options), fmt)
+
+
+def write_png(rows: list[dict[str, Any]], path: str) -> None:
+    """The chart as a PNG file, written atomically (kept for library callers)."""
+    write_bytes(path, chart_bytes(rows, "png"))
 
 
 # --- the command ----------------------------------------------------------------------------------------
@@ -255,8 +242,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=_rounds, default=8, help="bounce-buffer I/O rounds (default 8)")
     parser.add_argument("--reply", action="store_true",
                         help="add v9 with seed 000's reply (per-folio invalidation with order) as a row")
-    parser.add_argument("--png", metavar="FILE", type=cliargs.output_file,
-                        help="also draw the numbers as a chart (PNG; its directory is checked first)")
+    for fmt in cliargs.FIGURE_FORMATS:
+        parser.add_argument(f"--{fmt}", metavar="FILE", type=cliargs.output_file,
+                            help=f"also draw the numbers as a chart ({fmt.upper()}; its directory is checked "
+                                 "first)")
+    parser.add_argument("--size", type=cliargs.figure_size, metavar="WxH",
+                        help="chart size in inches, e.g. 13.33x7.5 for a 16:9 slide (default 14 wide)")
+    parser.add_argument("--dpi", type=cliargs.dpi, metavar="N",
+                        help=f"PNG resolution, {cliargs.MIN_DPI}..{cliargs.MAX_DPI} dots per inch "
+                             "(default 150)")
     parser.add_argument("--json", action="store_true",
                         help="print the numbers as JSON (one object per design)")
     cliargs.add_max_resident(parser)
@@ -281,10 +275,22 @@ def cmd_compare(args: argparse.Namespace, console: Console | None = None) -> int
     if reason:
         print(f"guestmem compare: error: {reason}", file=sys.stderr)
         return 2
-    if args.png:
-        folder = os.path.dirname(os.path.abspath(args.png))
-        if os.path.isdir(args.png) or not os.access(folder, os.W_OK):
-            print(f"guestmem compare: error: cannot write {args.png}", file=sys.stderr)
+    charts = [(getattr(args, fmt), fmt) for fmt in cliargs.FIGURE_FORMATS if getattr(args, fmt, None)]
+    named = [os.path.realpath(path) for path, _ in charts]
+    if len(set(named)) != len(named):
+        print("guestmem compare: error: two chart options name the same file; give each its own",
+              file=sys.stderr)
+        return 2
+    size, dpi = getattr(args, "size", None), getattr(args, "dpi", None)
+    too_big = cliargs.check_pixels(size or (14.0, 12.0), dpi or 150)
+    if too_big:
+        print(f"guestmem compare: error: {too_big}", file=sys.stderr)
+        return 2
+    for path, _ in charts:
+        try:
+            check_writable(path)
+        except OutputError as exc:
+            print(f"guestmem compare: error: {exc}", file=sys.stderr)
             return 2
     try:
         rows = run_compare(args.workload, ram=args.ram * MiB, flavour=args.flavour, rounds=args.rounds,
@@ -294,9 +300,9 @@ def cmd_compare(args: argparse.Namespace, console: Console | None = None) -> int
         return 2
     console.print(make_table(rows))
     console.print(make_legend(rows))
-    if args.png:
-        write_png(rows, args.png)
-        console.print(f"chart written to {args.png}")
+    for path, fmt in charts:
+        write_bytes(path, chart_bytes(rows, fmt, size=size, dpi=dpi))
+        console.print(f"chart written to {path}")
     if args.json:
         print(json.dumps(rows, indent=2))
     return 0

@@ -1,12 +1,12 @@
-"""``guestmem run`` and ``guestmem map``, and the showcase ``guestmem demo`` calls.
+"""``guestmem run``, ``guestmem map`` and ``guestmem report``, and the showcase ``guestmem demo`` calls.
 
-``register(subparsers)`` adds both subcommands to the ``guestmem`` argparse parser; each sets
+``register(subparsers)`` adds the subcommands to the ``guestmem`` argparse parser; each sets
 ``func(args, console) -> int``.  Exit status: 0 the scenario ran and passed; 1 it ran and failed
 (the summary says why); 2 bad input -- a malformed scenario, an impossible size, an unknown
 flavour or backend, an output path that cannot be written -- reported as one line naming the
 file, line and field where there is one; 3 the chosen backend cannot run the scenario (the line
-names the missing capability).  Output files (``--trace``, ``--png``, ``--svg``) are written
-atomically, and only after a run: never half-written.
+names the missing capability).  Output files (``--trace``, ``--png``, ``--svg``, ``--pdf``, ``-o``,
+``--html``) are checked before the run, written atomically after it, and never half-written.
 """
 
 from __future__ import annotations
@@ -27,8 +27,16 @@ import guestmem
 from guestmem import cliargs
 from guestmem.errors import CapabilityMissing, KvmError, ModelSwitchOff
 from guestmem.report.atomic import OutputError, check_writable, write_bytes, write_text
-from guestmem.report.images import render_png, render_svg
-from guestmem.report.maps import kinds_table, render_terminal
+from guestmem.report.figures import (
+    FigureOptions,
+    figure_bytes,
+    map_figure,
+    map_subtitle,
+    run_panels,
+    run_title,
+)
+from guestmem.report.htmlreport import build_html
+from guestmem.report.maps import kinds_table, render_terminal, terminal_colours
 from guestmem.report.summary import summary_table
 from guestmem.report.tracefile import trace_json
 from guestmem.scenarios import ScenarioError, load, shipped
@@ -88,8 +96,23 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     cliargs.add_max_resident(p)
 
 
+# Every option that names an output file, and the flag that names it in messages.
+OUTPUTS = (("trace", "--trace"), ("html", "--html"), ("png", "--png"), ("svg", "--svg"), ("pdf", "--pdf"),
+           ("output", "--output"))
+
+
+def _add_figure_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--size", type=cliargs.figure_size, metavar="WxH",
+                   help="figure size in inches, e.g. 13.33x7.5 for a 16:9 slide (default: fitted to the map)")
+    p.add_argument("--dpi", type=cliargs.dpi, metavar="N",
+                   help=f"PNG resolution in dots per inch, {cliargs.MIN_DPI}..{cliargs.MAX_DPI} "
+                        f"(default {FigureOptions().dpi})")
+    p.add_argument("--format", type=cliargs.figure_format, metavar="FMT",
+                   help="format of the -o file: png, svg or pdf (default: from its name)")
+
+
 def register(subparsers: Any) -> None:
-    """Add ``run`` and ``map`` to the ``guestmem`` command's subparsers."""
+    """Add ``run``, ``map`` and ``report`` to the ``guestmem`` command's subparsers."""
     run = subparsers.add_parser(
         "run", help="run a scenario: a confidential VM's memory lifecycle",
         description="Run a shipped scenario (by name) or a scenario TOML file, on the model or the "
@@ -99,6 +122,8 @@ def register(subparsers: Any) -> None:
     _add_common(run)
     run.add_argument("--trace", metavar="FILE", type=cliargs.output_file,
                      help="write a Chrome/Perfetto trace (open it in ui.perfetto.dev)")
+    run.add_argument("--html", metavar="FILE", type=cliargs.output_file,
+                     help="also write the self-contained HTML report (maps per phase, charts, summary)")
     run.set_defaults(func=cmd_run)
     mp = subparsers.add_parser(
         "map", help="run a scenario and draw the guest physical map",
@@ -108,8 +133,24 @@ def register(subparsers: Any) -> None:
     _add_common(mp)
     mp.add_argument("--png", metavar="FILE", type=cliargs.output_file, help="also write the map as PNG")
     mp.add_argument("--svg", metavar="FILE", type=cliargs.output_file, help="also write the map as SVG")
-    mp.add_argument("--before", action="store_true", help="also draw the map before the run")
+    mp.add_argument("--pdf", metavar="FILE", type=cliargs.output_file, help="also write the map as PDF")
+    mp.add_argument("-o", "--output", metavar="FILE", type=cliargs.output_file,
+                    help="also write the map to FILE, in --format or the format its name ends in")
+    _add_figure_options(mp)
+    mp.add_argument("--before", action="store_true", help="also draw the map before the run, beside it")
+    mp.add_argument("--phases", action="store_true",
+                    help="draw the map before the run and after every phase, side by side")
     mp.set_defaults(func=cmd_map)
+    rp = subparsers.add_parser(
+        "report", help="run a scenario and write one self-contained HTML report",
+        description="Run a scenario and write one HTML file that needs no network: the summary, the "
+                    "guest physical map after every phase (with a slider), resident memory and "
+                    "conversions over time, exits per vCPU.")
+    rp.add_argument("scenario", metavar="NAME|FILE", help="scenario name or path to a .toml")
+    _add_common(rp)
+    rp.add_argument("-o", "--output", metavar="FILE", type=cliargs.output_file, required=True,
+                    help="the HTML file to write")
+    rp.set_defaults(func=cmd_report)
 
 
 @contextlib.contextmanager
@@ -135,16 +176,29 @@ def _run_from_args(args: argparse.Namespace, console: Console, *, snapshots: boo
     if args.flavour is not None and args.flavour not in FLAVOURS:
         raise UnknownFlavour(args.flavour)
     memory = args.memory
-    outputs = [getattr(args, opt, None) for opt in ("trace", "png", "svg")]
-    for opt, path in zip(("trace", "png", "svg"), outputs, strict=True):
-        if path:
-            try:
-                check_writable(path)  # argparse checked it too; this keeps library callers safe
-            except OutputError as exc:
-                raise BadInput(f"--{opt}: {exc}") from None
-    named = [Path(p).resolve() for p in outputs if p]
-    if len(set(named)) != len(named):
-        raise BadInput("--png and --svg name the same file; give each its own")
+    seen: dict[Path, str] = {}
+    for opt, flag in OUTPUTS:
+        path = getattr(args, opt, None)
+        if not path:
+            continue
+        try:
+            check_writable(path)  # argparse checked it too; this keeps library callers safe
+        except OutputError as exc:
+            raise BadInput(f"{flag}: {exc}") from None
+        key = Path(path).resolve()
+        if key in seen:
+            raise BadInput(f"{seen[key]} and {flag} name the same file; give each its own")
+        seen[key] = flag
+    if getattr(args, "output", None) and hasattr(args, "format"):
+        try:
+            cliargs.format_for(args.output, args.format)
+        except ValueError as exc:
+            raise BadInput(f"--output: {exc}") from None
+    # Before the run: the figure's pixels (a fitted map is at most about a 16x9 inch slide).
+    too_big = cliargs.check_pixels(getattr(args, "size", None) or (16.0, 9.0),
+                                   getattr(args, "dpi", None) or FigureOptions().dpi)
+    if too_big:
+        raise BadInput(too_big)
     scn = load(args.scenario)
     plan = make_plan(scn, vcpus=args.vcpus, memory=memory)
     # The memory guard: every guest page populated on both sides (discard off, double backing) plus
@@ -211,7 +265,7 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
                      EXIT_BAD_INPUT)
 
     def go() -> int:
-        report = _run_from_args(args, console, snapshots=False)
+        report = _run_from_args(args, console, snapshots=bool(args.html))
         stopped = _stopped_at_bound("run", report)
         if stopped is not None:
             return stopped
@@ -219,17 +273,30 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
             write_text(args.trace, trace_json(report.trace, process=f"guestmem {report.scenario} "
                                               f"({report.backend}, {report.flavour})",
                                               meta=_trace_meta(report)))
+        if args.html:
+            write_text(args.html, build_html(report))
+        files = {k: getattr(args, k) for k in ("trace", "html") if getattr(args, k)}
         if args.json:
             args._json_printed = True
-            print(json.dumps(report.summary() | ({"trace": args.trace} if args.trace else {}), indent=2))
+            print(json.dumps(report.summary() | files, indent=2))
         else:
             console.print(summary_table(report))
             if args.trace:
                 console.print(f"trace written to {args.trace} ({len(report.trace)} events; open it in "
                               "https://ui.perfetto.dev)")
+            if args.html:
+                console.print(f"HTML report written to {args.html} (self-contained; open it in a browser)")
         return EXIT_OK if report.ok else EXIT_FAILED
 
     return _guarded("run", args, go)
+
+
+def _figure_files(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """(path, format) of every figure the ``map`` command was asked to write."""
+    files = [(getattr(args, fmt), fmt) for fmt in cliargs.FIGURE_FORMATS if getattr(args, fmt, None)]
+    if args.output:
+        files.append((args.output, cliargs.format_for(args.output, args.format)))
+    return files
 
 
 def cmd_map(args: argparse.Namespace, console: Console) -> int:
@@ -240,31 +307,55 @@ def cmd_map(args: argparse.Namespace, console: Console) -> int:
             return stopped
         after = report.after
         assert after is not None
-        if args.png:
-            write_bytes(args.png, render_png(after))
-        if args.svg:
-            write_text(args.svg, render_svg(after))
+        panels = run_panels(report, before=args.before, phases=args.phases)
+        files = _figure_files(args)
+        if files:
+            options = FigureOptions(size=args.size, dpi=args.dpi or FigureOptions().dpi)
+            fig = map_figure(panels, title=run_title(report),
+                             subtitle=map_subtitle([s for _, s in panels], report.memory), options=options)
+            for path, fmt in files:
+                write_bytes(path, figure_bytes(fig, fmt))
         if args.json:
             out: dict[str, Any] = {"scenario": report.scenario, "backend": report.backend,
                                    "flavour": report.flavour, "ok": report.ok, "error": report.error,
                                    "wall_s": round(report.wall_s, 6), "map": after.as_dict()}
             if args.before and report.before is not None:
                 out["before"] = report.before.as_dict()
-            out["files"] = {k: getattr(args, k) for k in ("png", "svg") if getattr(args, k)}
+            if args.phases:
+                out["phases"] = [s.as_dict() for s in report.phase_maps]
+            out["files"] = {k: getattr(args, k) for k in ("png", "svg", "pdf", "output") if getattr(args, k)}
             args._json_printed = True
             print(json.dumps(out, indent=2))
         else:
-            if args.before and report.before is not None:
-                console.print(render_terminal(report.before))
-            console.print(render_terminal(after))
+            colours = terminal_colours(console)
+            for _, snap in panels:
+                console.print(render_terminal(snap, colours))
             if report.error:
                 console.print(f"[red]the run failed:[/] {report.error}")
-            for kind in ("png", "svg"):
-                if getattr(args, kind):
-                    console.print(f"{kind.upper()} written to {getattr(args, kind)}")
+            for path, fmt in files:
+                console.print(f"{fmt.upper()} written to {path}")
         return EXIT_OK if report.ok else EXIT_FAILED
 
     return _guarded("map", args, go)
+
+
+def cmd_report(args: argparse.Namespace, console: Console) -> int:
+    """``guestmem report``: run with snapshots, write the HTML page, print the summary."""
+    def go() -> int:
+        report = _run_from_args(args, console, snapshots=True)
+        stopped = _stopped_at_bound("report", report)
+        if stopped is not None:
+            return stopped
+        write_text(args.output, build_html(report))
+        if args.json:
+            args._json_printed = True
+            print(json.dumps(report.summary() | {"html": args.output}, indent=2))
+        else:
+            console.print(summary_table(report))
+            console.print(f"HTML report written to {args.output} (self-contained; open it in a browser)")
+        return EXIT_OK if report.ok else EXIT_FAILED
+
+    return _guarded("report", args, go)
 
 
 def _list(console: Console, as_json: bool = False) -> int:
@@ -306,8 +397,8 @@ def run_showcase(console: Console, more: Callable[[Console], dict[str, Any]] | N
                   "converts and pre-faults the rest.")
     model = run_scenario(load("boot"), backend="model", memory=SHOWCASE_MEMORY, snapshots=True)
     assert model.before is not None and model.after is not None
-    console.print(render_terminal(model.before))
-    console.print(render_terminal(model.after))
+    console.print(render_terminal(model.before, terminal_colours(console)))
+    console.print(render_terminal(model.after, terminal_colours(console)))
     console.print(kinds_table(model.before, model.after))
     console.print(summary_table(model))
     result: dict[str, Any] = {"ok": model.ok, "model": model.summary()}

@@ -1,42 +1,36 @@
-"""The guest physical map, drawn: in the terminal (rich), and the shared geometry and palette the
-PNG and SVG renderers use.
+"""The guest physical map in the terminal (rich), and the row geometry the figures share.
 
-One cell per 2 MiB of guest RAM (coarser for very large guests), one row per 128 MiB, a header
-per RAM region.  A cell's colour says what is resident there -- private, shared, both kinds
-(mixed), the same page on both sides (double-backed: the waste the discard policy exists to
-prevent), or nothing (unallocated).  Its glyph says how the guest maps it, where the backend can
-tell: 2 MiB/1 GiB mappings, 4 KiB mappings, or resident but not mapped.
+One cell per 2 MiB of guest RAM (coarser for very large guests), 64 cells per row, a header per
+RAM region.  A cell's colour says what is resident there -- private, shared, both kinds (mixed), the
+same page on both sides (double-backed: the waste the discard policy exists to prevent), or nothing
+(unallocated).  With colour, its glyph says how the guest maps it, where the backend can tell:
+2 MiB/1 GiB mappings, 4 KiB mappings, or resident but not mapped.  Without colour (a pipe, a log,
+``NO_COLOR``) the glyph must say the kind instead, or every kind would look the same: one letter
+per kind, from :mod:`guestmem.report.palette`, which the figures and the HTML report share.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
-from rich.console import Group
+from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
+from guestmem.report.palette import (
+    KIND_COLOURS,
+    KIND_COLOURS_16,
+    KIND_GLYPHS_MONO,
+    KIND_LABELS,
+    KINDS,
+    LEVEL_GLYPHS,
+    LEVEL_LABELS,
+)
 from guestmem.scenarios.sizes import fmt_size
 from guestmem.vmm.snapshot import Cell, MapSnapshot
 
 COLUMNS = 64
-
-KIND_COLOURS = {
-    "private": "#8e44ad",
-    "shared": "#27ae60",
-    "mixed": "#f1c40f",
-    "double": "#e74c3c",
-    "unallocated": "#c8ccd0",
-}
-KIND_LABELS = {
-    "private": "private",
-    "shared": "shared",
-    "mixed": "private + shared",
-    "double": "double-backed",
-    "unallocated": "unallocated",
-}
-LEVEL_GLYPHS = {"1G": "█", "2M": "█", "4K": "▒", "-": "░", None: "█"}
-LEVEL_LABELS = {"2M": "mapped 2M/1G", "4K": "mapped 4K", "-": "resident, not mapped"}
 
 
 @dataclass(frozen=True)
@@ -64,12 +58,31 @@ def describe_cell(c: Cell) -> str:
 
 
 def legend_items(snap: MapSnapshot) -> list[tuple[str, str]]:
-    """``(kind, label)`` for every kind in the palette."""
-    return [(k, KIND_LABELS[k]) for k in KIND_COLOURS]
+    """``(kind, label)`` for every kind in the palette (all of them, present or not: a legend that
+    changes with the data cannot be learned once)."""
+    return [(k, KIND_LABELS[k]) for k in KINDS]
 
 
-def render_terminal(snap: MapSnapshot) -> Group:
-    """A rich renderable of the map."""
+def terminal_colours(console: Console) -> Mapping[str, str] | None:
+    """The kind colours ``console`` can show: None when it writes to a pipe or file or under
+    ``NO_COLOR`` (draw letters), named ANSI colours on a 16-colour terminal, else the palette's."""
+    if console.color_system is None or console.no_color:
+        return None
+    return KIND_COLOURS_16 if console.color_system == "standard" else KIND_COLOURS
+
+
+def cell_glyph(c: Cell, colour: bool) -> str:
+    """The character for a cell: with colour, the mapping level; without, the kind."""
+    if not colour:
+        return KIND_GLYPHS_MONO[c.kind]
+    return "·" if c.kind == "unallocated" else LEVEL_GLYPHS[c.level]
+
+
+def render_terminal(snap: MapSnapshot, colours: Mapping[str, str] | None = KIND_COLOURS) -> Group:
+    """A rich renderable of the map in ``colours`` (kind -> rich colour; see
+    :func:`terminal_colours`).  ``colours=None`` draws each kind with its own letter and says the
+    mapping levels are shown only with colour."""
+    colour = colours is not None
     parts: list[object] = []
     if snap.title:
         parts.append(Text(snap.title, style="bold"))
@@ -80,15 +93,20 @@ def render_terminal(snap: MapSnapshot) -> Group:
             line = Text()
             line.append(f"{row[0].gpa:>#14x} ", style="dim")
             for c in row:
-                glyph = "·" if c.kind == "unallocated" else LEVEL_GLYPHS[c.level]
-                line.append(glyph, style=KIND_COLOURS[c.kind])
+                line.append(cell_glyph(c, colour), style=colours[c.kind] if colours else "")
             parts.append(line)
     legend = Text("  ")
     for kind, label in legend_items(snap):
-        legend.append("█" if kind != "unallocated" else "·", style=KIND_COLOURS[kind])
+        if colours:
+            legend.append("█" if kind != "unallocated" else "·", style=colours[kind])
+        else:
+            legend.append(KIND_GLYPHS_MONO[kind])
         legend.append(f" {label}   ")
     parts.append(legend)
-    if snap.levels_known:
+    if snap.levels_known and not colour:
+        parts.append(Text("  mapping levels: shown with colour, in --png/--svg/--pdf and in --json",
+                          style="dim"))
+    elif snap.levels_known:
         lv = Text("  ")
         for level, label in LEVEL_LABELS.items():
             lv.append(LEVEL_GLYPHS[level])
@@ -112,7 +130,8 @@ def kinds_table(before: MapSnapshot | None, after: MapSnapshot) -> Table:
         table.add_column("before", justify="right")
     table.add_column("after", justify="right")
     kb, ka = (before.kinds() if before else {}), after.kinds()
-    for kind, label in KIND_LABELS.items():
+    for kind in KINDS:
+        label = KIND_LABELS[kind]
         row: list[Text | str] = [Text(label, style=KIND_COLOURS[kind])]
         if before is not None:
             row.append(str(kb.get(kind, 0)))

@@ -18,13 +18,32 @@ def _pages(n: int | None) -> str:
     return "-" if n is None else f"{fmt_size(n * PAGE)}"
 
 
+class _Rows:
+    """Collects (what, value) rows; the terminal table and the HTML report draw the same rows."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[str, Text]] = []
+
+    def add_row(self, what: str, value: str | Text) -> None:
+        self.rows.append((what, value if isinstance(value, Text) else Text(value)))
+
+
 def summary_table(r: ScenarioReport) -> Table:
-    m: dict[str, Any] = r.machine
-    conv: dict[str, int] = m.get("conversion", {})
-    acct: dict[str, Any] = m.get("accounting", {})
+    """The summary as a rich table (what ``guestmem run`` prints)."""
     t = Table(title=f"guestmem run {r.scenario}", show_header=False, title_justify="left", show_edge=False)
     t.add_column("what", style="bold")
     t.add_column("value")
+    for what, value in summary_rows(r):
+        t.add_row(what, value)
+    return t
+
+
+def summary_rows(r: ScenarioReport) -> list[tuple[str, Text]]:
+    """The summary's rows, (what, value with its styles): one source for every way it is shown."""
+    m: dict[str, Any] = r.machine
+    conv: dict[str, int] = m.get("conversion", {})
+    acct: dict[str, Any] = m.get("accounting", {})
+    t = _Rows()
     result = Text("OK", style="bold green") if r.ok else Text("FAILED", style="bold red")
     t.add_row("result", result)
     if r.error:
@@ -68,4 +87,4 @@ def summary_table(r: ScenarioReport) -> Table:
         t.add_row("note", Text(note, style="yellow"))
     for w in m.get("warnings", []):
         t.add_row("warning", Text(w, style="yellow"))
-    return t
+    return t.rows

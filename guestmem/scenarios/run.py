@@ -73,6 +73,9 @@ class ScenarioReport:
     before: MapSnapshot | None = None
     after: MapSnapshot | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # With snapshots: the map at the end of each phase that ran (title "after phase N: name"), taken
+    # at the phase's closing barrier, while every vCPU waits there -- the pictures per phase.
+    phase_maps: list[MapSnapshot] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
         """The ``--json`` object."""
@@ -236,8 +239,11 @@ def run_scenario(scn: Scenario, *, backend: str = "model", flavour: str | None =
 class _Driver:
     """The scenario's side of the run loop: barriers, setups, host calls, progress."""
 
-    def __init__(self, plan: Plan, machine: Machine, build: Build, progress: Progress | None) -> None:
+    def __init__(self, plan: Plan, machine: Machine, build: Build, progress: Progress | None,
+                 snapshot_cell: int | None = None) -> None:
         self.plan = plan
+        self.snapshot_cell = snapshot_cell
+        self.phase_maps: list[MapSnapshot] = []
         self.machine = machine
         self.build = build
         self.host = HostRunner(plan, machine)
@@ -263,6 +269,11 @@ class _Driver:
     def _between_phases(self) -> None:
         pi = self._phase
         self.machine.accounting.sample(f"phase {pi + 1}", VMM_TID)
+        if self.snapshot_cell is not None and self.build.active[pi] and self.failure is None:
+            snap = self.machine.snapshot(self.snapshot_cell)
+            name = self.plan.scenario.phases[pi].name
+            self.phase_maps.append(MapSnapshot(snap.cell_size, snap.cells, snap.regions, snap.levels_known,
+                                               snap.residency, f"after phase {pi + 1}: {name}"))
         self._phase += 1
         if self._phase < len(self.plan.scenario.phases) and self.failure is None:
             try:
@@ -296,7 +307,7 @@ def _run(scn: Scenario, plan: Plan, kvm: Kvm, machine: Machine, notes: list[str]
     machine.load({v: Program(s.ops) for v, s in enumerate(build.scripts)})
     cell = auto_cell_size(plan.memory)
     before = machine.snapshot(cell) if snapshots else None
-    driver = _Driver(plan, machine, build, progress)
+    driver = _Driver(plan, machine, build, progress, cell if snapshots else None)
     start = time.monotonic()
     error: str | None = None
     result: RunResult | None = None
@@ -357,7 +368,7 @@ def _run(scn: Scenario, plan: Plan, kvm: Kvm, machine: Machine, notes: list[str]
         exits=sum(exits.values()), exits_by_reason=dict(exits),
         conversions=int(machine.converter.stats["conversions"]), frames_peak=peak,
         frames_peak_source=peak_source, bound_ok=bound_ok, notes=notes, machine=summary,
-        vcpu_results=vcpu_results, trace=trace, before=before, after=after,
+        vcpu_results=vcpu_results, trace=trace, before=before, after=after, phase_maps=driver.phase_maps,
         extra={"memory_human": fmt_size(plan.memory), "resident_limit": resident_limit,
                "host_peak_bytes": acct.host_peak_bytes},
     )

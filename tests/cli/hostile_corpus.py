@@ -255,6 +255,29 @@ def cases() -> list[Case]:
         add("map-png-readonly", "map", "balloon", "--png", "{readonly_dir}/m.png")
     add("map-png-svg-same", "map", "balloon", "--png", "{tmp}/same", "--svg", "{tmp}/same")
     add("run-unknown-flag", "run", "balloon", "--frob")
+    # figures and the HTML report
+    for v in ("", "x", "12", "12x", "x7", "0x5", "5x0", "101x5", "nanx3", "infxinf", "-3x4", "1e308x2",
+              "3x4x5"):
+        add(f"map-size-{v or 'empty'}", "map", "balloon", "--size", v)
+    for v in ("", "0", "29", "1201", "abc", "1.5", str(2**70)):
+        add(f"map-dpi-{v or 'empty'}", "map", "balloon", "--dpi", v)
+    add("map-size-dpi-too-many-pixels", "map", "balloon", "--size", "100x100", "--dpi", "1200", "--png",
+        "{tmp}/big.png")
+    add("map-format-bad", "map", "balloon", "--format", "gif", "-o", "{tmp}/m")
+    add("map-output-no-extension", "map", "balloon", "-o", "{tmp}/m")
+    add("map-output-dev-null", "map", "balloon", "-o", "/dev/null")
+    add("map-pdf-is-dir", "map", "balloon", "--pdf", "{tmp}")
+    add("map-png-output-same", "map", "balloon", "--png", "{tmp}/same.png", "-o", "{tmp}/same.png")
+    add("report-no-output", "report", "balloon")
+    add("report-no-scenario", "report", "-o", "{tmp}/r.html")
+    add("report-output-missing-dir", "report", "balloon", "-o", "{missing_dir}/r.html")
+    add("report-output-fifo", "report", "balloon", "-o", "{fifo}")
+    add("report-memory-1T", "report", "boot", "--memory", "1T", "-o", "{tmp}/r.html", sub=True)
+    add("run-html-is-dir", "run", "balloon", "--html", "{tmp}")
+    add("run-html-trace-same", "run", "balloon", "--html", "{tmp}/same", "--trace", "{tmp}/same")
+    add("compare-svg-pdf-same", "compare", "--svg", "{tmp}/c", "--pdf", "{tmp}/c")
+    add("compare-size-bad", "compare", "--size", "wide")
+    add("compare-dpi-bad", "compare", "--dpi", "5000")
     # compare
     for v in (str(2**70), "1048576", "0", "-2", "17", "abc", "", "nan", "16"):
         add(f"compare-ram-{v or 'empty'}", "compare", "--ram", v, sub=v in ("1048576",))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
@@ -74,7 +75,7 @@ def test_map_writes_images(capsys: pytest.CaptureFixture[str], tmp_path: Path) -
     text = capsys.readouterr().out
     assert "selftest-conversions: before" in text and "selftest-conversions: after" in text
     assert Image.open(io.BytesIO(png.read_bytes())).format == "PNG"
-    assert svg.read_text().startswith("<svg")
+    assert ET.fromstring(svg.read_bytes()).tag == "{http://www.w3.org/2000/svg}svg"
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == [], "no temporary files left"
 
 
