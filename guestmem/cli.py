@@ -138,7 +138,8 @@ def _cmd_demo(args: argparse.Namespace, console: Console) -> int:
         return run_kernel_demo(c, size=size, path=args.device)
 
     result = (kernel_steps(console) if args.kernel_only
-              else run_showcase(console, kernel_steps, device=args.device))
+              else run_showcase(console, kernel_steps, device=args.device,
+                                 model_options=dict(args.model) or None))
     if args.json:
         print(json.dumps(result, indent=2, default=str))
     return 1 if result.get("ok") is False else 0
@@ -203,6 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--kernel-only", action="store_true",
                       help="only the real-kernel steps (skip the model showcase)")
     demo.add_argument("--json", action="store_true", help="also print the step timings as JSON")
+    from guestmem.report.commands import model_switch
+
+    demo.add_argument("--model", action="append", type=model_switch, metavar="NAME=VALUE", default=[],
+                      help="a model switch for the showcase's model run (repeatable), e.g. tdp_mmu=false")
     cliargs.add_max_resident(demo)
     demo.set_defaults(func=_cmd_demo)
     bench = sub.add_parser("bench", help="measure the model (and the kernel) in one run; JSON out")

@@ -86,7 +86,8 @@ TRANSITIONS: dict[tuple[str, str], tuple[str, tuple[str, ...]]] = {
 
 
 def run_compare(workload: str = DEFAULT_WORKLOAD, *, ram: int = DEFAULT_RAM, flavour: str = "snp",
-                rounds: int = 8, reply: bool = False, check: bool = True) -> list[dict[str, Any]]:
+                rounds: int = 8, reply: bool = False, check: bool = True,
+                model: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Run ``workload`` under each design; one metrics dict per design, in design order.
 
     ``reply`` adds v9 with the reply's per-folio invalidation after v9.  Raises ``ValueError`` for
@@ -101,7 +102,7 @@ def run_compare(workload: str = DEFAULT_WORKLOAD, *, ram: int = DEFAULT_RAM, fla
         designs.insert(designs.index(DESIGNS[2]) + 1, REPLY_DESIGN)
     rows, seen = [], None
     for d in designs:
-        result = run(d, workload, ram=ram, flavour=flavour, rounds=rounds, check=check)
+        result = run(d, workload, ram=ram, flavour=flavour, rounds=rounds, check=check, model=model)
         guest = (result.digest, tuple(result.trace))
         if seen is not None and guest != seen[1]:
             raise RuntimeError(f"{d.key} and {seen[0]} disagree on what the guest saw")
@@ -240,6 +241,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--flavour", type=_flavour, default="snp", metavar="NAME",
                         help="VM flavour: snp (SEV-SNP-like, default) or sw-protected")
     parser.add_argument("--rounds", type=_rounds, default=8, help="bounce-buffer I/O rounds (default 8)")
+    from guestmem.report.commands import model_switch
+
+    parser.add_argument("--model", action="append", type=model_switch, metavar="NAME=VALUE", default=[],
+                        help="a model switch for every design's host (repeatable), e.g. gmem_folio_order=0; "
+                        "the switches a design itself needs win")
     parser.add_argument("--reply", action="store_true",
                         help="add v9 with seed 000's reply (per-folio invalidation with order) as a row")
     for fmt in cliargs.FIGURE_FORMATS:
@@ -294,7 +300,7 @@ def cmd_compare(args: argparse.Namespace, console: Console | None = None) -> int
             return 2
     try:
         rows = run_compare(args.workload, ram=args.ram * MiB, flavour=args.flavour, rounds=args.rounds,
-                           reply=args.reply)
+                           reply=args.reply, model=dict(args.model) or None)
     except ValueError as e:
         print(f"guestmem compare: error: {e}", file=sys.stderr)
         return 2

@@ -386,7 +386,7 @@ KERNEL_PART = ("balloon", 8 << 20, 1)  # scenario, memory, vCPUs: the part this 
 
 
 def run_showcase(console: Console, more: Callable[[Console], dict[str, Any]] | None = None, *,
-                 device: str | None = None) -> dict[str, Any]:
+                 device: str | None = None, model_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """A short CoCo memory lifecycle on the model, with the guest physical map before and after,
     then the part of it the host kernel supports, run for real; returns both summaries.  ``more``
     (e.g. the step-by-step real-kernel demo) runs before the closing pointers; its result is
@@ -395,7 +395,8 @@ def run_showcase(console: Console, more: Callable[[Console], dict[str, Any]] | N
     console.print("A software-protected VM with 64 MiB in a low and a high region boots: firmware shares "
                   "the PCI hole (MMIO, ignored), each vCPU accepts half its memory lazily, the host "
                   "converts and pre-faults the rest.")
-    model = run_scenario(load("boot"), backend="model", memory=SHOWCASE_MEMORY, snapshots=True)
+    model = run_scenario(load("boot"), backend="model", memory=SHOWCASE_MEMORY, snapshots=True,
+                         model=model_options)
     assert model.before is not None and model.after is not None
     console.print(render_terminal(model.before, terminal_colours(console)))
     console.print(render_terminal(model.after, terminal_colours(console)))

@@ -88,8 +88,10 @@ class Design(ABC):
 
     @classmethod
     def open_kvm(cls, **options: Any) -> ModelKvm:
-        """A fresh model host for this design: 2 MiB folios for private memory, 4 KiB for shared."""
-        opts = {"gmem_folio_order": 9, "anon_folio_order": 0, **cls.model_options, **options}
+        """A fresh model host for this design: 2 MiB folios for private memory, 4 KiB for shared;
+        ``options`` (the user's ``--model`` switches) override those defaults, and the switches the
+        design itself needs (e.g. in-place conversion's ``attributes="gmem"``) override both."""
+        opts = {"gmem_folio_order": 9, "anon_folio_order": 0, **options, **cls.model_options}
         return open_model(**opts)
 
     # --- the recipe ---------------------------------------------------------------------------------

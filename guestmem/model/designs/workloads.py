@@ -244,7 +244,8 @@ class RunResult:
 
 
 def run(design_cls: type[Design], workload: str = "all", *, ram: int = DEFAULT_RAM, flavour: str = "snp",
-        rounds: int = 8, check: bool = True, check_steps: bool = False) -> RunResult:
+        rounds: int = 8, check: bool = True, check_steps: bool = False,
+        model: dict[str, Any] | None = None) -> RunResult:
     """Run ``workload`` on a fresh model host under ``design_cls``; measure it.
 
     ``check`` checks the model's invariants at the end, ``check_steps`` after every VMM step too.
@@ -254,7 +255,7 @@ def run(design_cls: type[Design], workload: str = "all", *, ram: int = DEFAULT_R
     encrypted = flavour != "sw"
     wl = Workload(workload, ram, encrypted=encrypted, rounds=rounds)
     start = time.perf_counter()
-    kvm = design_cls.open_kvm()
+    kvm = design_cls.open_kvm(**(model or {}))
     if FLAVOURS[flavour] == u.KVM_X86_SNP_VM:
         kvm.rmp = DirectMapRmp()  # type: ignore[attr-defined]
     vm = kvm.create_vm(FLAVOURS[flavour])
