@@ -145,10 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("-o", "--output", metavar="FILE", help="write the JSON here instead of stdout")
     bench.set_defaults(func=_cmd_bench)
     from guestmem.compare import register as register_compare
+    from guestmem.explore.cli import register as register_explore
     from guestmem.report.commands import register as register_scenarios
 
     register_scenarios(sub)
     register_compare(sub)
+    register_explore(sub)
     return parser
 
 

@@ -122,12 +122,16 @@ def point_check(name: str, point: str, info: tuple[object, ...]) -> tuple[str, s
 
 
 def observe(world: World) -> str:
-    """What the model looked like after a step: the invalidation state and page P's SPTE."""
+    """What the model looked like after a step: the invalidation state and the SPTEs of the two
+    pages the races fight over."""
     from guestmem.explore.races import GPA, PS, P
 
     mmu = world.vm.mmu
-    sp = mmu.sptes[0].get(GPA // PS + P)
-    spte = "-" if sp is None else ("private" if sp.private else "shared")
-    if sp is not None and sp.order:
-        spte += f"/order {sp.order}"
-    return f"seq={mmu.seq} in_progress={mmu.in_progress} spte[P]={spte}"
+    kinds = []
+    for g in (GPA // PS + P, GPA // PS + P + 1):
+        sp = mmu.sptes[0].get(g)
+        kind = "-" if sp is None else ("private" if sp.private else "shared")
+        if sp is not None and sp.order:
+            kind += f"/order {sp.order}"
+        kinds.append(kind)
+    return f"seq={mmu.seq} in_progress={mmu.in_progress} spte[P,P+1]={','.join(kinds)}"

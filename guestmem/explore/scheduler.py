@@ -95,15 +95,29 @@ class _Thread:
 _tls = threading.local()
 
 
-def format_info(info: tuple[object, ...]) -> str:
+# What the values a scheduling point reports mean (see the schedule_point calls in the model).
+POINT_LABELS = {
+    "fault: mmu_seq read": ("gfn", "mmu_seq", "private"),
+    "fault: pfn resolved": ("gfn", "end", "mmu_seq"),
+    "yield: fault retry": ("gfn",),
+    "convert: refcount checked": ("index", "end"),
+    "host: access": ("file", "index", "end", "write"),
+    "host: pin": ("file", "index", "end"),
+}
+
+
+def format_info(point: str, info: tuple[object, ...]) -> str:
+    labels = POINT_LABELS.get(point, ())
     out = []
-    for v in info:
+    for i, v in enumerate(info):
         if isinstance(v, bool) or v is None:
             out.append(str(v))
         elif isinstance(v, int):
             out.append(hex(v) if v > 9 else str(v))
         else:
             out.append(type(v).__name__)
+        if i < len(labels):
+            out[-1] = f"{labels[i]}={out[-1]}"
     return " ".join(out)
 
 
@@ -231,7 +245,7 @@ class Execution:
             pre = is_preemption(choice, enabled, current, yielded)
             self.preemptions += pre
             t = self.by_name[choice]
-            point, info = t.point, format_info(t.info)
+            point, info = t.point, format_info(t.point, t.info)
             if self.point_check is not None:
                 bad = self.point_check(choice, t.point, t.info)
                 if bad is not None:
