@@ -62,6 +62,8 @@ def register(sub: Any) -> None:
     p.add_argument("--workers", type=_positive(int), metavar="N",
                    help="fan PCT schedules out over N Ray workers (needs the [explore] extra)")
     p.add_argument("--address", metavar="ADDR", help="join this Ray cluster instead of a local one")
+    p.add_argument("--skip-known", action="store_true",
+                   help="do not stop at the model findings already recorded for a race (docs/explore.md)")
     p.add_argument("--json", action="store_true", help="print the reports as JSON")
     p.add_argument("--trace", metavar="FILE", help="write the (failing) schedule as a Perfetto trace")
     p.add_argument("--replay", metavar="FILE", help="run the schedule saved in a replay file")
@@ -131,12 +133,12 @@ def _explore(args: argparse.Namespace, chosen: list[Any], mapper: Any) -> int:
     for race in chosen:
         budget = st.Budget(args.schedules, seconds)
         if args.strategy == "dfs":
-            rep = st.explore_dfs(race, args.mutant, args.preemptions, budget)
+            rep = st.explore_dfs(race, args.mutant, args.preemptions, budget, args.skip_known)
         else:
             fn = None if mapper is None else mapper.bind(race, args.mutant, args.seed, args.depth,
                                                          st.estimate_length(race, args.mutant))
             rep = st.explore_pct(race, args.mutant, args.seed, args.depth, budget, fn,
-                                 batch=1 if mapper is None else 4 * args.workers)
+                                 batch=1 if mapper is None else 4 * args.workers, skip_known=args.skip_known)
         doc: dict[str, Any] = rep.to_json()
         if rep.found is None:
             if not args.json:

@@ -266,6 +266,7 @@ HUGE = 512
 def _hugepage_vs_fault(flavour: str) -> World:
     if flavour == "sw-gmem":
         w = in_place(shared=False, folio_order=9, npages=HUGE, prefault=False)
+        w.notes["vcpu"].pre_fault_memory(GPA, PS)  # the 2 MiB folio exists and is mapped huge
         g = w.gmem
 
         def convert() -> object:
@@ -291,6 +292,19 @@ KNOWN_CONTENT_CHECK = "lost its contents in a PRESERVE conversion"
 KNOWN_PIN = "the host pins guest_memfd page"
 KNOWN_ACCESS = "the host accesses guest_memfd page"
 KNOWN_SPLIT = "SPTE at gfn 0x100000 over an order-0 folio"
+KNOWN_MIXED_ALLOC = "private SPTE over gfns [0x100007,0x100008) whose attribute differs"
+
+
+def _hugepage_alloc_vs_convert(flavour: str) -> World:
+    """As hugepage-vs-fault, but nothing is allocated before the conversion: the first fault
+    allocates the 2 MiB folio after the attributes became mixed."""
+    w = in_place(shared=False, folio_order=9, npages=HUGE, prefault=False)
+    g = w.gmem
+    vcpu = w.notes["vcpu"]
+    vcpu.load(Program([Write(GPA, PS, 0xAA), Halt()]))
+    w.threads = {"vcpu": _outcome(vcpu.run),
+                 "convert": _outcome(lambda: g.set_memory_attributes2(7 * PS, PS, 0, 0))}
+    return w
 
 
 def _races() -> list[Race]:
@@ -313,7 +327,7 @@ def _races() -> list[Race]:
     add("run-vs-slot-delete", per_vm_flavours, "a vCPU inside KVM_RUN vs deleting its memslot",
         _run_vs_slot_delete, mutants=("delete-no-wait",))
     add("convert-vs-pin", ("sw-gmem",), "in-place conversion to private vs a host GUP pin",
-        _convert_vs_pin, mutants=("inplace-no-refcount",), known=(KNOWN_PIN,))
+        _convert_vs_pin, mutants=("inplace-no-refcount",), known=(KNOWN_PIN, KNOWN_ACCESS))
     add("convert-vs-host-access", ("sw-gmem",), "in-place conversion to private vs host mmap writes",
         _convert_vs_host_access, mutants=("host-fault-no-private-check",), known=(KNOWN_ACCESS,))
     add("overlapping-conversions", ("sw", "sw-gmem"), "two overlapping conversions and a vCPU write",
@@ -325,6 +339,8 @@ def _races() -> list[Race]:
     add("hugepage-vs-fault", ("sw", "sw-gmem"), "2 MiB folio split/merge (MIXED) vs a vCPU fault",
         _hugepage_vs_fault, small=False, mutants=("hugepage-mixed", "no-split-on-convert"),
         known=(KNOWN_SPLIT,))
+    add("hugepage-alloc-vs-convert", ("sw-gmem",), "first fault allocating a 2 MiB folio vs a conversion "
+        "inside it", _hugepage_alloc_vs_convert, known=(KNOWN_MIXED_ALLOC, KNOWN_SPLIT))
     return out
 
 

@@ -162,16 +162,17 @@ def dfs_bound(run: Callable[[list[str]], Outcome], bound: int) -> Iterator[Outco
             return
 
 
-def counts(race: Race, mutant: str | None, out: Outcome) -> bool:
-    """Does this outcome's violation count as found?  With a mutant applied, the race's known
-    model findings are skipped so that the search reports the mutant's own violation."""
+def counts(race: Race, mutant: str | None, out: Outcome, skip_known: bool = False) -> bool:
+    """Does this outcome's violation count as found?  With a mutant applied (or ``skip_known``),
+    the race's known model findings are skipped, so that the search reports something new."""
     v = out.violation
     if v is None:
         return False
-    return mutant is None or not any(k in v.message for k in race.known)
+    return not (mutant is not None or skip_known) or not any(k in v.message for k in race.known)
 
 
-def explore_dfs(race: Race, mutant: str | None, max_preemptions: int, budget: Budget) -> Report:
+def explore_dfs(race: Race, mutant: str | None, max_preemptions: int, budget: Budget,
+                skip_known: bool = False) -> Report:
     rep = Report(race.id, mutant, "dfs")
     t0 = time.monotonic()
     for k in range(max_preemptions + 1):
@@ -180,7 +181,7 @@ def explore_dfs(race: Race, mutant: str | None, max_preemptions: int, budget: Bu
         for out in dfs_bound(lambda p: run_schedule(race, mutant, Follow(p)), k):
             n += 1
             budget.used += 1
-            if counts(race, mutant, out):
+            if counts(race, mutant, out, skip_known):
                 rep.found = out
                 break
             if budget.spent():
@@ -224,7 +225,8 @@ def estimate_length(race: Race, mutant: str | None) -> int:
 
 
 def explore_pct(race: Race, mutant: str | None, seed: int, depth: int, budget: Budget,
-                map_fn: Callable[[list[int]], list[Outcome]] | None = None, batch: int = 1) -> Report:
+                map_fn: Callable[[list[int]], list[Outcome]] | None = None, batch: int = 1,
+                skip_known: bool = False) -> Report:
     """PCT schedules 0, 1, ... until the budget is spent or one fails; with ``map_fn`` (Ray) the
     schedules run in batches, and the first failing index wins, so the result is the same for any
     number of workers."""
@@ -242,7 +244,7 @@ def explore_pct(race: Race, mutant: str | None, seed: int, depth: int, budget: B
         for out in outs:
             rep.schedules += 1
             budget.used += 1
-            if counts(race, mutant, out):
+            if counts(race, mutant, out, skip_known):
                 rep.found = out
                 break
         index += n
