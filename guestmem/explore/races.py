@@ -336,9 +336,10 @@ def _races() -> list[Race]:
         _prefault_vs_convert, mutants=("no-seq-recheck",))
     add("memfail-vs-fault", per_vm_flavours, "memory failure on a guest_memfd page vs a vCPU fault",
         _memfail_vs_fault, mutants=("memfail-no-zap",))
-    add("hugepage-vs-fault", ("sw", "sw-gmem"), "2 MiB folio split/merge (MIXED) vs a vCPU fault",
-        _hugepage_vs_fault, small=False, mutants=("hugepage-mixed", "no-split-on-convert"),
-        known=(KNOWN_SPLIT,))
+    huge = "2 MiB folio split/merge (MIXED) vs a vCPU fault"
+    add("hugepage-vs-fault", ("sw",), huge, _hugepage_vs_fault, small=False, mutants=("hugepage-mixed",))
+    add("hugepage-vs-fault", ("sw-gmem",), huge, _hugepage_vs_fault, small=False,
+        mutants=("no-split-on-convert",), known=(KNOWN_SPLIT,))
     add("hugepage-alloc-vs-convert", ("sw-gmem",), "first fault allocating a 2 MiB folio vs a conversion "
         "inside it", _hugepage_alloc_vs_convert, known=(KNOWN_MIXED_ALLOC, KNOWN_SPLIT))
     return out
