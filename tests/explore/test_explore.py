@@ -73,7 +73,8 @@ def test_race_explores_clean_with_one_preemption(race: races.Race) -> None:
 
 
 @pytest.mark.parametrize("race", [pytest.param(r, marks=pytest.mark.xfail(
-    strict=True, reason=f"model finding recorded in docs/explore.md: {r.known[0]}")) for r in KNOWN],
+    strict=True, reason="model finding(s) recorded in docs/explore.md: " + "; ".join(r.known)))
+    for r in KNOWN],
     ids=lambda r: r.id)
 def test_race_with_a_model_finding(race: races.Race) -> None:
     rep = st.explore_dfs(race, None, 1, st.Budget(3000, None))
