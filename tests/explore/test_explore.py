@@ -197,3 +197,15 @@ def test_cli_workers_without_ray_is_a_clear_error(capsys: pytest.CaptureFixture[
         assert "pip install" in capsys.readouterr().err
     else:
         pytest.skip("Ray is installed")
+
+
+def test_ray_workers_give_the_in_process_answer(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """With Ray installed (the [explore] extra): 1 and 2 workers find what in-process PCT finds."""
+    pytest.importorskip("ray")
+    answers = []
+    for workers in ([], ["--workers", "1"], ["--workers", "2"]):
+        assert main(["explore", "fault-vs-attr:sw", "--mutant", "end-before-store", "--strategy", "pct",
+                     "--schedules", "200", "--seed", "5", "--json", "--out", str(tmp_path), *workers]) == 1
+        r = json.loads(capsys.readouterr().out)[0]
+        answers.append((r["schedules"], r["violation"], r["shrunk_preemptions"]))
+    assert answers[0] == answers[1] == answers[2]
