@@ -56,7 +56,6 @@ class Race:
     summary: str
     build: Callable[[str], World]
     small: bool = True
-    mutants: tuple[str, ...] = ()  # museum pieces this race is the natural witness for
     # Violations the unmutated model shows here (message substrings): real findings, recorded in
     # docs and xfailed in the tests.  With a mutant applied they are skipped, so the search
     # reports the mutant's own violation.
@@ -311,35 +310,34 @@ def _races() -> list[Race]:
     out: list[Race] = []
 
     def add(name: str, flavours: tuple[str, ...], summary: str, build: Callable[[str], World],
-            small: bool = True, mutants: tuple[str, ...] = (), known: tuple[str, ...] = ()) -> None:
+            small: bool = True, known: tuple[str, ...] = ()) -> None:
         for fl in flavours:
-            out.append(Race(name, fl, summary, build, small, mutants, known))
+            out.append(Race(name, fl, summary, build, small, known))
 
     per_vm_flavours = ("sw", "snp", "tdx")
     add("fault-vs-attr", per_vm_flavours, "vCPU fault vs KVM_SET_MEMORY_ATTRIBUTES (private->shared)",
-        _fault_vs_attr, mutants=("no-seq-recheck", "end-before-store", "no-zap-on-attr-change"))
+        _fault_vs_attr)
     add("fault-vs-inplace", ("sw-gmem",), "vCPU write vs in-place conversion to private with PRESERVE",
         _fault_vs_inplace, known=(KNOWN_CONTENT_CHECK,))
     add("fault-vs-punch", per_vm_flavours, "vCPU fault vs guest_memfd hole punch",
-        _fault_vs_punch, mutants=("punch-free-before-invalidate",))
+        _fault_vs_punch)
     add("fault-vs-close", per_vm_flavours, "vCPU fault vs the last close of the guest_memfd",
-        _fault_vs_close, mutants=("release-keeps-file", "release-lock-inversion"))
+        _fault_vs_close)
     add("run-vs-slot-delete", per_vm_flavours, "a vCPU inside KVM_RUN vs deleting its memslot",
-        _run_vs_slot_delete, mutants=("delete-no-wait",))
+        _run_vs_slot_delete)
     add("convert-vs-pin", ("sw-gmem",), "in-place conversion to private vs a host GUP pin",
-        _convert_vs_pin, mutants=("inplace-no-refcount",), known=(KNOWN_PIN, KNOWN_ACCESS))
+        _convert_vs_pin, known=(KNOWN_PIN, KNOWN_ACCESS))
     add("convert-vs-host-access", ("sw-gmem",), "in-place conversion to private vs host mmap writes",
-        _convert_vs_host_access, mutants=("host-fault-no-private-check",), known=(KNOWN_ACCESS,))
+        _convert_vs_host_access, known=(KNOWN_ACCESS,))
     add("overlapping-conversions", ("sw", "sw-gmem"), "two overlapping conversions and a vCPU write",
         _overlapping_conversions, small=False)
     add("prefault-vs-convert", ("sw",), "KVM_PRE_FAULT_MEMORY vs a conversion to shared",
-        _prefault_vs_convert, mutants=("no-seq-recheck",))
+        _prefault_vs_convert)
     add("memfail-vs-fault", per_vm_flavours, "memory failure on a guest_memfd page vs a vCPU fault",
-        _memfail_vs_fault, mutants=("memfail-no-zap",))
+        _memfail_vs_fault)
     huge = "2 MiB folio split/merge (MIXED) vs a vCPU fault"
-    add("hugepage-vs-fault", ("sw",), huge, _hugepage_vs_fault, small=False, mutants=("hugepage-mixed",))
-    add("hugepage-vs-fault", ("sw-gmem",), huge, _hugepage_vs_fault, small=False,
-        mutants=("no-split-on-convert",), known=(KNOWN_SPLIT,))
+    add("hugepage-vs-fault", ("sw",), huge, _hugepage_vs_fault, small=False)
+    add("hugepage-vs-fault", ("sw-gmem",), huge, _hugepage_vs_fault, small=False, known=(KNOWN_SPLIT,))
     add("hugepage-alloc-vs-convert", ("sw-gmem",), "first fault allocating a 2 MiB folio vs a conversion "
         "inside it", _hugepage_alloc_vs_convert, known=(KNOWN_MIXED_ALLOC, KNOWN_SPLIT))
     return out
