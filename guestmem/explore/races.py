@@ -19,7 +19,7 @@ import guestmem
 from guestmem import uapi as u
 from guestmem.api import ExitHalt, ExitMemoryFault
 from guestmem.errors import GuestAccessFault, KvmError
-from guestmem.guest import Halt, Program, Write
+from guestmem.guest import Accept, Halt, Program, Write
 from guestmem.sync import schedule_point
 
 PS = u.PAGE_SIZE
@@ -130,8 +130,10 @@ def in_place(*, shared: bool = True, folio_order: int = 0, npages: int = NPAGES,
 
 
 def vcpu_write(w: World, first: int = P, n: int = 2, pattern: int = 0xAA) -> Callable[[], object]:
+    """The guest writes ``n`` pages from ``first``; a confidential guest accepts (PVALIDATE /
+    TDG.MEM.PAGE.ACCEPT) them first, as it must before touching private memory (a no-op on sw)."""
     vcpu = w.notes["vcpu"]
-    vcpu.load(Program([Write(GPA + first * PS, n * PS, pattern), Halt()]))
+    vcpu.load(Program([Accept(GPA + first * PS, n * PS), Write(GPA + first * PS, n * PS, pattern), Halt()]))
     return _outcome(vcpu.run)
 
 

@@ -102,6 +102,19 @@ def test_mutant_is_found_shrunk_and_replayed(mutant: mutants.Mutant) -> None:
     assert artefacts.same_run(doc, st.replay(race, mutant.name, doc["choices"])) is None
 
 
+def _same_kind(a: races.Race, b: races.Race) -> bool:
+    return a.name == b.name and (a.flavour == "sw-gmem") == (b.flavour == "sw-gmem")
+
+
+@pytest.mark.parametrize(("mutant", "race"), [
+    (m, r) for m in mutants.MUTANTS for r in races.RACES
+    if r.id != m.race and _same_kind(r, races.BY_ID[m.race])], ids=lambda x: getattr(x, "name", None)
+    or getattr(x, "id", ""))
+def test_mutant_is_found_on_every_flavour_of_its_race(mutant: mutants.Mutant, race: races.Race) -> None:
+    rep = st.explore_dfs(race, mutant.name, 2, st.Budget(2000, None))
+    assert rep.found is not None and rep.found.violation is not None
+
+
 def test_mutants_are_gone_after_use() -> None:
     """A mutant is an explore-only patch: the model is whole again afterwards."""
     before = ModelVm._delete_slot
