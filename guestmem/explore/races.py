@@ -261,6 +261,17 @@ def _memfail_vs_fault(flavour: str) -> World:
     return w
 
 
+def _storm(flavour: str) -> World:
+    """Four threads: two vCPUs on overlapping pages, a conversion to shared and a hole punch."""
+    w = per_vm(flavour)
+    other = w.vm.create_vcpu(1)
+    other.load(Program([Accept(GPA + 2 * PS, 2 * PS), Write(GPA + 2 * PS, 2 * PS, 0xBB), Halt()]))
+    w.threads = {"vcpu0": vcpu_write(w), "vcpu1": _outcome(other.run),
+                 "convert": _outcome(lambda: w.vm.set_memory_attributes(GPA + P * PS, 2 * PS, 0)),
+                 "punch": _outcome(lambda: w.gmem.punch_hole(2 * PS, 2 * PS))}
+    return w
+
+
 HUGE = 512
 
 
@@ -340,6 +351,8 @@ def _races() -> list[Race]:
     huge = "2 MiB folio split/merge (MIXED) vs a vCPU fault"
     add("hugepage-vs-fault", ("sw",), huge, _hugepage_vs_fault, small=False)
     add("hugepage-vs-fault", ("sw-gmem",), huge, _hugepage_vs_fault, small=False, known=(KNOWN_SPLIT,))
+    add("storm", per_vm_flavours, "two vCPUs vs a conversion vs a hole punch (4 threads, PCT)", _storm,
+        small=False)
     add("hugepage-alloc-vs-convert", ("sw-gmem",), "first fault allocating a 2 MiB folio vs a conversion "
         "inside it", _hugepage_alloc_vs_convert, known=(KNOWN_MIXED_ALLOC, KNOWN_SPLIT))
     return out

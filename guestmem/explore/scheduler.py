@@ -71,9 +71,9 @@ class Step:
 class Chooser(Protocol):
     """A strategy's per-execution decision maker."""
 
-    def choose(self, step: int, enabled: list[str], current: str | None, yielded: bool) -> str:
-        """Pick the next thread among ``enabled`` (names in creation order); ``current`` ran the
-        previous step and ``yielded`` says it is parked at a yield point."""
+    def choose(self, step: int, enabled: list[str], current: str | None, yielding: frozenset[str]) -> str:
+        """Pick the next thread among ``enabled`` (names in round-robin order after ``current``,
+        which ran the previous step); ``yielding`` are those parked at a yield point."""
 
 
 @dataclass
@@ -121,21 +121,27 @@ def format_info(point: str, info: tuple[object, ...]) -> str:
     return " ".join(out)
 
 
-def is_preemption(choice: str, enabled: list[str], current: str | None, yielded: bool) -> bool:
-    """CHESS's cost of a choice: switching away from a running thread that could go on costs one
-    preemption; so does keeping a *yielding* thread running while others could (fairness)."""
-    if current is None or current not in enabled:
+def is_preemption(choice: str, enabled: list[str], current: str | None, yielding: frozenset[str]) -> bool:
+    """CHESS's cost of a choice, with its fairness rule: switching away from a running thread that
+    could go on costs one preemption, and so does running a thread that waits at a yield point
+    while some enabled thread does not (a yielding thread gets the CPU only when no one else
+    wants it, so two retrying faults cannot starve the thread that would end their wait)."""
+    if choice in yielding and any(t not in yielding for t in enabled):
+        return True
+    if current is None or current not in enabled or current in yielding:
         return False
-    if yielded:
-        return choice == current and len(enabled) > 1
     return choice != current
 
 
-def default_choice(enabled: list[str], current: str | None, yielded: bool) -> str:
-    """The non-preemptive continuation: the current thread if it may go on, else the first other
-    enabled thread in creation order."""
-    if current in enabled and not (yielded and len(enabled) > 1):
+def default_choice(enabled: list[str], current: str | None, yielding: frozenset[str]) -> str:
+    """The non-preemptive continuation: the current thread if it may go on, else the first enabled
+    thread not waiting at a yield point (``enabled`` comes in round-robin order after the
+    current thread), else the first other yielding thread."""
+    if current in enabled and current not in yielding:
         return current
+    busy = [t for t in enabled if t not in yielding]
+    if busy:
+        return busy[0]
     others = [t for t in enabled if t != current]
     return others[0] if others else enabled[0]
 
@@ -226,6 +232,13 @@ class Execution:
             if not live:
                 return
             enabled = [t.name for t in live if t.ready is None or t.ready()]
+            # Offer the threads in round-robin order after the current one, so that "the first
+            # other enabled thread" is the fair successor (two yielding threads must not
+            # ping-pong past a third that would end their wait).
+            if current is not None:
+                k = next((i for i, t in enumerate(self.threads) if t.name == current), 0)
+                rank = {t.name: (i - k - 1) % len(self.threads) for i, t in enumerate(self.threads)}
+                enabled.sort(key=rank.__getitem__)
             if not enabled:
                 self.violation = Violation(
                     "deadlock", "every live thread is blocked: " +
@@ -235,14 +248,13 @@ class Execution:
                 self.violation = Violation("livelock", f"no end after {self.max_steps} steps",
                                            len(self.steps))
                 return
-            cur = self.by_name.get(current) if current else None
-            yielded = bool(cur and not cur.finished and cur.point.startswith("yield"))
-            choice = self.chooser.choose(len(self.steps), enabled, current, yielded)
+            yielding = frozenset(n for n in enabled if self.by_name[n].point.startswith("yield"))
+            choice = self.chooser.choose(len(self.steps), enabled, current, yielding)
             if choice not in enabled:
                 self.violation = Violation("replay", f"schedule chose {choice!r}, not enabled "
                                            f"({', '.join(enabled)})", len(self.steps))
                 return
-            pre = is_preemption(choice, enabled, current, yielded)
+            pre = is_preemption(choice, enabled, current, yielding)
             self.preemptions += pre
             t = self.by_name[choice]
             point, info = t.point, format_info(t.point, t.info)

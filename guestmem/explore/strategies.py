@@ -39,7 +39,7 @@ class Outcome:
     violation: Violation | None
     preemptions: int
     results: dict[str, object]
-    log: list[tuple[tuple[str, ...], str | None, bool, str]] = field(default_factory=list)
+    log: list[tuple[tuple[str, ...], str | None, frozenset[str], str]] = field(default_factory=list)
 
 
 class Follow:
@@ -49,14 +49,14 @@ class Follow:
     def __init__(self, prefix: list[str], soft: bool = False) -> None:
         self.prefix = prefix
         self.soft = soft
-        self.log: list[tuple[tuple[str, ...], str | None, bool, str]] = []
+        self.log: list[tuple[tuple[str, ...], str | None, frozenset[str], str]] = []
 
-    def choose(self, step: int, enabled: list[str], current: str | None, yielded: bool) -> str:
+    def choose(self, step: int, enabled: list[str], current: str | None, yielding: frozenset[str]) -> str:
         if step < len(self.prefix) and (not self.soft or self.prefix[step] in enabled):
             c = self.prefix[step]
         else:
-            c = default_choice(enabled, current, yielded)
-        self.log.append((tuple(enabled), current, yielded, c))
+            c = default_choice(enabled, current, yielding)
+        self.log.append((tuple(enabled), current, yielding, c))
         return c
 
 
@@ -69,16 +69,16 @@ class Pct:
         self.prio = dict(zip(names, values, strict=True))
         points = rng.sample(range(1, max(length, depth)), min(depth - 1, max(length, depth) - 1))
         self.change = {p: depth - 1 - i for i, p in enumerate(points)}
-        self.log: list[tuple[tuple[str, ...], str | None, bool, str]] = []
+        self.log: list[tuple[tuple[str, ...], str | None, frozenset[str], str]] = []
 
-    def choose(self, step: int, enabled: list[str], current: str | None, yielded: bool) -> str:
+    def choose(self, step: int, enabled: list[str], current: str | None, yielding: frozenset[str]) -> str:
         if current is not None:
             if step in self.change:
                 self.prio[current] = self.change[step]
-            if yielded:
+            if current in yielding:
                 self.prio[current] = min(self.prio.values()) - 1
         c = max(enabled, key=lambda t: self.prio[t])
-        self.log.append((tuple(enabled), current, yielded, c))
+        self.log.append((tuple(enabled), current, yielding, c))
         return c
 
 

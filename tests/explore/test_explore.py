@@ -54,7 +54,8 @@ def test_one_thread_at_a_time_in_schedule_order() -> None:
 
 # --- DFS: the small races explore clean ------------------------------------------------------------
 
-CLEAN = [r for r in races.RACES if not r.known]
+CLEAN = [r for r in races.RACES if not r.known and r.small]
+LARGE = [r for r in races.RACES if not r.known and not r.small]
 KNOWN = [r for r in races.RACES if r.known]
 
 
@@ -70,6 +71,13 @@ def test_race_explores_clean_with_one_preemption(race: races.Race) -> None:
     rep = st.explore_dfs(race, None, 1, st.Budget(3000, None))
     assert rep.found is None, rep.found and rep.found.violation
     assert rep.proved_bound == 1
+
+
+@pytest.mark.parametrize("race", LARGE, ids=lambda r: r.id)
+def test_large_race_explores_clean_under_pct(race: races.Race) -> None:
+    rep = st.explore_pct(race, None, 0, 3, st.Budget(150, None))
+    assert rep.found is None, rep.found and rep.found.violation
+    assert rep.schedules == 150
 
 
 @pytest.mark.parametrize("race", [pytest.param(r, marks=pytest.mark.xfail(

@@ -91,14 +91,17 @@ def page_fault(vm: ModelVm, gfn: int, end: int, access: Access, write: bool, as_
         covered = max(covered, gfn + 1)
         schedule_point("fault: pfn resolved", gfn, covered, seq)
         with vm.mmu_lock():
-            if mmu.retry(seq, gfn, covered):
-                mmu.stats["retries"] += 1
-                continue
-            top = mmu_mod.max_order_for(vm, is_private)
-            writable = not slot.readonly
-            for s, e, pfn, order in runs:
-                mmu.install(slot, gfn, covered, s, e, pfn, order, is_private, writable, top)
-        return covered
+            stale = mmu.retry(seq, gfn, covered)
+            if not stale:
+                top = mmu_mod.max_order_for(vm, is_private)
+                writable = not slot.readonly
+                for s, e, pfn, order in runs:
+                    mmu.install(slot, gfn, covered, s, e, pfn, order, is_private, writable, top)
+        if not stale:
+            return covered
+        # RET_PF_RETRY: back into the guest, which faults again; let the invalidation finish.
+        mmu.stats["retries"] += 1
+        _yield(gfn)
     raise KvmError(errno.EIO, "KVM_RUN", f"fault at gfn {gfn:#x} retried {MAX_RETRIES} times")
 
 
