@@ -426,6 +426,25 @@ def bench_rangemap(sizes: list[int], ops: int = 2000, repeat: int = 7) -> dict[s
     return {"goal_set_us_at_1m": RANGEMAP_SET_GOAL_US, "ops_per_batch": ops, "batches": repeat,
             "sizes": rows}
 
+def bench_explore(seconds: float) -> list[dict[str, Any]]:
+    """Interleaving-explorer throughput: schedules per second for DFS (bound 2, exhaustive or
+    until ``seconds``) and PCT (depth 3, for ``seconds``) on a 2-thread and a 3-thread race.
+    Each schedule rebuilds the model, runs every thread step by step and checks the invariants
+    after every step, so this is the cost of one checked interleaving."""
+    from guestmem.explore import races
+    from guestmem.explore import strategies as st
+
+    rows = []
+    for rid in ("fault-vs-attr:sw", "overlapping-conversions:sw"):
+        race = races.BY_ID[rid]
+        dfs = st.explore_dfs(race, None, 2, st.Budget(None, seconds))
+        pct = st.explore_pct(race, None, 0, 3, st.Budget(None, seconds))
+        for rep in (dfs, pct):
+            rows.append({"race": rid, "strategy": rep.strategy, "schedules": rep.schedules,
+                         "seconds": rep.seconds, "schedules_per_s": rep.schedules / rep.seconds,
+                         "exhaustive": rep.exhausted})
+    return rows
+
 
 def run_all(quick: bool = False) -> dict[str, Any]:
     sizes = [GiB, 16 * GiB, 256 * GiB, 1 << 40] if not quick else [GiB, 1 << 40]
@@ -441,6 +460,8 @@ def run_all(quick: bool = False) -> dict[str, Any]:
         "eagain_split_merge": bench_eagain_and_split((64 if quick else 256) << 20),
         "resident": bench_resident(64 << 20),
         "rangemap": bench_rangemap([10_000, 100_000, 1_000_000]),
+
+        "explore": bench_explore(2.0 if quick else 10.0),
     }
     result["total_s"] = time.perf_counter() - t
     return result

@@ -217,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", action="store_true", help="print JSON on stdout instead of the table")
     bench.set_defaults(func=_cmd_bench)
     from guestmem.compare import register as register_compare
+    from guestmem.explore.cli import register as register_explore
     from guestmem.report.commands import register as register_scenarios
 
     register_scenarios(sub)
@@ -224,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     from guestmem.fuzz.cli import add_parser as register_fuzz
 
     register_fuzz(sub)
+    register_explore(sub)
     return parser
 
 

@@ -24,7 +24,7 @@ from guestmem import uapi as u
 from guestmem.args import as_bytes, mapping_range, pin_range, u8, u64
 from guestmem.errors import GuestAccessFault, KvmError
 from guestmem.ranges import RangeMap
-from guestmem.sync import holds_locks
+from guestmem.sync import holds_locks, schedule_point
 
 PS = u.PAGE_SIZE
 _MMAP_BASE = 0x7F00_0000_0000  # model addresses grow down from here, like the kernel's mmap_base
@@ -168,6 +168,9 @@ class ModelMapping:
             except HostFault as f:
                 bad = max((f.index - self.pgoff) * PS, pos)
                 raise GuestAccessFault(op, bad, f.reason) from None
+            if runs:
+                # The host now holds translations for these pages; the access happens next.
+                schedule_point("host: access", self.file, runs[0][0], runs[-1][1], write)
             for s, e, pfn in runs:
                 view = self.file.frame_view(pfn, e - s).reshape(-1)
                 lo = (s - self.pgoff) * PS
@@ -221,6 +224,7 @@ class ModelMapping:
         for _ in self._runs(offset, length, True, "mapping.pin"):
             pass
         start, end = self.pgoff + offset // PS, self.pgoff + (offset + length) // PS
+        schedule_point("host: pin", self.file, start, end)
         unpin = self.file.pin_pages(start, end)
         try:
             yield

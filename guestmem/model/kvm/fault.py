@@ -24,6 +24,7 @@ from guestmem.api import ExitMemoryFault
 from guestmem.errors import KvmError
 from guestmem.model.kvm import mmu as mmu_mod
 from guestmem.model.process import HostFault
+from guestmem.sync import schedule_point
 
 if TYPE_CHECKING:
     from guestmem.guest.ops import Access
@@ -63,11 +64,14 @@ def page_fault(vm: ModelVm, gfn: int, end: int, access: Access, write: bool, as_
         if slot is None:
             return memory_fault(gfn, True) if is_private else Emulate(gfn)
         stop = min(end, slot.end_gfn, vm.attribute_run_end(gfn, end))
+        # Upstream's window: mmu_seq is snapshotted and the attribute read; anything may change
+        # before mmu_lock is taken, which is what the recheck under mmu_lock is for.
+        schedule_point("fault: mmu_seq read", gfn, seq, is_private)
         if write and slot.readonly:
             return Emulate(gfn)  # a write to a read-only slot is emulated MMIO
         if mmu.in_progress and mmu.retry(seq, gfn, gfn + 1):
             mmu.stats["retries"] += 1
-            _yield()
+            _yield(gfn)
             continue
         if is_private or slot.gmem_only:
             if not slot.has_gmem:
@@ -85,15 +89,19 @@ def page_fault(vm: ModelVm, gfn: int, end: int, access: Access, write: bool, as_
             if s <= covered < e:
                 covered = min(e, stop)
         covered = max(covered, gfn + 1)
+        schedule_point("fault: pfn resolved", gfn, covered, seq)
         with vm.mmu_lock():
-            if mmu.retry(seq, gfn, covered):
-                mmu.stats["retries"] += 1
-                continue
-            top = mmu_mod.max_order_for(vm, is_private)
-            writable = not slot.readonly
-            for s, e, pfn, order in runs:
-                mmu.install(slot, gfn, covered, s, e, pfn, order, is_private, writable, top)
-        return covered
+            stale = mmu.retry(seq, gfn, covered)
+            if not stale:
+                top = mmu_mod.max_order_for(vm, is_private)
+                writable = not slot.readonly
+                for s, e, pfn, order in runs:
+                    mmu.install(slot, gfn, covered, s, e, pfn, order, is_private, writable, top)
+        if not stale:
+            return covered
+        # RET_PF_RETRY: back into the guest, which faults again; let the invalidation finish.
+        mmu.stats["retries"] += 1
+        _yield(gfn)
     raise KvmError(errno.EIO, "KVM_RUN", f"fault at gfn {gfn:#x} retried {MAX_RETRIES} times")
 
 
@@ -119,8 +127,11 @@ def host_runs(vm: ModelVm, slot: Memslot, gfn: int, stop: int, write: bool
     return [(s + base, e + base, pfn, order) for s, e, pfn, order in raw]
 
 
-def _yield() -> None:
+def _yield(gfn: int) -> None:
+    """A fault that must wait for an invalidation lets other threads run (the explorer's fair
+    scheduler runs someone else here rather than let the fault spin)."""
     import time
 
+    schedule_point("yield: fault retry", gfn)
     time.sleep(0)
 

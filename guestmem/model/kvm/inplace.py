@@ -31,6 +31,7 @@ from guestmem import uapi as u
 from guestmem.errors import KvmError
 from guestmem.model.kvm import mmu as mmu_mod
 from guestmem.model.kvm.content_check import check_content_mode, plaintext_digests
+from guestmem.sync import schedule_point
 
 if TYPE_CHECKING:
     from guestmem.model.kvm.guest_memfd import GmemFile, GmemInode
@@ -118,6 +119,8 @@ def set_memory_attributes2(f: GmemFile, offset: int, size: int, attributes: int,
                 err_index = max(start, head[0] if head else pinned)
                 raise KvmError(errno.EAGAIN, OP, f"page {pinned:#x} has elevated references",
                                error_offset=err_index * PS)
+            # The window between the refcount check and the attribute store.
+            schedule_point("convert: refcount checked", start, end)
         before = plaintext_digests(vm, inode, start, end) if checking else {}
         _split_edges(inode, start, end)
         inode.invalidate_begin(start, end, _old_filter(inode, start, end))
