@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 
 import numpy as np
 
@@ -58,6 +59,10 @@ class ShmemBacking(OpenFile):
 
     def pin_pages(self, start: int, end: int) -> Callable[[], None]:
         return self.cache.pin(start, end)
+
+    def access_lock(self) -> AbstractContextManager[object]:
+        """Anonymous memory never turns private: nothing to fence."""
+        return nullcontext()
 
     def frame_view(self, pfn: int, npages: int) -> np.ndarray:
         return self.pool.view(pfn, npages)

@@ -81,6 +81,12 @@ class MappableFile(Protocol):
         """Free pages [start, end) as a hole punch would (MADV_REMOVE)."""
         ...
 
+    def access_lock(self) -> AbstractContextManager[object]:
+        """Held across a host access, from the fault to the last byte copied: what the kernel's
+        PTE zap + TLB flush give a conversion (a store through a translation taken before the
+        conversion cannot land after it)."""
+        ...
+
     def get_file(self) -> None: ...
     def put_file(self) -> None: ...
 
@@ -191,22 +197,25 @@ class ModelMapping:
     def read(self, offset: int, length: int) -> bytes:
         offset, length = self.check_access("mapping.read", offset, length)
         out = bytearray(length)
-        for pos, view in self._runs(offset, length, False, "mapping.read"):
-            out[pos - offset : pos - offset + len(view)] = view.tobytes()
+        with self.file.access_lock():
+            for pos, view in self._runs(offset, length, False, "mapping.read"):
+                out[pos - offset : pos - offset + len(view)] = view.tobytes()
         return bytes(out)
 
     def write(self, offset: int, data: bytes) -> None:
         buf = as_bytes(data, "data")
         offset, _ = self.check_access("mapping.write", offset, len(buf))
         src = np.frombuffer(buf, dtype=np.uint8)
-        for pos, view in self._runs(offset, len(src), True, "mapping.write"):
-            view[:] = src[pos - offset : pos - offset + len(view)]
+        with self.file.access_lock():
+            for pos, view in self._runs(offset, len(src), True, "mapping.write"):
+                view[:] = src[pos - offset : pos - offset + len(view)]
 
     def fill(self, offset: int, length: int, byte: int) -> None:
         value = u8(byte, "byte")
         offset, length = self.check_access("mapping.fill", offset, length)
-        for _, view in self._runs(offset, length, True, "mapping.fill"):
-            view.fill(value)
+        with self.file.access_lock():
+            for _, view in self._runs(offset, length, True, "mapping.fill"):
+                view.fill(value)
 
     def pin(self, offset: int, length: int) -> AbstractContextManager[None]:
         """A long-term pin (get_user_pages / an IOMMU DMA mapping) on the pages of the range,
@@ -220,12 +229,14 @@ class ModelMapping:
 
     @contextmanager
     def _pinned(self, offset: int, length: int) -> Iterator[None]:
-        # Fault the pages in, as GUP does (for write: DMA targets are written).
-        for _ in self._runs(offset, length, True, "mapping.pin"):
-            pass
+        # Fault the pages in, as GUP does (for write: DMA targets are written), and take the
+        # references under the same lock, so a conversion sees the pin or the pin sees SIGBUS.
         start, end = self.pgoff + offset // PS, self.pgoff + (offset + length) // PS
-        schedule_point("host: pin", self.file, start, end)
-        unpin = self.file.pin_pages(start, end)
+        with self.file.access_lock():
+            for _ in self._runs(offset, length, True, "mapping.pin"):
+                pass
+            schedule_point("host: pin", self.file, start, end)
+            unpin = self.file.pin_pages(start, end)
         try:
             yield
         finally:

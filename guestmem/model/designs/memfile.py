@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -218,6 +219,9 @@ class Memfd(BackedFile):
 
     def pin_pages(self, start: int, end: int) -> Callable[[], None]:
         return self.cache.pin(start, end)
+
+    def access_lock(self) -> AbstractContextManager[object]:
+        return nullcontext()
 
     def frame_view(self, pfn: int, npages: int) -> np.ndarray:
         return self.system.pool.view(pfn, npages)

@@ -18,6 +18,7 @@ import errno
 import itertools
 import weakref
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -96,11 +97,36 @@ class GmemInode:
         With ``zero`` the pages not yet up to date are cleared and marked up to date (the
         "zeroed at most once, before first use" rule); allocation alone does neither.
         """
-        self.cache.populate(start, end, self.folio_order, limit=self.npages)
+        self._populate(start, end)
         if zero:
             self.cache.prepare(start, end)
         return [(s, e, pfn, order) for s, e, pfn, order in self.cache.lookup_range(start, end)
                 if pfn is not None]
+
+    def _populate(self, start: int, end: int) -> None:
+        """Allocate the missing pages of [start, end) as folios of the inode's order — except, in
+        the in-place design, where an aligned block's pages are not all shared or all private:
+        a large folio there would be mapped huge over mixed attributes, so that block gets
+        order-0 pages (split/merge keep every large folio uniform; allocation must too)."""
+        order = self.folio_order
+        if not order or not self.system.options.gmem_attributes:
+            self.cache.populate(start, end, order, limit=self.npages)
+            return
+        size = 1 << order
+        # Over the whole blocks the request widens to (populate allocates whole folios).
+        lo, hi = start & ~(size - 1), min((end + size - 1) & ~(size - 1), self.npages)
+        mixed = sorted({s & ~(size - 1) for s, _, _ in self.attributes.segments(lo, hi) if s % size})
+        pos = start
+        for block in mixed:
+            a, b = max(block, start), min(block + size, end)
+            if a >= b:
+                continue
+            if pos < a:
+                self.cache.populate(pos, a, order, limit=self.npages)
+            self.cache.populate(a, b, 0, limit=self.npages)
+            pos = b
+        if pos < end:
+            self.cache.populate(pos, end, order, limit=self.npages)
 
     def remove_pages(self, start: int, end: int) -> int:
         """Truncate [start, end) from the page cache: frees the frames and forgets folio state."""
@@ -355,6 +381,11 @@ class GmemFile(OpenFile):
 
     def pin_pages(self, start: int, end: int) -> Callable[[], None]:
         return self.inode.cache.pin(start, end)
+
+    def access_lock(self) -> AbstractContextManager[object]:
+        """A host access holds the invalidate lock shared, so an in-place conversion (which takes
+        it exclusive) cannot turn a page private between the host's fault and its store."""
+        return self.inode.invalidate_lock.read()
 
     def frame_view(self, pfn: int, npages: int) -> np.ndarray:
         return self.system.pool.view(pfn, npages)

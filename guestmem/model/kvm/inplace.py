@@ -101,13 +101,12 @@ def set_memory_attributes2(f: GmemFile, offset: int, size: int, attributes: int,
             raise KvmError(errno.EOPNOTSUPP, OP, f"{vm.arch.name} VMs cannot honour content mode "
                            f"{mode:#x} {'to private' if to_private else 'to shared'}",
                            error_offset=start * PS)
+        # Invariant 7 is checked where nothing else can touch the pages: inside the invalidation.
+        # The no-op path below has no invalidation (the guest may keep writing), so it is not.
         checking = mode is not None and opts.check_content_modes
         if inode.attributes.all_equal(start, end, attributes):
             if mode is not None:
-                before = plaintext_digests(vm, inode, start, end) if checking else {}
                 vm.arch.apply_content_mode(inode, start, end, mode, to_private)
-                if checking:
-                    check_content_mode(vm, inode, start, end, mode, to_private, before)
             return
         if to_private:
             # unmap_mapping_pages: host PTEs go (secondary MMUs hear about it), then the
@@ -121,10 +120,12 @@ def set_memory_attributes2(f: GmemFile, offset: int, size: int, attributes: int,
                                error_offset=err_index * PS)
             # The window between the refcount check and the attribute store.
             schedule_point("convert: refcount checked", start, end)
-        before = plaintext_digests(vm, inode, start, end) if checking else {}
-        _split_edges(inode, start, end)
         inode.invalidate_begin(start, end, _old_filter(inode, start, end))
         try:
+            # Inside the invalidation: no SPTE maps the range while its folios are split, and no
+            # guest access lands between the "before" digest and the change.
+            _split_edges(inode, start, end)
+            before = plaintext_digests(vm, inode, start, end) if checking else {}
             if not to_private and inode.arch_invalidate is not None:
                 for s, e, pfn, _ in list(inode.cache.lookup_range(start, end)):
                     if pfn is not None:
@@ -132,11 +133,12 @@ def set_memory_attributes2(f: GmemFile, offset: int, size: int, attributes: int,
             if mode is not None:
                 vm.arch.apply_content_mode(inode, start, end, mode, to_private)
             inode.attributes.set(start, end, attributes)
+            if checking:
+                assert mode is not None
+                check_content_mode(vm, inode, start, end, mode, to_private, before)
         finally:
             inode.invalidate_end(start, end)
         _merge_edges(inode, start, end)
-        if checking:
-            check_content_mode(vm, inode, start, end, mode, to_private, before)
     f.system.stats["conversions"] += 1
 
 
