@@ -13,32 +13,30 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import stat
 import sys
 from typing import Any
 
+from guestmem import cliargs
 from guestmem.report.atomic import write_text
 
 
-def _positive(kind: type) -> Any:
-    def parse(text: str) -> Any:
-        try:
-            v = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-        if v <= 0:
-            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-        return v
-    return parse
-
-
-def _natural(text: str) -> int:
+def _replay_file(text: str) -> str:
+    """A replay file must be an existing regular file of reasonable size."""
     try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return v
+        st = os.stat(text)
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"{text}: {exc.strerror}") from None
+    if not stat.S_ISREG(st.st_mode) or st.st_size > 64 << 20:
+        raise argparse.ArgumentTypeError(f"{text}: not a replay file (a regular file under 64 MiB)")
+    return text
+
+
+def _out_dir(text: str) -> str:
+    """Where replay files go: an existing, writable directory."""
+    if not os.path.isdir(text) or not os.access(text, os.W_OK):
+        raise argparse.ArgumentTypeError(f"{text}: not an existing, writable directory")
+    return text
 
 
 def register(sub: Any) -> None:
@@ -51,23 +49,29 @@ def register(sub: Any) -> None:
     p.add_argument("--mutant", metavar="NAME", help="plant this known bug first")
     p.add_argument("--strategy", choices=("dfs", "pct"), default="dfs",
                    help="dfs: exhaustive, iterative preemption bounding (default); pct: randomized")
-    p.add_argument("--preemptions", type=_natural, default=2, metavar="K",
+    p.add_argument("--preemptions", type=cliargs.int_in(0, 16, "preemptions"), default=2, metavar="K",
                    help="DFS preemption bound (default 2)")
-    p.add_argument("--depth", type=_positive(int), default=3, metavar="D", help="PCT depth (default 3)")
+    p.add_argument("--depth", type=cliargs.int_in(1, 64, "change points"), default=3, metavar="D",
+                   help="PCT depth (default 3)")
     budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--seconds", type=_positive(float), metavar="S",
+    budget.add_argument("--seconds", type=cliargs.seconds, metavar="S",
                         help="time budget per race (default 60 unless --schedules)")
-    budget.add_argument("--schedules", type=_positive(int), metavar="N", help="schedule budget per race")
-    p.add_argument("--seed", type=_natural, default=0, help="PCT seed (default 0)")
-    p.add_argument("--workers", type=_positive(int), metavar="N",
+    budget.add_argument("--schedules", type=cliargs.int_in(1, 10**12, "schedules"), metavar="N",
+                        help="schedule budget per race")
+    p.add_argument("--seed",
+                   type=cliargs.int_in(0, 2**63 - 1, "seed"), default=0, help="PCT seed (default 0)")
+    p.add_argument("--workers", type=cliargs.int_in(1, 4096, "workers"), metavar="N",
                    help="fan PCT schedules out over N Ray workers (needs the [explore] extra)")
     p.add_argument("--address", metavar="ADDR", help="join this Ray cluster instead of a local one")
     p.add_argument("--skip-known", action="store_true",
                    help="do not stop at the model findings already recorded for a race (docs/explore.md)")
     p.add_argument("--json", action="store_true", help="print the reports as JSON")
-    p.add_argument("--trace", metavar="FILE", help="write the (failing) schedule as a Perfetto trace")
-    p.add_argument("--replay", metavar="FILE", help="run the schedule saved in a replay file")
-    p.add_argument("--out", metavar="DIR", default=".", help="where replay files go (default .)")
+    p.add_argument("--trace", metavar="FILE",
+                   type=cliargs.output_file, help="write the (failing) schedule as a Perfetto trace")
+    p.add_argument("--replay", metavar="FILE",
+                   type=_replay_file, help="run the schedule saved in a replay file")
+    p.add_argument("--out", metavar="DIR",
+                   type=_out_dir, default=".", help="where replay files go (default .)")
     p.set_defaults(func=run_command)
 
 
