@@ -220,3 +220,11 @@ def test_ray_workers_give_the_in_process_answer(tmp_path: Path, capsys: pytest.C
         r = json.loads(capsys.readouterr().out)[0]
         answers.append((r["schedules"], r["violation"], r["shrunk_preemptions"]))
     assert answers[0] == answers[1] == answers[2]
+
+
+def test_hugepage_alloc_vs_convert_clean_with_two_preemptions() -> None:
+    """The conversion's invalidation must cover the whole folio it splits: at 2 preemptions a
+    fault that resolved the folio whole used to map it huge after the split (invariant 3)."""
+    rep = st.explore_dfs(races.BY_ID["hugepage-alloc-vs-convert:sw-gmem"], None, 2, st.Budget(5000, None))
+    assert rep.found is None, rep.found and rep.found.violation
+    assert rep.proved_bound == 2 and rep.exhausted

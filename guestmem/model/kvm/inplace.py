@@ -120,7 +120,11 @@ def set_memory_attributes2(f: GmemFile, offset: int, size: int, attributes: int,
                                error_offset=err_index * PS)
             # The window between the refcount check and the attribute store.
             schedule_point("convert: refcount checked", start, end)
-        inode.invalidate_begin(start, end, _old_filter(inode, start, end))
+        # The invalidation covers every large folio the conversion cuts through, not only the
+        # converted pages: a fault elsewhere in such a folio that resolved it whole must retry
+        # rather than map it huge after the split (found by guestmem explore at 2 preemptions).
+        zap_lo, zap_hi = _split_span(inode, start, end)
+        inode.invalidate_begin(zap_lo, zap_hi, _old_filter(inode, zap_lo, zap_hi))
         try:
             # Inside the invalidation: no SPTE maps the range while its folios are split, and no
             # guest access lands between the "before" digest and the change.
@@ -137,7 +141,7 @@ def set_memory_attributes2(f: GmemFile, offset: int, size: int, attributes: int,
                 assert mode is not None
                 check_content_mode(vm, inode, start, end, mode, to_private, before)
         finally:
-            inode.invalidate_end(start, end)
+            inode.invalidate_end(zap_lo, zap_hi)
         _merge_edges(inode, start, end)
     f.system.stats["conversions"] += 1
 
@@ -148,6 +152,17 @@ def _old_filter(inode: GmemInode, start: int, end: int) -> int:
     for _, _, v in inode.attributes.segments(start, end):
         flt |= mmu_mod.FILTER_PRIVATE if v & PRIVATE else mmu_mod.FILTER_SHARED
     return flt
+
+
+def _split_span(inode: GmemInode, start: int, end: int) -> tuple[int, int]:
+    """``[start, end)`` widened to the large folios :func:`_split_edges` will split."""
+    lo, hi = start, end
+    if inode.folio_order:
+        for edge in (start, end - 1):
+            fol = inode.cache.folio(edge)
+            if fol is not None and fol[2]:
+                lo, hi = min(lo, fol[0]), max(hi, fol[0] + (1 << fol[2]))
+    return lo, hi
 
 
 def _split_edges(inode: GmemInode, start: int, end: int) -> None:
