@@ -161,11 +161,15 @@ class GmemInode:
             return FILTER_PRIVATE | FILTER_SHARED
         return FILTER_PRIVATE
 
-    def invalidate_begin(self, start: int, end: int, attr_filter: int | None = None) -> None:
+    def invalidate_begin(self, start: int, end: int, attr_filter: int | None = None,
+                         retry_span: tuple[int, int] | None = None) -> None:
+        """Begin invalidating pages [start, end): zap their SPTEs.  ``retry_span`` (a superset)
+        is what faults must retry on meanwhile without being zapped (the rest of a large folio
+        being split); the matching :meth:`invalidate_end` is over the span."""
         if attr_filter is None:
             attr_filter = self.filter_for(start, end)
         for f in list(self.files):
-            f.invalidate_begin(start, end, attr_filter)
+            f.invalidate_begin(start, end, attr_filter, retry_span)
 
     def invalidate_end(self, start: int, end: int) -> None:
         for f in list(self.files):
@@ -453,15 +457,21 @@ class GmemFile(OpenFile):
             out.append((slot, g0, g1))
         return out
 
-    def invalidate_begin(self, start: int, end: int, attr_filter: int) -> None:
+    def invalidate_begin(self, start: int, end: int, attr_filter: int,
+                         retry_span: tuple[int, int] | None = None) -> None:
         vm = self.vm
-        targets = self.bound_slots(start, end)
+        lo, hi = retry_span or (start, end)
+        targets = self.bound_slots(lo, hi)
         if not targets:
             return
         with vm.mmu_lock():
             vm.mmu.invalidate_begin()
             for slot, g0, g1 in targets:
-                vm.mmu.unmap_gfn_range(slot, g0, g1, attr_filter)
+                vm.mmu.range_add(g0, g1)
+                z0 = max(g0, slot.index_to_gfn(start))
+                z1 = min(g1, slot.index_to_gfn(end))
+                if z0 < z1:
+                    vm.mmu.unmap_gfn_range(slot, z0, z1, attr_filter)
         self.system.stats["invalidations"] += 1
 
     def invalidate_end(self, start: int, end: int) -> None:

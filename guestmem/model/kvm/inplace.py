@@ -124,7 +124,7 @@ def set_memory_attributes2(f: GmemFile, offset: int, size: int, attributes: int,
         # converted pages: a fault elsewhere in such a folio that resolved it whole must retry
         # rather than map it huge after the split (found by guestmem explore at 2 preemptions).
         zap_lo, zap_hi = _split_span(inode, start, end)
-        inode.invalidate_begin(zap_lo, zap_hi, _old_filter(inode, zap_lo, zap_hi))
+        inode.invalidate_begin(start, end, _old_filter(inode, start, end), retry_span=(zap_lo, zap_hi))
         try:
             # Inside the invalidation: no SPTE maps the range while its folios are split, and no
             # guest access lands between the "before" digest and the change.
