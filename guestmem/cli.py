@@ -136,7 +136,7 @@ def _cmd_bench(args: argparse.Namespace, console: Console) -> int:
     from guestmem.report.atomic import write_text
 
     with console.status("measuring (model, and /dev/kvm where available)..."):
-        result = run_all(quick=args.quick)
+        result = run_all(quick=args.quick, only=args.only)
     text = json.dumps(result, indent=2)
     if args.output:
         write_text(args.output, text + "\n")  # the directory was checked before the benchmark ran
@@ -144,6 +144,12 @@ def _cmd_bench(args: argparse.Namespace, console: Console) -> int:
     else:
         print(text)
     return 0
+
+
+# ``guestmem.bench.BENCH_NAMES``, repeated here so that parsing a command line does not import numpy
+# (tests/test_bench_names.py keeps the two the same).
+BENCH_NAMES = ("scaling", "model_vs_kernel", "conversion_throughput", "eagain_split_merge", "resident",
+               "fault_and_convert", "conversion_storm", "trace_cost", "ioctl")
 
 
 def _size_mib(text: str) -> int:
@@ -174,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_cmd_demo)
     bench = sub.add_parser("bench", help="measure the model (and the kernel) in one run; JSON out")
     bench.add_argument("--quick", action="store_true", help="smaller sizes (a few seconds)")
+    bench.add_argument("--only", action="append", metavar="NAME", choices=BENCH_NAMES,
+                       help=f"run only this bench (repeatable): {', '.join(BENCH_NAMES)}")
     bench.add_argument("-o", "--output", metavar="FILE", type=cliargs.output_file,
                        help="write the JSON here instead of stdout (its directory is checked first)")
     bench.set_defaults(func=_cmd_bench)
