@@ -135,7 +135,7 @@ def _run_from_args(args: argparse.Namespace, console: Console, *, snapshots: boo
         return run_scenario(scn, backend=args.backend, flavour=args.flavour, vcpus=args.vcpus,
                             memory=memory, progress=progress, snapshots=snapshots,
                             timeout_s=args.timeout, device=getattr(args, "device", None),
-                            max_resident=limit)
+                            max_resident=limit, trace=bool(getattr(args, "trace", None)))
 
 
 def _stopped_at_bound(cmd: str, report: ScenarioReport) -> int | None:
