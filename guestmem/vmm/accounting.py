@@ -34,6 +34,13 @@ MIN_SAMPLE_GAP_NS = 20_000_000  # full measurements after conversions: at most e
 # guest one can outlast the 20 ms gap, and a fixed gap would then measure after every conversion
 # (the cliff of issue 10).  The gap after a measurement is this many times what it cost.
 MEASURE_COST_FACTOR = 50
+
+
+def _cost_clock() -> int:
+    """The clock a measurement's cost is read on: wall time, which is cheap to read (the CPU-time
+    clocks are system calls costing microseconds here) and, on a loaded host, errs towards
+    measuring less often."""
+    return time.perf_counter_ns()
 HOST_CHECK_GAP_S = 0.02  # the process's resident set is read at most every 20 ms
 
 
@@ -215,9 +222,9 @@ class Accounting:
         if not force:
             self._measuring = True
         try:
-            cpu0 = time.thread_time_ns()
+            cpu0 = _cost_clock()
             res = self.measure()
-            cost = time.thread_time_ns() - cpu0
+            cost = _cost_clock() - cpu0
         finally:
             if not force:
                 self._measuring = False

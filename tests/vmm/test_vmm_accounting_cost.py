@@ -12,8 +12,8 @@ from guestmem.vmm import accounting
 def test_costly_measurement_spaces_out_the_next(model: Kvm, make_machine: MachineFactory,
                                                 monkeypatch) -> None:
     m = make_machine(model, flavour="sw-protected")
-    clock = iter(range(0, 10**15, 10**9))  # every reading of the CPU clock is 1 s later
-    monkeypatch.setattr(accounting.time, "thread_time_ns", lambda: next(clock))
+    clock = iter(range(0, 10**15, 10**9))  # every reading of the cost clock is 1 s later
+    monkeypatch.setattr(accounting, "_cost_clock", lambda: next(clock))
     m.accounting._next_full_ns = 0  # the setup sample's gap is over
     before = m.accounting.samples
     m.convert(GPA, PAGE, True)  # the first run-time measurement "costs" 1 s...
