@@ -47,6 +47,8 @@ KNOWN_ATTRS = u.KVM_MAP_GPA_RANGE_ENCRYPTED | u.KVM_MAP_GPA_RANGE_PAGE_SZ_2M | u
 PRESERVE = u.KVM_SET_MEMORY_ATTRIBUTES2_MODE_PRESERVE
 ZERO = u.KVM_SET_MEMORY_ATTRIBUTES2_MODE_ZERO
 
+_TO_PRIVATE, _TO_SHARED = "a conversion to private", "a conversion to shared"
+
 Prefault = Literal["off", "private", "all"]
 PREFAULT_MODES = ("off", "private", "all")
 ContentMode = Literal["auto", "preserve", "zero", "unspecified"]
@@ -199,8 +201,7 @@ class ConversionManager:
             self.stats["pages_unchanged"] += unchanged
             if changed:
                 self.stats["conversions"] += 1
-                self.accounting.sample(f"a conversion to {'private' if to_private else 'shared'}", tid,
-                                       force=False)
+                self.accounting.sample(_TO_PRIVATE if to_private else _TO_SHARED, tid, force=False)
         return Outcome(True, 0, changed, unchanged, hole_bytes)
 
     def _refuse(self, msg: str) -> Outcome:
