@@ -201,7 +201,11 @@ class ConversionManager:
             self.stats["pages_unchanged"] += unchanged
             if changed:
                 self.stats["conversions"] += 1
-                self.accounting.sample(_TO_PRIVATE if to_private else _TO_SHARED, tid, force=False)
+        if changed:
+            # Outside the conversion lock: another vCPU's conversion never waits for a measurement
+            # (the accounting reads each structure under that structure's own lock, and takes no
+            # second measurement while one is under way).
+            self.accounting.sample(_TO_PRIVATE if to_private else _TO_SHARED, tid, force=False)
         return Outcome(True, 0, changed, unchanged, hole_bytes)
 
     def _refuse(self, msg: str) -> Outcome:
