@@ -46,13 +46,23 @@ def _signed(value: object, name: str, bits: int) -> int:
     return v - (1 << bits) if v >> (bits - 1) else v
 
 
+_U64_MAX = (1 << 64) - 1
+_S64_MAX = (1 << 63) - 1
+
+
 def u64(value: object, name: str) -> int:
     """A ``__u64`` field, ``size_t`` or ``unsigned long`` argument (x86-64)."""
+    # The common case first (a plain int already in range: every call on the fault path), with the
+    # same answer as the general rule below.
+    if type(value) is int and 0 <= value <= _U64_MAX:
+        return value
     return _unsigned(value, name, 64)
 
 
 def s64(value: object, name: str) -> int:
     """A ``loff_t``/``off_t``/``long`` argument or ``__s64`` field."""
+    if type(value) is int and 0 <= value <= _S64_MAX:
+        return value
     return _signed(value, name, 64)
 
 

@@ -24,6 +24,7 @@ import numpy as np
 
 import guestmem
 import guestmem.uapi as u
+from guestmem import bench_vmm
 from guestmem.errors import KvmError
 from guestmem.guest.ops import Program, Touch, Verify, Write
 
@@ -446,22 +447,50 @@ def bench_explore(seconds: float) -> list[dict[str, Any]]:
     return rows
 
 
-def run_all(quick: bool = False) -> dict[str, Any]:
+
+def _benches(quick: bool) -> dict[str, Callable[[], Any]]:
+    """Every figure ``guestmem bench`` knows, by name, sized for ``quick`` or full runs."""
     sizes = [GiB, 16 * GiB, 256 * GiB, 1 << 40] if not quick else [GiB, 1 << 40]
+    MiB = 1 << 20
+    return {
+        "scaling": lambda: bench_scaling(sizes),
+        "model_vs_kernel": lambda: bench_model_vs_kernel(64 << 20, (4 if quick else 16) << 20),
+        "conversion_throughput": lambda: bench_conversion_throughput((16 if quick else 64) << 20),
+        "xts_engine": lambda: bench_xts((16 if quick else 64) << 20),
+        "private_write_peak_rss": lambda: bench_write_peak_rss((256 << 20) if quick else GiB),
+        "eagain_split_merge": lambda: bench_eagain_and_split((64 if quick else 256) << 20),
+        "resident": lambda: bench_resident(64 << 20),
+        "rangemap": lambda: bench_rangemap([10_000, 100_000, 1_000_000]),
+        "explore": lambda: bench_explore(2.0 if quick else 10.0),
+        # Issue 10: per-unit CPU of a realistic CoCo guest's memory lifecycle.
+        "fault_and_convert": lambda: bench_vmm.bench_fault_and_convert(
+            [8 * MiB, 32 * MiB] if quick else [32 * MiB, 64 * MiB, 128 * MiB, 256 * MiB],
+            [GiB, 4 * GiB] if quick else [GiB, 4 * GiB, 64 * GiB], window=512 if quick else 2048,
+            repeat=2 if quick else 3),
+        "conversion_storm": lambda: bench_vmm.bench_conversion_storm(
+            [8 * MiB, 32 * MiB] if quick else [8 * MiB, 32 * MiB, 128 * MiB, 512 * MiB],
+            repeat=1 if quick else 2),
+        "trace_cost": lambda: bench_vmm.bench_trace_cost((4 if quick else 16) * MiB,
+                                                         repeat=2 if quick else 3),
+        "ioctl": lambda: bench_vmm.bench_ioctl(n=20_000 if quick else 200_000, repeat=3 if quick else 5),
+    }
+
+
+BENCH_NAMES = ("scaling", "model_vs_kernel", "conversion_throughput", "xts_engine", "private_write_peak_rss",
+               "eagain_split_merge", "resident", "rangemap", "explore", "fault_and_convert",
+               "conversion_storm", "trace_cost", "ioctl")
+
+
+def run_all(quick: bool = False, only: list[str] | None = None) -> dict[str, Any]:
+    """Run every bench (or the ``only`` ones) in this process; figures keyed by bench name."""
+    benches = _benches(quick)
     t = time.perf_counter()
-    result = {
+    result: dict[str, Any] = {
         "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0],
                     "kernel": os.uname().release},
-        "scaling": bench_scaling(sizes),
-        "model_vs_kernel": bench_model_vs_kernel(64 << 20, (4 if quick else 16) << 20),
-        "conversion_throughput": bench_conversion_throughput((16 if quick else 64) << 20),
-        "xts_engine": bench_xts((16 if quick else 64) << 20),
-        "private_write_peak_rss": bench_write_peak_rss((256 << 20) if quick else GiB),
-        "eagain_split_merge": bench_eagain_and_split((64 if quick else 256) << 20),
-        "resident": bench_resident(64 << 20),
-        "rangemap": bench_rangemap([10_000, 100_000, 1_000_000]),
-
-        "explore": bench_explore(2.0 if quick else 10.0),
     }
+    for name in only or BENCH_NAMES:
+        result[name] = benches[name]()
+        gc.collect()
     result["total_s"] = time.perf_counter() - t
     return result

@@ -151,7 +151,7 @@ def _cmd_bench(args: argparse.Namespace, console: Console) -> int:
     from guestmem.report.benchtable import make_table
 
     with console.status("measuring (model, and /dev/kvm where available)..."):
-        result = run_all(quick=args.quick)
+        result = run_all(quick=args.quick, only=args.only)
     text = json.dumps(result, indent=2)
     if args.output:
         write_text(args.output, text + "\n")  # the directory was checked before the benchmark ran
@@ -170,6 +170,13 @@ def _memory_mib(text: str) -> int:
     if size % (4 << 20):
         raise argparse.ArgumentTypeError(f"{text!r} must be a multiple of 4M")
     return size >> 20
+
+
+# ``guestmem.bench.BENCH_NAMES``, repeated here so that parsing a command line does not import numpy
+# (tests/test_bench_names.py keeps the two the same).
+BENCH_NAMES = ("scaling", "model_vs_kernel", "conversion_throughput", "xts_engine", "private_write_peak_rss",
+               "eagain_split_merge", "resident", "rangemap", "explore", "fault_and_convert",
+               "conversion_storm", "trace_cost", "ioctl")
 
 
 def _size_mib(text: str) -> int:
@@ -212,6 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_cmd_demo)
     bench = sub.add_parser("bench", help="measure the model (and the kernel) in one run; JSON out")
     bench.add_argument("--quick", action="store_true", help="smaller sizes (a few seconds)")
+    bench.add_argument("--only", action="append", metavar="NAME", choices=BENCH_NAMES,
+                       help=f"run only this bench (repeatable): {', '.join(BENCH_NAMES)}")
     bench.add_argument("-o", "--output", metavar="FILE", type=cliargs.output_file,
                        help="also write the results as JSON here (its directory is checked first)")
     bench.add_argument("--json", action="store_true", help="print JSON on stdout instead of the table")

@@ -129,6 +129,7 @@ class RwSem:
         self._readers = 0
         self._writer: int | None = None
         self._waiting_writers = 0
+        self._sleepers = 0  # threads waiting on the condition (what tests wait for)
 
     def _readable(self) -> bool:
         return self._writer is None and not self._waiting_writers
@@ -150,7 +151,9 @@ class RwSem:
             _explorer.point("acquire " + self.name + " (shared)", self._readable, ())
         with self._cond:
             while self._writer is not None or self._waiting_writers:
+                self._sleepers += 1
                 self._cond.wait()
+                self._sleepers -= 1
             self._readers += 1
         _stack().append(self)
         try:
@@ -174,7 +177,9 @@ class RwSem:
         with self._cond:
             self._waiting_writers += 1
             while self._writer is not None or self._readers:
+                self._sleepers += 1
                 self._cond.wait()
+                self._sleepers -= 1
             self._waiting_writers -= 1
             self._writer = me
         _stack().append(self)

@@ -289,6 +289,9 @@ class Process:
         self._fds: dict[int, weakref.ref[object]] = {}
         self._vmas: RangeMap[int | None] = RangeMap(None)  # virtual page -> mapping id
         self._mappings: dict[int, weakref.ref[ModelMapping]] = {}
+        # Mapping ids per mapped file (by ``id(file)``), so that invalidating a file's pages looks
+        # only at that file's mappings, not at every mapping of the process (rmap's i_mmap).
+        self._by_file: dict[int, set[int]] = {}
         self._owned: list[ModelMapping] = []  # mappings only this process holds (fork's copies)
         self._next_top = _MMAP_BASE
         self._notifiers: list[weakref.ref[MmuNotifier]] = []
@@ -361,6 +364,7 @@ class Process:
             self._next_top = addr = top
             m = ModelMapping(self, file, addr, length, pgoff)
             self._mappings[id(m)] = weakref.ref(m)
+            self._by_file.setdefault(id(file), set()).add(id(m))
             self._vmas.set(addr // PS, addr // PS + npages, id(m))
         file.get_file()
         return m
@@ -377,6 +381,11 @@ class Process:
         def action() -> None:
             with self._lock:
                 self._mappings.pop(id(m), None)
+                ids = self._by_file.get(id(m.file))
+                if ids is not None:
+                    ids.discard(id(m))
+                    if not ids:
+                        del self._by_file[id(m.file)]
                 if m in self._owned:
                     self._owned.remove(m)
                 self._vmas.set(m.addr // PS, (m.addr + m.length + PS - 1) // PS, None)
@@ -397,14 +406,17 @@ class Process:
         """Run ``action`` (which removes pages [start, end) of ``file``) inside MMU-notifier
         invalidations of every host virtual range that maps those pages."""
         ranges = []
-        for m in self.mappings():
-            if m.file is not file:
+        with self._lock:
+            refs = [self._mappings.get(mid) for mid in self._by_file.get(id(file), ())]
+        for ref in refs:
+            m = None if ref is None else ref()
+            if m is None or m.file is not file:
                 continue
             npages = (m.length + PS - 1) // PS
             a, b = max(start, m.pgoff), min(end, m.pgoff + npages)
             if a < b:
                 ranges.append((m.addr + (a - m.pgoff) * PS, m.addr + (b - m.pgoff) * PS))
-        subs = list(self.mmu_notifiers)
+        subs = self.mmu_notifiers if ranges else []
         for n in subs:
             for a, b in ranges:
                 n.invalidate_range_start(a, b)
@@ -436,6 +448,7 @@ class Process:
             for m in self.mappings():
                 cm = ModelMapping(child, m.file, m.addr, m.length, m.pgoff)
                 child._mappings[id(cm)] = weakref.ref(cm)
+                child._by_file.setdefault(id(m.file), set()).add(id(cm))
                 child._owned.append(cm)
                 child._vmas.set(m.addr // PS, (m.addr + m.length + PS - 1) // PS, id(cm))
                 m.file.get_file()

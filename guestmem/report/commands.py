@@ -221,7 +221,8 @@ def _run_from_args(args: argparse.Namespace, console: Console, *, snapshots: boo
         return run_scenario(scn, backend=args.backend, flavour=args.flavour, vcpus=args.vcpus,
                             memory=memory, progress=progress, snapshots=snapshots,
                             timeout_s=args.timeout, device=getattr(args, "device", None),
-                            max_resident=limit, model=dict(getattr(args, "model", None) or []) or None)
+                            max_resident=limit, model=dict(getattr(args, "model", None) or []) or None,
+                            trace=snapshots or bool(getattr(args, "trace", None)))
 
 
 def _stopped_at_bound(cmd: str, report: ScenarioReport) -> int | None:

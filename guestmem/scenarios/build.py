@@ -195,7 +195,7 @@ class Builder:
                 if pattern is not None:
                     byte = pattern.value(v, it)
                     sc.ops += [Write(cg, cn, byte, "auto"), Verify(cg, cn, byte, "auto")]
-                elif via == "fault":
+                elif via == "fault" and a["touch"]:
                     # The first private touch converts.  A write, not a read: what a freshly
                     # accepted page holds is not defined on every flavour (SNP does not clear it).
                     sc.ops.append(Write(cg, cn, 0, "auto"))

@@ -46,7 +46,7 @@ GUEST_OPS: dict[str, dict[str, object]] = {
     "write": {**_R, "pattern": REQUIRED, "access": "auto"},
     "verify": {**_R, "pattern": REQUIRED, "access": "auto"},
     "convert": {**_R, "to": REQUIRED, "page_size": "4K", "chunk": None, "pages": "all", "expect": "ok"},
-    "accept": {**_R, "chunk": "2M", "via": "hypercall", "pattern": None},
+    "accept": {**_R, "chunk": "2M", "via": "hypercall", "pattern": None, "touch": True},
     "host-write": {**_R, "pattern": REQUIRED, "via": "cpu", "expect": "ok"},
     "host-verify": {**_R, "pattern": REQUIRED, "via": "cpu"},
     "host-discard": {**_R, "side": "both"},
@@ -486,6 +486,8 @@ class _Parser:
             if value == "fault" and t.get("via") != "dma":
                 raise c.error((*p, key), "expect = \"fault\" (an IOMMU fault) needs via = \"dma\"")
             return value
+        if key == "touch":  # accept: write a zero after accepting (false: accept only)
+            return c.get(t, p, key, bool, default)
         if key in ("discard_shared", "discard_private", "preallocate_private"):
             return c.get(t, p, key, bool, None)
         if key == "prefault":

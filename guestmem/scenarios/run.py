@@ -204,10 +204,12 @@ def run_scenario(scn: Scenario, *, backend: str = "model", flavour: str | None =
                  vcpus: int | None = None, memory: int | None = None, kvm: Kvm | None = None,
                  progress: Progress | None = None, snapshots: bool = False,
                  timeout_s: float | None = None, device: str | None = None,
-                 max_resident: int | None = None, model: dict[str, Any] | None = None) -> ScenarioReport:
+                 max_resident: int | None = None, model: dict[str, Any] | None = None,
+                 trace: bool = True) -> ScenarioReport:
     """Run ``scn`` and report (see the module docstring for what raises and what is reported).
     ``max_resident`` bounds the whole process's resident set: crossing it stops the run and the
-    report says so (``extra["resident_limit"]``)."""
+    report says so (``extra["resident_limit"]``).  ``trace=False`` records no events (the report's
+    trace is then empty): a fault then costs nothing for a trace nobody asked for."""
     plan = make_plan(scn, vcpus=vcpus, memory=memory)
     if flavour is not None:
         flavour_spec(flavour)  # unknown names are bad input, before any backend work
@@ -221,14 +223,14 @@ def run_scenario(scn: Scenario, *, backend: str = "model", flavour: str | None =
     log.info("%s on the %s backend%s: %d vCPU(s), %s", scn.name, kvm.backend,
              f" ({getattr(kvm, 'options', '')})" if kvm.backend == "model" else "", plan.vcpus,
              fmt_size(plan.memory))
-    trace = EventTrace()
+    events = EventTrace(enabled=trace)
     try:
-        machine, notes = create_machine(kvm, scn, plan, flavour, trace)
+        machine, notes = create_machine(kvm, scn, plan, flavour, events)
         log.info("machine: flavour %s, %s backing; %s", machine.flavour.name, machine.strategy.value,
                  "; ".join(notes) or "first flavour tried")
         try:
             machine.accounting.host_limit_bytes = max_resident
-            return _run(scn, plan, kvm, machine, notes, trace, progress, snapshots, timeout_s)
+            return _run(scn, plan, kvm, machine, notes, events, progress, snapshots, timeout_s)
         finally:
             machine.close()
     finally:

@@ -29,7 +29,18 @@ from guestmem.vmm.state import PageTracker
 from guestmem.vmm.trace import ACCOUNTING, EventTrace
 
 PAGE = u.PAGE_SIZE
-MIN_SAMPLE_GAP_NS = 20_000_000  # full measurements after conversions: at most every 20 ms
+MIN_SAMPLE_GAP_NS = 20_000_000  # full measurements after conversions: at most every 20 ms...
+# ...and at most this share of the time: a measurement costs O(populated runs), so in a fragmented
+# guest one can outlast the 20 ms gap, and a fixed gap would then measure after every conversion
+# (the cliff of issue 10).  The gap after a measurement is this many times what it cost.
+MEASURE_COST_FACTOR = 50
+
+
+def _cost_clock() -> int:
+    """The clock a measurement's cost is read on: wall time, which is cheap to read (the CPU-time
+    clocks are system calls costing microseconds here) and, on a loaded host, errs towards
+    measuring less often."""
+    return time.perf_counter_ns()
 HOST_CHECK_GAP_S = 0.02  # the process's resident set is read at most every 20 ms
 
 
@@ -120,6 +131,8 @@ class Accounting:
         self.violations: list[BoundViolation] = []
         self._lock = threading.Lock()
         self._last_ns = -MIN_SAMPLE_GAP_NS
+        self._next_full_ns = 0  # no run-time full measurement before this (see MEASURE_COST_FACTOR)
+        self._measuring = False  # a run-time measurement is under way on some thread
         # The host-side bound: the guest's bound above is about pages, this one about the whole
         # process, which is what the host runs out of.  None = not checked.
         self.host_limit_bytes: int | None = None
@@ -193,18 +206,29 @@ class Accounting:
 
     def sample(self, at: str, tid: int, *, force: bool = True) -> Residency | None:
         """Measure and check the bound.  With ``force=False`` (after each conversion) a full
-        measurement is taken at most every :data:`MIN_SAMPLE_GAP_NS`; where the backend counts
-        frames, the bound is still checked every time from that O(1) count.  The process's own
-        resident set is checked against ``host_limit_bytes`` too (see :meth:`check_host`)."""
+        measurement is taken at most every :data:`MIN_SAMPLE_GAP_NS`, and never more often than
+        keeps its cost under 1/:data:`MEASURE_COST_FACTOR` of the time, nor while another thread
+        is taking one (that thread's figure serves both); where the backend counts frames, the
+        bound is still checked every time from that O(1) count.  The process's own resident set
+        is checked against ``host_limit_bytes`` too (see :meth:`check_host`)."""
         if not force:  # during the run (a conversion, a discard): stop it there
             self.check_host(at)
         now = self.trace.now()
-        if not force and now - self._last_ns < MIN_SAMPLE_GAP_NS:
+        if not force and (now < self._next_full_ns or self._measuring):
             frames = self.introspection.frames() if self.introspection is not None else None
             if frames is None or frames[0] <= self.limit_pages:
                 return None  # within the bound; the full picture waits for the next sample
         self._last_ns = now
-        res = self.measure()
+        if not force:
+            self._measuring = True
+        try:
+            cpu0 = _cost_clock()
+            res = self.measure()
+            cost = _cost_clock() - cpu0
+        finally:
+            if not force:
+                self._measuring = False
+        self._next_full_ns = now + max(MIN_SAMPLE_GAP_NS, MEASURE_COST_FACTOR * cost)
         self.trace.counter("resident pages", tid, private=res.private, shared=res.shared, double=res.double)
         with self._lock:
             self.samples += 1

@@ -47,6 +47,8 @@ KNOWN_ATTRS = u.KVM_MAP_GPA_RANGE_ENCRYPTED | u.KVM_MAP_GPA_RANGE_PAGE_SZ_2M | u
 PRESERVE = u.KVM_SET_MEMORY_ATTRIBUTES2_MODE_PRESERVE
 ZERO = u.KVM_SET_MEMORY_ATTRIBUTES2_MODE_ZERO
 
+_TO_PRIVATE, _TO_SHARED = "a conversion to private", "a conversion to shared"
+
 Prefault = Literal["off", "private", "all"]
 PREFAULT_MODES = ("off", "private", "all")
 ContentMode = Literal["auto", "preserve", "zero", "unspecified"]
@@ -125,32 +127,40 @@ class ConversionManager:
         """Resolve a ``KVM_EXIT_MEMORY_FAULT`` by converting to the kind the access wanted.  A
         fault that cannot be resolved is not the guest's error to handle: ``ok`` is False and the
         run loop stops the vCPU with the reason."""
+        if not self.trace.enabled:  # the common case: no span, no argument formatting
+            return self._memory_fault(ex, tid, vcpu)
         with self.trace.span(FAULT, "memory fault", tid, gpa=hex(ex.gpa), size=ex.size,
                              private=ex.private) as args:
-            self.stats["memory_faults"] += 1
-            if ex.flags & ~u.KVM_MEMORY_EXIT_FLAG_PRIVATE:
-                out = _fail(f"memory fault with unknown flags {ex.flags:#x} at gpa {ex.gpa:#x}")
-            elif ex.errno != errno.EFAULT:
-                name = errno.errorcode.get(ex.errno, str(ex.errno))
-                out = _fail(f"memory fault at gpa {ex.gpa:#x} with errno {name} "
-                            "(hardware-poisoned or unusable page)")
-            else:
-                start = ex.gpa // PAGE * PAGE
-                end = (ex.gpa + max(ex.size, 1) + PAGE - 1) // PAGE * PAGE
-                out = self.convert(start, end - start, ex.private, origin="fault", tid=tid, vcpu=vcpu)
+            out = self._memory_fault(ex, tid, vcpu)
             args["ok"] = out.ok
         return out
+
+    def _memory_fault(self, ex: ExitMemoryFault, tid: int, vcpu: Vcpu | None) -> Outcome:
+        self.stats["memory_faults"] += 1
+        if ex.flags & ~u.KVM_MEMORY_EXIT_FLAG_PRIVATE:
+            return _fail(f"memory fault with unknown flags {ex.flags:#x} at gpa {ex.gpa:#x}")
+        if ex.errno != errno.EFAULT:
+            name = errno.errorcode.get(ex.errno, str(ex.errno))
+            return _fail(f"memory fault at gpa {ex.gpa:#x} with errno {name} "
+                         "(hardware-poisoned or unusable page)")
+        start = ex.gpa // PAGE * PAGE
+        end = (ex.gpa + max(ex.size, 1) + PAGE - 1) // PAGE * PAGE
+        return self.convert(start, end - start, ex.private, origin="fault", tid=tid, vcpu=vcpu)
 
     # --- conversion -------------------------------------------------------------------------------
     def convert(self, gpa: int, size: int, to_private: bool, *, origin: str, tid: int,
                 vcpu: Vcpu | None = None, granule: int = PAGE) -> Outcome:
         """Convert ``[gpa, gpa+size)``; ``granule`` is the page size the request was made in."""
-        kind = "private" if to_private else "shared"
-        with self.trace.span(CONVERSION, f"to {kind}", tid, gpa=hex(gpa), size=size, origin=origin) as args:
+        if not self.trace.enabled:
             out = self._convert(gpa, size, to_private, origin, tid, granule)
-            args.update(ok=out.ok, changed_pages=out.changed_pages, ret=out.ret)
-            if out.error:
-                args["error"] = out.error
+        else:
+            kind = "private" if to_private else "shared"
+            with self.trace.span(CONVERSION, f"to {kind}", tid, gpa=hex(gpa), size=size,
+                                 origin=origin) as args:
+                out = self._convert(gpa, size, to_private, origin, tid, granule)
+                args.update(ok=out.ok, changed_pages=out.changed_pages, ret=out.ret)
+                if out.error:
+                    args["error"] = out.error
         if out.ok and out.changed_pages and self._want_prefault(to_private):
             self._prefault(vcpu or self.default_vcpu, gpa, size, tid)
         return out
@@ -191,8 +201,11 @@ class ConversionManager:
             self.stats["pages_unchanged"] += unchanged
             if changed:
                 self.stats["conversions"] += 1
-                self.accounting.sample(f"a conversion to {'private' if to_private else 'shared'}", tid,
-                                       force=False)
+        if changed:
+            # Outside the conversion lock: another vCPU's conversion never waits for a measurement
+            # (the accounting reads each structure under that structure's own lock, and takes no
+            # second measurement while one is under way).
+            self.accounting.sample(_TO_PRIVATE if to_private else _TO_SHARED, tid, force=False)
         return Outcome(True, 0, changed, unchanged, hole_bytes)
 
     def _refuse(self, msg: str) -> Outcome:
@@ -273,8 +286,13 @@ class ConversionManager:
             self.stats["shared_discards_deferred"] += 1
             self.trace.instant(INVALIDATION, "shared discard deferred", tid, gpa=hex(a * PAGE),
                                size=(b - a) * PAGE, reason="pages pinned for DMA")
+        tracing = self.trace.enabled
         for a, b in self.tracker.unpinned_runs(s, e):
-            with self.trace.span(INVALIDATION, "discard shared", tid, gpa=hex(a * PAGE), size=(b - a) * PAGE):
+            if tracing:
+                with self.trace.span(INVALIDATION, "discard shared", tid, gpa=hex(a * PAGE),
+                                     size=(b - a) * PAGE):
+                    region.discard_shared(a * PAGE, (b - a) * PAGE)
+            else:
                 region.discard_shared(a * PAGE, (b - a) * PAGE)
             self.tracker.dropped(a, b, st.SHARED_POP)
             self.stats["shared_discards"] += 1

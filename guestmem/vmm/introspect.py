@@ -78,6 +78,9 @@ class ModelIntrospection:
 
     def frames(self) -> tuple[int, int] | None:
         pool = getattr(self._kvm, "pool", None)
+        allocation = getattr(pool, "allocation", None)
+        if allocation is not None:  # O(1), no snapshot of every counter
+            return allocation()
         stats = getattr(pool, "stats", None)
         if stats is None:
             return None

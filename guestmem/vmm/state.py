@@ -13,7 +13,7 @@ distinct runs costs.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from guestmem.ranges import RangeMap
@@ -66,20 +66,34 @@ class PageTracker:
 
     def changing_runs(self, start: int, end: int, to_private: bool) -> list[tuple[int, int]]:
         """The runs of ``[start, end)`` whose attribute differs from the target."""
+        if end == start + 1:  # one page (every memory fault): one lookup, no run list
+            with self._lock:
+                private = bool(self.state.get(start) & PRIVATE)
+            return [] if private == to_private else [(start, end)]
         return [(s, e) for s, e, p in self.kind_runs(start, end) if p != to_private]
+
+    def _update(self, start: int, end: int, fn: Callable[[int], int]) -> None:
+        """``state.update`` with a shortcut for one page (the fault path converts one at a time)."""
+        if end == start + 1:
+            old = self.state.get(start)
+            new = fn(old)
+            if new != old:
+                self.state.set(start, end, new)
+        else:
+            self.state.update(start, end, fn)
 
     def set_kind(self, start: int, end: int, private: bool) -> None:
         """Record a conversion: the new side may be populated from now on."""
         with self._lock:
             if private:
-                self.state.update(start, end, lambda v: v | PRIVATE | PRIVATE_POP)
+                self._update(start, end, lambda v: v | PRIVATE | PRIVATE_POP)
             else:
-                self.state.update(start, end, lambda v: (v & ~PRIVATE) | SHARED_POP)
+                self._update(start, end, lambda v: (v & ~PRIVATE) | SHARED_POP)
 
     def dropped(self, start: int, end: int, side_bit: int) -> None:
         """One side of ``[start, end)`` was discarded: it holds nothing now."""
         with self._lock:
-            self.state.update(start, end, lambda v: v & ~side_bit)
+            self._update(start, end, lambda v: v & ~side_bit)
 
     def touched(self, start: int, end: int, side_bit: int) -> None:
         """One side of ``[start, end)`` was populated on purpose (preallocation)."""
@@ -95,10 +109,14 @@ class PageTracker:
 
     def pinned_runs(self, start: int, end: int) -> list[tuple[int, int]]:
         with self._lock:
+            if end == start + 1:
+                return [(start, end)] if self.pins.get(start) > 0 else []
             return [(s, e) for s, e, n in self.pins.segments(start, end) if n > 0]
 
     def unpinned_runs(self, start: int, end: int) -> list[tuple[int, int]]:
         with self._lock:
+            if end == start + 1:
+                return [] if self.pins.get(start) > 0 else [(start, end)]
             return [(s, e) for s, e, n in self.pins.segments(start, end) if n == 0]
 
     # --- counting -------------------------------------------------------------------------------

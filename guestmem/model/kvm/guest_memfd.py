@@ -97,6 +97,9 @@ class GmemInode:
         With ``zero`` the pages not yet up to date are cleared and marked up to date (the
         "zeroed at most once, before first use" rule); allocation alone does neither.
         """
+        if end == start + 1 and not self.folio_order:  # one 4 KiB page: no run lists
+            pfn, order = self.cache.get_page(start, zero=zero, limit=self.npages)
+            return [(start, end, pfn, order)]
         self._populate(start, end)
         if zero:
             self.cache.prepare(start, end)

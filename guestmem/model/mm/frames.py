@@ -237,6 +237,12 @@ class FramePool:
         with self._lock:
             return self._stats.snapshot()
 
+    def allocation(self) -> tuple[int, int]:
+        """``(allocated, peak_allocated)`` without copying every counter: the VMM's bound check
+        reads this after each conversion, so it must cost O(1) and allocate nothing."""
+        st = self._stats
+        return st.allocated, st.peak_allocated
+
     @property
     def allocated(self) -> int:
         """Frames currently allocated."""
