@@ -44,3 +44,24 @@ def test_poisoned_page_faults_with_ehwpoison(private: bool) -> None:
     vcpu.load(Program([Verify(GPA + 2 * PS, PS, 0), Verify(GPA + 3 * PS, PS, 0x21)]))
     assert isinstance(vcpu.run(), ExitHalt)
     vm.check_invariants()
+
+
+def test_poison_before_the_fault_in_a_large_folio_does_not_livelock() -> None:
+    """With 2 MiB folios a fault widens its lookup to the folio; a poisoned page *before* the
+    faulting one must not cut the lookup short of it (the fuzzer found KVM_RUN spinning)."""
+    import guestmem
+    import guestmem.uapi as u
+    from guestmem.api import ExitHalt
+    from guestmem.guest import Program, Verify
+
+    kvm = guestmem.open("model", gmem_folio_order=9)
+    vm = kvm.create_vm(u.KVM_X86_DEFAULT_VM)
+    g = vm.create_guest_memfd(10 * 4096, u.GUEST_MEMFD_FLAG_MMAP)
+    shared = kvm.mmap_anonymous(1 << 22)
+    vm.set_user_memory_region2(0, u.KVM_MEM_GUEST_MEMFD, 0x100200000, 10 * 4096, shared.addr, g, 0)
+    g.allocate(0x3000, 0x7000)
+    g.memory_failure(0x5000)
+    vcpu = vm.create_vcpu(0)
+    vcpu.load(Program([Verify(0x100207000, 0xC6, 0, "auto")]))
+    assert isinstance(vcpu.run(), ExitHalt)
+    vm.check_invariants()

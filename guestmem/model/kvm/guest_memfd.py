@@ -497,7 +497,7 @@ class GmemFile(OpenFile):
         inode = self.inode
         if self.released or slot.gmem_file is not self:
             return [], errno.EFAULT
-        i0, i1 = slot.gfn_to_index(gfn), slot.gfn_to_index(end_gfn)
+        req0, req1 = i0, i1 = slot.gfn_to_index(gfn), slot.gfn_to_index(end_gfn)
         if inode.folio_order:
             # A large folio is handed out whole (so it can be mapped huge): widen to folio
             # boundaries, within this slot's binding and the file.
@@ -505,6 +505,9 @@ class GmemFile(OpenFile):
             lo, hi = slot.gmem_pgoff, min(slot.gmem_pgoff + slot.npages, inode.npages)
             i0, i1 = max(i0 & ~mask, lo), min((i1 + mask) & ~mask, hi)
         with inode.invalidate_lock.read():
+            if i0 < req0 and (self.bindings.first_match(i0, req0, lambda s: s is not slot) is not None
+                              or inode.hwpoison.first_match(i0, req0, bool) is not None):
+                i0 = req0  # the pages before the faulting one cannot come whole: no widening there
             err = 0
             bad = self.bindings.first_match(i0, i1, lambda s: s is not slot)
             if bad is not None:
@@ -512,6 +515,8 @@ class GmemFile(OpenFile):
             poisoned = inode.hwpoison.first_match(i0, i1, bool) if i1 > i0 else None
             if poisoned is not None:
                 i1, err = poisoned, EHWPOISON
+            if i1 >= req1:
+                err = 0  # what was asked for is served; the widening's tail only stops short
             if i1 <= i0:
                 return [], err
             runs = inode.get_folios(i0, i1, zero=zero)
