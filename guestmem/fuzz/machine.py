@@ -518,7 +518,7 @@ class StepGen:
 
         def exp(ss: Session) -> Expect:
             e = expect_for(args, ss.is_closed(g))
-            if a_len.value is None and a_off.good:  # length None: the whole file (a default)
+            if a_len.value is None:  # length None: the whole file (a default), not a bad int
                 a_len.cls, a_len.conv = "ok", s.ns[g].size
                 e = expect_for(args, ss.is_closed(g))
             if a_len.good and a_off.good:

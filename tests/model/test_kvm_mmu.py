@@ -138,3 +138,22 @@ def test_fault_path_uses_runs_not_pages():
     assert 1 <= len(calls) <= 2  # one run covers the whole uniform range
     assert len(vm.mmu.sptes[0]) == 1  # and lands as one merged SPTE run
     vm.check_invariants()
+
+
+def test_pre_fault_stops_at_an_unmapped_hva_and_reports_the_rest() -> None:
+    """KVM_PRE_FAULT_MEMORY maps what it can and returns the bytes left; it fails only when not
+    even the first page can be mapped (upstream kvm_vcpu_pre_fault_memory; found by the fuzzer)."""
+    import errno
+
+    from guestmem.errors import KvmError
+
+    kvm = guestmem.open("model")
+    vm = kvm.create_vm(u.KVM_X86_DEFAULT_VM)
+    shared = kvm.mmap_anonymous(3 * PS)  # the slot is bigger than its host mapping
+    vm.set_user_memory_region2(0, 0, GPA, 14 * PS, shared.addr, None, 0)
+    vcpu = vm.create_vcpu(0)
+    assert vcpu.pre_fault_memory(GPA, 12 * PS) == 9 * PS
+    with pytest.raises(KvmError) as info:
+        vcpu.pre_fault_memory(GPA + 4 * PS, PS)
+    assert info.value.errno == errno.EFAULT and info.value.operation == "KVM_PRE_FAULT_MEMORY"
+    vm.check_invariants()

@@ -105,7 +105,12 @@ class ModelVcpu:
         start = gfn
         while gfn < end:
             private = vm.has_private_mem and vm.mem_is_private(gfn)
-            res = page_fault(vm, gfn, end, "private" if private else "shared", False)
+            try:
+                res = page_fault(vm, gfn, end, "private" if private else "shared", False)
+            except KvmError as exc:  # e.g. the shared side's userspace_addr is not mapped
+                if gfn == start:
+                    raise KvmError(exc.errno or errno.EFAULT, op, exc.message) from None
+                break  # what was mapped stays mapped: report the bytes left, as upstream does
             if isinstance(res, int):
                 gfn = res
                 continue
