@@ -65,3 +65,25 @@ def test_poison_before_the_fault_in_a_large_folio_does_not_livelock() -> None:
     vcpu.load(Program([Verify(0x100207000, 0xC6, 0, "auto")]))
     assert isinstance(vcpu.run(), ExitHalt)
     vm.check_invariants()
+
+
+def test_poison_on_the_faulting_page_in_a_large_folio_is_ehwpoison() -> None:
+    """The widened lookup must not serve the folio's head and call that progress when the faulting
+    page itself is poisoned: the guest gets the EHWPOISON memory fault (the fuzzer found a spin)."""
+    import guestmem
+    import guestmem.uapi as u
+    from guestmem.api import ExitMemoryFault
+    from guestmem.errors import EHWPOISON
+    from guestmem.guest import Program, Write
+
+    kvm = guestmem.open("model", attributes="gmem", gmem_folio_order=9)
+    vm = kvm.create_vm(u.KVM_X86_SW_PROTECTED_VM)
+    g = vm.create_guest_memfd(5 * 4096, u.GUEST_MEMFD_FLAG_MMAP | u.GUEST_MEMFD_FLAG_INIT_SHARED)
+    vm.set_user_memory_region2(3, u.KVM_MEM_GUEST_MEMFD, 0xC0000000, 5 * 4096, 0, g, 0)
+    g.allocate(0, 5 * 4096)
+    g.memory_failure(0x1000)
+    vcpu = vm.create_vcpu(0)
+    vcpu.load(Program([Write(0xC0001000, 0x2000, 0x33, "shared")]))
+    ex = vcpu.run()
+    assert isinstance(ex, ExitMemoryFault) and ex.errno == EHWPOISON and ex.gpa == 0xC0001000
+    vm.check_invariants()

@@ -517,8 +517,8 @@ class GmemFile(OpenFile):
                 i1, err = poisoned, EHWPOISON
             if i1 >= req1:
                 err = 0  # what was asked for is served; the widening's tail only stops short
-            if i1 <= i0:
-                return [], err
+            if i1 <= max(i0, req0):
+                return [], err  # the faulting page itself cannot be served
             runs = inode.get_folios(i0, i1, zero=zero)
             out = []
             for s, e, pfn, order in runs:

@@ -198,8 +198,11 @@ class FramePool:
             self._refs.update(pfn, pfn + npages, lambda v: v + 1)
 
     def put_frames(self, pfn: int, npages: int) -> None:
-        """Drop a reference taken by :meth:`get_frames`; frames their owner already freed go now."""
+        """Drop a reference taken by :meth:`get_frames`; frames their owner already freed go now.
+        After :meth:`close` (the whole pool is gone, e.g. at interpreter exit) it does nothing."""
         self._check_run(pfn, npages)
+        if self.closed:
+            return
         with self._lock:
             if self._refs.any_match(pfn, pfn + npages, lambda v: v <= 0):
                 raise ValueError(f"reference count underflow in [{pfn:#x}, {pfn + npages:#x})")
