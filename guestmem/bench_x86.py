@@ -47,7 +47,7 @@ def _timed_run(vcpu: Any) -> tuple[Any, float]:
 
 
 def _mips() -> float:
-    kvm, vm, gmem, shared = _vm("x86", 2 << 20)
+    kvm, vm, _gmem, _shared = _vm("x86", 2 << 20)
     vcpu = vm.create_vcpu(0)
     vcpu.load(Program([Halt()]))
     code = (b"\x48\xc7\xc1" + struct.pack("<i", LOOP_ITERS)  # mov rcx, N
@@ -61,7 +61,7 @@ def _mips() -> float:
 
 
 def _memory(cpu: str, size: int) -> dict[str, Any]:
-    kvm, vm, gmem, shared = _vm(cpu, size)
+    kvm, vm, _gmem, shared = _vm(cpu, size)
     vcpu = vm.create_vcpu(0)
     vcpu.load(Program([Write(GPA, size, 0x5A), Sync(1), Verify(GPA, size, 0x5A), Sync(2),
                        Touch(GPA, size, 0x5A), Sync(3), Halt()]))
@@ -83,7 +83,7 @@ def _memory(cpu: str, size: int) -> dict[str, Any]:
 
 
 def _exit_us(cpu: str, n: int) -> float:
-    kvm, vm, gmem, shared = _vm(cpu, 2 << 20)
+    kvm, vm, _gmem, _shared = _vm(cpu, 2 << 20)
     vcpu = vm.create_vcpu(0)
     vcpu.load(Program([Sync(i) for i in range(n)] + [Halt()]))
     vcpu.run()  # warm: the loader window's pages faulted in
@@ -96,7 +96,7 @@ def _exit_us(cpu: str, n: int) -> float:
 
 
 def _exit_loop_us(n: int) -> float:
-    kvm, vm, gmem, shared = _vm("x86", 2 << 20)
+    kvm, vm, _gmem, _shared = _vm("x86", 2 << 20)
     vcpu = vm.create_vcpu(0)
     vcpu.load(Program([Halt()]))
     vcpu.cpu.load_bytes(b"\x66\xba\x80\x00" + b"\xee\xeb\xfd")  # mov dx, 0x80; L: out dx, al; jmp L
