@@ -93,11 +93,17 @@ class ModelVcpu:
         vm = self.vm
         if vm.bugged:
             raise KvmError(errno.EIO, op, "the VM is bugged (KVM_BUG_ON)")
+        if not vm.system.options.release.pre_fault_ioctl:
+            raise KvmError(errno.EINVAL, op, "no such vCPU ioctl before 6.10 (kvm_arch_vcpu_ioctl)")
         if flags:
             raise KvmError(errno.EINVAL, op, "flags must be 0")
         if gpa % PS or size % PS or gpa + size <= gpa or gpa + size > U64:
             raise KvmError(errno.EINVAL, op, "range unaligned, empty or wrapping")
         if not vm.system.options.tdp_mmu:
+            # Shadow paging: kvm_mmu_reload runs before the TDP check (mmu.c:5104 vs :5050) and
+            # fails with ENOSPC while no memslot has sized n_max_mmu_pages (mmu.c:2899-2900).
+            if not vm.mmu_pages_sized and vm.arch.pre_fault_allowed():
+                raise KvmError(errno.ENOSPC, op, "shadow MMU has no pages yet (no memslot ever)")
             raise KvmError(errno.EOPNOTSUPP, op, "pre-faulting needs a TDP MMU")
         if not vm.arch.pre_fault_allowed():
             raise KvmError(errno.EOPNOTSUPP, op, "VM is not finalized")
