@@ -156,7 +156,8 @@ def twin_options(profile: HostProfile) -> Twin:
     if profile.phys_bits is not None and low <= profile.phys_bits <= high:
         opts["phys_bits"] = profile.phys_bits
     else:
-        unmatched["phys_bits"] = f"host MAXPHYADDR {profile.phys_bits} is not readable or not in {low}..{high}"
+        unmatched["phys_bits"] = (f"host MAXPHYADDR {profile.phys_bits} is not readable "
+                                  f"or not in {low}..{high}")
     low, high = _RANGES["max_vcpus"]
     if low <= profile.max_vcpus <= high:
         opts["max_vcpus"] = profile.max_vcpus

@@ -23,8 +23,8 @@ import errno
 import pytest
 
 import guestmem.uapi as u
-from guestmem.releases import rules_of
 from guestmem.api import Kvm, Mapping, Vm
+from guestmem.releases import rules_of
 
 from .support import (
     MEM_REGION_GPA,
