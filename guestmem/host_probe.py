@@ -212,3 +212,54 @@ def compare(profile: HostProfile, twin_kvm: Any) -> list[dict[str, Any]]:
             for c in COMPARED_CAPS:
                 add(f"{_cap(c)} ({u.VM_TYPE_NAMES[t]} VM)", caps.get(c), vm.check_extension(c))
     return rows
+
+
+def _model_hypercall_exits(kvm: Any) -> bool:
+    """Whether a guest's KVM_HC_MAP_GPA_RANGE reaches userspace on the (model) ``kvm``."""
+    from guestmem.api import ExitHypercall
+    from guestmem.guest.ops import MapGpaRange, Program
+
+    with kvm.create_vm(u.KVM_X86_DEFAULT_VM) as vm:
+        vm.enable_cap(u.KVM_CAP_EXIT_HYPERCALL, args=(1 << u.KVM_HC_MAP_GPA_RANGE,))
+        vcpu = vm.create_vcpu(0)
+        vcpu.load(Program([MapGpaRange(0, 1, 0, expect_ret=None)]))
+        return isinstance(vcpu.run(), ExitHypercall)
+
+
+HYPERCALL_ROW = "KVM_HC_MAP_GPA_RANGE exits to userspace"
+
+
+def twin_report(path: str = "/dev/kvm", *, hypercall: bool = True) -> dict[str, Any]:
+    """``guestmem caps --twin``: the host profile, the twin's switches, every compared property
+    side by side, and the switches the twin cannot match (with why).  JSON-serialisable."""
+    from guestmem.model import open_model
+
+    profile = probe_host(path)
+    twin = twin_options(profile)
+    unmatched = dict(twin.unmatched)
+    with open_model(**twin.options) as kvm:
+        rows = compare(profile, kvm)
+        if hypercall:
+            from guestmem.linux.caps import _probe_hypercall
+            from guestmem.linux.system import open_kernel
+
+            with open_kernel(path) as host:
+                try:
+                    host_exits = bool(_probe_hypercall(host).get("exits"))
+                except KvmError:
+                    host_exits = False
+            twin_exits = _model_hypercall_exits(kvm)
+            rows.append({"what": HYPERCALL_ROW, "host": host_exits,
+                         "twin": twin_exits, "same": host_exits == twin_exits})
+            if host_exits != twin_exits:
+                unmatched["hypercall_exit"] = (
+                    "no model switch: on this host the guest's hypercall instruction never "
+                    "completes (kvm_pvm re-executes it), while upstream's KVM_CAP_EXIT_HYPERCALL "
+                    "exits to userspace (arch/x86/kvm/x86.c, __kvm_emulate_hypercall)")
+    for row in rows:
+        if not row["same"] and row["what"] not in unmatched and row["what"] != HYPERCALL_ROW:
+            unmatched[row["what"]] = f"host {row['host']}, twin {row['twin']}: no switch sets it"
+    return {"host": profile.to_json(), "twin_options": {k: list(v) if isinstance(v, tuple) else v
+                                                        for k, v in twin.options.items()},
+            "rows": rows, "unmatched": unmatched,
+            "matched": sum(r["same"] for r in rows), "compared": len(rows)}
