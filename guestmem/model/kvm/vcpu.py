@@ -27,6 +27,7 @@ from guestmem.args import u64
 from guestmem.errors import KvmError
 from guestmem.guest.ops import Accept, Halt, MapGpaRange, Program, Sync, Touch, Verify, Write
 from guestmem.model.kvm.fault import Emulate, page_fault
+from guestmem.model.kvm.mmio import StringMmio, no_memory, peek
 
 if TYPE_CHECKING:
     from guestmem.model.kvm.vm import ModelVm
@@ -47,6 +48,7 @@ class ModelVcpu:
         self.halted = False
         self.closed = False
         self._pending: Exit | None = None  # a hypercall or MMIO exit awaiting completion
+        self._mmio: StringMmio | None = None  # the MMIO exits of the op in progress (mmio.py)
         self._running = threading.Lock()
         self.stats = {"exits": 0, "faults": 0, "bytes_written": 0, "bytes_verified": 0}
 
@@ -195,13 +197,11 @@ class ModelVcpu:
         gpa, access = vm.arch.decode_gpa(op.gpa, op.access)
         end = gpa + op.size
         pos = gpa + self.progress
-        if mmio_done is not None:
-            if not write:
-                data = bytes(mmio_done.data[: mmio_done.len])
-                for i, b in enumerate(data):
-                    if b != op.pattern:
-                        return self._fail(op, pos + i, b)
-            pos += mmio_done.len
+        if mmio_done is not None and self._mmio is not None:
+            step = self._mmio.complete(mmio_done)
+            if not isinstance(step, int):
+                return self._mmio_exit(step)
+            pos = step
             self.progress = pos - gpa
         want = vm.arch.access_kind(access)
         while pos < end:
@@ -244,13 +244,17 @@ class ModelVcpu:
             res = page_fault(vm, gfn, end_gfn, access, write)
             if isinstance(res, int):
                 continue
-            if isinstance(res, Emulate):
-                n = 1 if stride > 1 else min(8, end - pos, PS - pos % PS)
-                ex = ExitMmio(pos, n, write, bytes([op.pattern]) * n if write else bytes(8))
-                self._pending = ex
-                return ex
+            if isinstance(res, Emulate):  # the exits the compiled op would give (mmio.py)
+                self._mmio = StringMmio(op, gpa, self.pc, lambda a: no_memory(vm, a, write),
+                                        lambda a: peek(vm, a, access))
+                return self._mmio_exit(self._mmio.begin(pos))
             return res
         return None
+
+    def _mmio_exit(self, ex: Exit) -> Exit:
+        if isinstance(ex, ExitMmio):
+            self._pending = ex
+        return ex
 
     def _accept(self, op: Accept) -> Exit | None:
         """TDG.MEM.PAGE.ACCEPT / PVALIDATE over the op's range, from its saved progress: each page
