@@ -335,9 +335,11 @@ class GmemFile(OpenFile):
         if offset % PS:  # ksys_mmap_pgoff checks this before looking the fd up
             raise KvmError(errno.EINVAL, "mmap", "offset must be page aligned")
         self._check_open("mmap")
+        # do_mmap: the length checks (EINVAL for 0, ENOMEM where it cannot fit) come before
+        # file_mmap_ok's EOVERFLOW for a file range past MAX_LFS_FILESIZE (a negative offset).
+        check_mmap_length(length, max(offset, 0) // PS)
         if offset < 0:
             raise KvmError(errno.EOVERFLOW, "mmap", "offset + length beyond MAX_LFS_FILESIZE")
-        check_mmap_length(length, offset // PS)
         if not self.inode.mmap_supported:
             raise KvmError(errno.ENODEV, "mmap", "guest_memfd created without GUEST_MEMFD_FLAG_MMAP")
         if not shared:
