@@ -36,7 +36,6 @@ from guestmem.api import (
     ExitMmio,
     ExitSync,
     Kvm,
-    Vm,
 )
 from guestmem.errors import GuestAccessFault, KvmError
 from guestmem.guest.ops import Op, Program, Sync, Touch, Verify, Write
@@ -290,7 +289,7 @@ def _memslot_scenario(what: str) -> Callable[[Kvm], Outcome]:
             if what == "gmem-closed-after-bind":
                 r = [bind(1, GIB4, SZ_2M, 0)]
                 g.close()
-                return r + [bind(1, GIB4, 0, 0, flags=0), bind(2, 2 * GIB4, SZ_2M, 0)]
+                return [*r, bind(1, GIB4, 0, 0, flags=0), bind(2, 2 * GIB4, SZ_2M, 0)]
             if what == "v1-after-gmem-slot":
                 with kvm.mmap_anonymous(SZ_2M) as m:
                     return [bind(1, GIB4, SZ_2M, 0),
@@ -314,7 +313,8 @@ GPAS = [0, PS, 1, (1 << 48) - SZ_2M, (1 << 48), (1 << 52) - SZ_2M, (1 << 52), (1
 HVAS = [0, 1, PS, (1 << 47) - SZ_2M - PS, (1 << 47) - SZ_2M, (1 << 47), (1 << 64) - PS]
 
 
-def _memslot_geometry(slot: int, gpa: int, hva: int | None, size: int, gmem: bool) -> Callable[[Kvm], Outcome]:
+def _memslot_geometry(slot: int, gpa: int, hva: int | None, size: int, gmem: bool
+                      ) -> Callable[[Kvm], Outcome]:
     def run(kvm: Kvm) -> Outcome:
         with kvm.create_vm() as vm, vm.create_guest_memfd(SZ_2M, 0) as g, kvm.mmap_anonymous(SZ_2M) as m:
             addr = m.addr if hva is None else hva
@@ -492,7 +492,8 @@ def catalogue() -> list[Behaviour]:
                         ([(punch, 0, SZ_2M)], "punch-all"), ([(keep, 0, SZ_2M)], "allocate-all"),
                         ([(punch, 0, PS), (keep, 0, PS)], "punch-then-allocate"),
                         ([(punch, SZ_2M, PS)], "punch-past-end")]:
-        add(f"fallocate/survives/{name}", "fallocate", _fallocate_then_read(MMAP | SHARED, steps, [0, PS, SZ_2M - 1]))
+        add(f"fallocate/survives/{name}", "fallocate",
+            _fallocate_then_read(MMAP | SHARED, steps, [0, PS, SZ_2M - 1]))
 
     # mmap of a guest_memfd: flags x length x offset x MAP_SHARED/PRIVATE, with host reads.
     for flags in [0, MMAP, MMAP | SHARED]:
@@ -651,7 +652,8 @@ def departure_for(name: str) -> Departure | None:
 # --- record and replay ----------------------------------------------------------------------------
 
 
-def run_catalogue(kvm_factory: Callable[[], Kvm], only: str | None = None) -> Iterator[tuple[Behaviour, Outcome]]:
+def run_catalogue(kvm_factory: Callable[[], Kvm], only: str | None = None
+                  ) -> Iterator[tuple[Behaviour, Outcome]]:
     """Each behaviour on a fresh system from ``kvm_factory`` (so fd numbers and state never leak
     from one behaviour into the next)."""
     for b in catalogue():
@@ -721,7 +723,8 @@ def replay(corpus: dict[str, Any], kvm_factory: Callable[[], Kvm] | None = None)
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python3 -m guestmem.conformance_record",
-                                     description="record host behaviours from /dev/kvm; replay them on the twin")
+                                     description="record host behaviours from /dev/kvm; "
+                                                 "replay them on the twin")
     sub = parser.add_subparsers(dest="cmd", required=True)
     rec = sub.add_parser("record", help="run the catalogue on the kernel backend and write the corpus")
     rec.add_argument("-o", "--output", default=DEFAULT_PATH)
