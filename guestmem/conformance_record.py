@@ -207,6 +207,48 @@ def _file_op(gmem_flags: int, what: str, arg: Any) -> Callable[[Kvm], Outcome]:
     return run
 
 
+def _lifetime(what: str) -> Callable[[Kvm], Outcome]:
+    """What outlives what: a guest_memfd after its VM fd, a mapping after its fd, a slot's binding
+    after the file is gone."""
+    def run(kvm: Kvm) -> Outcome:
+        vm = kvm.create_vm()
+        g = vm.create_guest_memfd(SZ_2M, MMAP | SHARED)
+        with ExitStack() as st:
+            st.callback(vm.close)
+            st.callback(g.close)
+            if what == "vm-closed-first":
+                vm.close()
+                return [outcome(lambda: g.fallocate(u.FALLOC_FL_KEEP_SIZE, 0, PS)),
+                        outcome(lambda: g.stat()[0]), outcome(lambda: g.mmap(PS).close()),
+                        outcome(lambda: vm.create_guest_memfd(PS, 0)),
+                        outcome(lambda: vm.check_extension(u.KVM_CAP_GUEST_MEMFD))]
+            if what == "mapping-outlives-fd":
+                m = st.enter_context(g.mmap())
+                m.fill(0, PS, 0x66)
+                g.close()
+                return [outcome(lambda: m.read(0, 2).hex()), outcome(lambda: m.write(PS, b"z")),
+                        outcome(lambda: m.read(PS, 1).hex()), outcome(lambda: m.discard(0, PS)),
+                        outcome(lambda: m.read(0, 1).hex())]
+            if what == "mapping-closed":
+                m = g.mmap()
+                m.close()
+                return [outcome(lambda: m.read(0, 1)), outcome(lambda: m.write(0, b"x")),
+                        outcome(lambda: m.close())]
+            if what == "slot-after-fd-closed":
+                vm.set_user_memory_region2(1, GMEM, GIB4, SZ_2M, 0, g, 0)
+                g.close()
+                other = st.enter_context(vm.create_guest_memfd(SZ_2M, 0))
+                return [outcome(lambda: vm.set_user_memory_region2(2, GMEM, 2 * GIB4, SZ_2M, 0, other, 0)),
+                        outcome(lambda: vm.set_user_memory_region2(1, 0, GIB4, 0, 0)),
+                        outcome(lambda: vm.set_user_memory_region2(1, GMEM, GIB4, SZ_2M, 0, other, SZ_2M))]
+            if what == "closed-twice":
+                g.close()
+                return [outcome(lambda: g.close()), outcome(lambda: g.read(1)),
+                        outcome(lambda: g.punch_hole(0, PS))]
+            raise ValueError(what)
+    return run
+
+
 # Memslot geometry: guest_memfd_offset x memory_size for a 2 MiB guest_memfd.
 BIND_OFFSETS = [0, PS, 1, SZ_2M - PS, SZ_2M, SZ_2M + PS, INT64_MAX - PS + 1, 1 << 63, (1 << 64) - PS]
 BIND_SIZES = [PS, SZ_2M, SZ_2M + PS, 2 * SZ_2M, 0, 4 * PS]
@@ -342,8 +384,10 @@ def _pre_fault(setup: str, gpa: int, size: int, flags: int = 0) -> Callable[[Kvm
     return run
 
 
-def _guest_exits(vcpu: Any, limit: int = 64, device_byte: int = 0) -> list[Outcome]:
-    """Run until Halt; every exit by name and fields (MMIO reads answered with ``device_byte``)."""
+def _guest_exits(vcpu: Any, limit: int = 64, device_byte: int = 0,
+                 on_sync: Callable[[], None] | None = None) -> list[Outcome]:
+    """Run until Halt; every exit by name and fields (MMIO reads answered with ``device_byte``,
+    ``on_sync`` called at each Sync)."""
     out: list[Outcome] = []
     for _ in range(limit):
         try:
@@ -357,6 +401,8 @@ def _guest_exits(vcpu: Any, limit: int = 64, device_byte: int = 0) -> list[Outco
             out.append(["mmio", ex.phys_addr, ex.len, ex.is_write, bytes(ex.data[: ex.len]).hex()])
         elif isinstance(ex, ExitSync):
             out.append(["sync", ex.value])
+            if on_sync is not None:
+                on_sync()
         elif isinstance(ex, ExitGuestAssert):
             out.append(["assert", ex.gpa, ex.expected, ex.found])
             return out
@@ -373,12 +419,18 @@ def _guest_exits(vcpu: Any, limit: int = 64, device_byte: int = 0) -> list[Outco
     return out
 
 
-def _guest(layout: str, ops: list[Op], device_byte: int = 0) -> Callable[[Kvm], Outcome]:
+HostAction = Callable[[dict[str, Any]], Outcome]
+
+
+def _guest(layout: str, ops: list[Op], device_byte: int = 0,
+           on_sync: HostAction | None = None) -> Callable[[Kvm], Outcome]:
     """A guest program over one memslot at 4 GiB (2 MiB), laid out as ``layout`` says; the outcome
-    is its exits and what the host then reads through each mapping."""
+    is its exits and what the host then reads through each mapping.  ``on_sync`` runs at every
+    ``Sync`` exit with the host's objects (``anon``, ``gmem``, ``file``, ``vm``)."""
     def run(kvm: Kvm) -> Outcome:
         with kvm.create_vm() as vm, kvm.mmap_anonymous(SZ_2M) as anon, ExitStack() as st:
             host: dict[str, Any] = {"anon": anon}
+            objects: dict[str, Any] = {}
             if layout == "anon":
                 vm.set_user_memory_region(1, 0, GIB4, SZ_2M, anon.addr)
             elif layout == "anon-readonly":
@@ -399,15 +451,22 @@ def _guest(layout: str, ops: list[Op], device_byte: int = 0) -> Callable[[Kvm], 
                 elif flags & SHARED:
                     host["gmem"] = st.enter_context(g.mmap())
                 vm.set_user_memory_region2(1, GMEM, GIB4, SZ_2M, addr, g, 0)
+                objects["file"] = g
+            objects.update(host, vm=vm)
             vcpu = vm.create_vcpu(0)
             if hasattr(vcpu, "run_timeout"):
                 vcpu.run_timeout = 60.0
             vcpu.load(Program(ops))
-            exits = _guest_exits(vcpu, device_byte=device_byte)
+            actions: list[Outcome] = []
+            action = None if on_sync is None else (lambda: actions.append(on_sync(objects)))
+            exits = _guest_exits(vcpu, device_byte=device_byte, on_sync=action)
             vcpu.close()
             seen = {name: outcome(lambda m=m: m.read(0, 4).hex() + ".." + m.read(PS, 1).hex())
                     for name, m in sorted(host.items())}
-            return {"exits": exits, "host": seen}
+            result: dict[str, Any] = {"exits": exits, "host": seen}
+            if on_sync is not None:
+                result["actions"] = actions
+            return result
     return run
 
 
@@ -522,6 +581,15 @@ def catalogue() -> list[Behaviour]:
         add(f"file/flags={flags:#x}/stat", "file", _file_op(flags, "stat", None))
         add(f"file/flags={flags:#x}/closed", "file", _file_op(flags, "closed", None))
 
+    for what in ["vm-closed-first", "mapping-outlives-fd", "mapping-closed", "slot-after-fd-closed",
+                 "closed-twice"]:
+        add(f"lifetime/{what}", "file", _lifetime(what))
+    # fallocate on a mappable guest_memfd too (the same checks must not depend on the flags).
+    for mode in FALLOC_MODES[:4]:
+        for offset, length in FALLOC_RANGES:
+            add(f"fallocate/flags=0x3/mode={mode:#x}/offset={offset:#x}/length={length:#x}", "fallocate",
+                _fallocate(MMAP | SHARED, mode, offset, length))
+
     # Memslot binding geometry, flags, sequences, slot ids, addresses.
     for flags in [0, MMAP | SHARED]:
         for offset in BIND_OFFSETS:
@@ -592,6 +660,25 @@ def catalogue() -> list[Behaviour]:
                    "gmem-plain"]:
         for name, ops, device in programs:
             add(f"guest/{layout}/{name}", "guest", _guest(layout, ops, device))
+    def punch_page1(o: dict[str, Any]) -> Outcome:
+        return outcome(lambda: o["file"].punch_hole(PS, PS))
+
+    def host_fill(o: dict[str, Any]) -> Outcome:
+        return outcome(lambda: o.get("gmem", o["anon"]).fill(0, 2 * PS, 0x99))
+
+    def delete_slot(o: dict[str, Any]) -> Outcome:
+        return outcome(lambda: o["vm"].set_user_memory_region2(1, 0, G, 0, 0))
+
+    for layout in ["gmem-mapped", "gmem-plain", "anon"]:
+        for name, ops, action in [
+            ("punch-then-verify",
+             [Write(G, 2 * PS, 0x21), Sync(1), Verify(G, PS, 0x21), Verify(G + PS, PS, 0)], punch_page1),
+            ("host-fill-then-verify", [Sync(1), Verify(G, 2 * PS, 0x99)], host_fill),
+            ("slot-deleted-then-write", [Write(G, 8, 0x21), Sync(1), Write(G, 8, 0x22)], delete_slot),
+        ]:
+            if layout == "anon" and action is punch_page1:
+                continue
+            add(f"guest/{layout}/{name}", "guest", _guest(layout, ops, 0, action))
     for name, ops, device in [
         ("write-1", [Write(MMIO_GPA, 1, 0x42)], 0), ("write-19", [Write(MMIO_GPA, 19, 0x42)], 0),
         ("write-page-cross", [Write(MMIO_GPA + PS - 6, 12, 0x42)], 0),
