@@ -655,6 +655,13 @@ def catalogue() -> list[Behaviour]:
         ("write-tail", [Write(G + 5, 11, 0x7E), Verify(G, 5, 0), Verify(G + 5, 11, 0x7E)], 0),
         ("verify-mismatch", [Write(G, PS, 0x10), Verify(G, PS, 0x11)], 0),
         ("write-past-slot", [Write(G + SZ_2M - 8, 16, 0x42)], 0),
+        # A qword half in the slot, half in MMIO; verified with the device answering the pattern,
+        # then another byte (the MMIO half mismatches), and with the memory half mismatching.
+        ("write-straddle-slot-end", [Write(G + SZ_2M - 4, 12, 0x42)], 0),
+        ("verify-straddle-match", [Write(G + SZ_2M - 4, 4, 0x42), Verify(G + SZ_2M - 4, 12, 0x42)], 0x42),
+        ("verify-straddle-mmio-mismatch", [Write(G + SZ_2M - 4, 4, 0x42), Verify(G + SZ_2M - 4, 12, 0x42)],
+         0x41),
+        ("verify-straddle-memory-mismatch", [Verify(G + SZ_2M - 4, 12, 0x42)], 0x42),
     ]
     for layout in ["anon", "anon-readonly", "gmem-mapped", "gmem-anon-hva", "gmem-zero-hva", "gmem-noshared",
                    "gmem-plain"]:

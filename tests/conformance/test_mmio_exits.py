@@ -100,3 +100,26 @@ def test_rule_as_measured_on_a_page_crossing_qword() -> None:
     seq = expected_exits(Write(MMIO + PS - 6, 12, 0x42), 0)
     assert [(a - MMIO, n) for _, a, n, *_ in seq] == [(PS - 6, 6), (PS, 2), (PS + 2, 1), (PS + 3, 1),
                                                        (PS + 4, 1), (PS + 5, 1)]
+
+
+def test_verify_reports_what_the_last_read_returned(backend: Kvm) -> None:
+    """A device that answers differently each time: the qword mismatches, the byte-by-byte re-read
+    finds nothing wrong, so the code reports the qword's last byte, with the value the report's
+    own load got (one 8-byte read, eight 1-byte reads, one more 1-byte read, then the assertion)."""
+    answers = iter([0x41] + [0x42] * 8 + [0x43])
+    with backend.create_vm(u.KVM_X86_DEFAULT_VM) as vm:
+        vcpu = vm.create_vcpu(0)
+        if hasattr(vcpu, "run_timeout"):
+            vcpu.run_timeout = 60.0
+        vcpu.load(Program([Verify(MMIO, 8, 0x42), Sync(7)]))
+        reads: list[tuple[int, int]] = []
+        while True:
+            ex = vcpu.run()
+            if not isinstance(ex, ExitMmio):
+                break
+            assert not ex.is_write
+            ex.data = bytes([next(answers)]) * ex.len
+            reads.append((ex.phys_addr - MMIO, ex.len))
+        vcpu.close()
+    assert reads == [(0, 8)] + [(i, 1) for i in range(8)] + [(7, 1)]
+    assert isinstance(ex, ExitGuestAssert) and (ex.gpa, ex.expected, ex.found) == (MMIO + 7, 0x42, 0x43)

@@ -27,7 +27,7 @@ from guestmem.args import u64
 from guestmem.errors import KvmError
 from guestmem.guest.ops import Accept, Halt, MapGpaRange, Program, Sync, Touch, Verify, Write
 from guestmem.model.kvm.fault import Emulate, page_fault
-from guestmem.model.kvm.mmio import StringMmio, no_memory, peek
+from guestmem.model.kvm.mmio import StringMmio, no_memory, peek, straddling_element
 
 if TYPE_CHECKING:
     from guestmem.model.kvm.vm import ModelVm
@@ -233,7 +233,12 @@ class ModelVcpu:
                         if miss is not None:
                             k, seen_byte = miss
                             self.progress = a + k - gpa
-                            return self._fail(op, a + k, seen_byte)
+                            boundary = straddling_element(vm, op, gpa, a + k)
+                            if boundary is None:
+                                return self._fail(op, a + k, seen_byte)
+                            self._mmio = StringMmio(op, gpa, self.pc, lambda x: no_memory(vm, x, False),
+                                                    lambda x: peek(vm, x, access))
+                            return self._mmio_exit(self._mmio.begin(boundary))
                         self.stats["bytes_verified"] += b - a
                     pos = b
                     self.progress = pos - gpa
