@@ -25,6 +25,7 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from guestmem import uapi as u
@@ -126,14 +127,18 @@ def _fallocate(gmem_flags: int, mode: int, offset: int, length: int) -> Callable
     return run
 
 
+def _byte_hex(m: Any, offset: int) -> str:
+    return str(m.read(offset, 1).hex())
+
+
 def _fallocate_then_read(gmem_flags: int, steps: list[tuple[int, int, int]], probe: list[int]
                          ) -> Callable[[Kvm], Outcome]:
     """Write a pattern through the mapping, run fallocate steps, read bytes back: what survives."""
     def run(kvm: Kvm) -> Outcome:
         with kvm.create_vm() as vm, vm.create_guest_memfd(SZ_2M, gmem_flags) as g, g.mmap() as m:
             m.fill(0, SZ_2M, 0x5A)
-            done = [outcome(lambda s=s: g.fallocate(*s)) for s in steps]
-            return {"steps": done, "read": [outcome(lambda o=o: m.read(o, 1).hex()) for o in probe]}
+            done = [outcome(partial(g.fallocate, *step)) for step in steps]
+            return {"steps": done, "read": [outcome(partial(_byte_hex, m, o)) for o in probe]}
     return run
 
 
@@ -422,6 +427,11 @@ def _guest_exits(vcpu: Any, limit: int = 64, device_byte: int = 0,
 HostAction = Callable[[dict[str, Any]], Outcome]
 
 
+def _head(m: Any) -> str:
+    """The first 4 bytes and the first byte of the second page of a mapping, as hex."""
+    return str(m.read(0, 4).hex() + ".." + m.read(PS, 1).hex())
+
+
 def _guest(layout: str, ops: list[Op], device_byte: int = 0,
            on_sync: HostAction | None = None) -> Callable[[Kvm], Outcome]:
     """A guest program over one memslot at 4 GiB (2 MiB), laid out as ``layout`` says; the outcome
@@ -461,8 +471,7 @@ def _guest(layout: str, ops: list[Op], device_byte: int = 0,
             action = None if on_sync is None else (lambda: actions.append(on_sync(objects)))
             exits = _guest_exits(vcpu, device_byte=device_byte, on_sync=action)
             vcpu.close()
-            seen = {name: outcome(lambda m=m: m.read(0, 4).hex() + ".." + m.read(PS, 1).hex())
-                    for name, m in sorted(host.items())}
+            seen = {name: outcome(partial(_head, m)) for name, m in sorted(host.items())}
             result: dict[str, Any] = {"exits": exits, "host": seen}
             if on_sync is not None:
                 result["actions"] = actions
@@ -484,7 +493,9 @@ def catalogue() -> list[Behaviour]:
     from guestmem.host_probe import COMPARED_CAPS, _cap
 
     for cap in (*COMPARED_CAPS, 4096, 1000, 1 << 32, (1 << 64) - 1):  # and numbers no cap has
-        add(f"caps/system/{_cap(cap)}", "caps", lambda k, c=cap: outcome(lambda: k.check_extension(c)))
+        def on_system(k: Kvm, c: int = cap) -> Outcome:
+            return outcome(lambda: k.check_extension(c))
+        add(f"caps/system/{_cap(cap)}", "caps", on_system)
 
         def on_vm(k: Kvm, c: int = cap) -> Outcome:
             with k.create_vm() as vm:
@@ -556,13 +567,14 @@ def catalogue() -> list[Behaviour]:
 
     # mmap of a guest_memfd: flags x length x offset x MAP_SHARED/PRIVATE, with host reads.
     for flags in [0, MMAP, MMAP | SHARED]:
-        for length in MMAP_LENGTHS:
-            for offset in MMAP_OFFSETS:
+        for map_length in MMAP_LENGTHS:
+            for map_offset in MMAP_OFFSETS:
                 for shared in (True, False):
-                    if not shared and (length, offset) != (None, 0):
+                    if not shared and (map_length, map_offset) != (None, 0):
                         continue
-                    add(f"mmap/flags={flags:#x}/length={length}/offset={offset:#x}/"
-                        f"{'shared' if shared else 'private'}", "mmap", _mmap(flags, length, offset, shared))
+                    add(f"mmap/flags={flags:#x}/length={map_length}/offset={map_offset:#x}/"
+                        f"{'shared' if shared else 'private'}", "mmap",
+                        _mmap(flags, map_length, map_offset, shared))
         for what in ["write-read", "fill-read", "beyond-eof", "straddle-eof", "discard", "discard-unaligned",
                      "punch-then-read", "pin"]:
             if flags & MMAP:
@@ -570,12 +582,16 @@ def catalogue() -> list[Behaviour]:
 
     # File operations the interface has.
     for flags in [0, MMAP | SHARED]:
-        for length, offset in [(0, None), (1, None), (PS, None), (1, 0), (1, PS), (1, -1), (1, 1 << 62)]:
-            add(f"file/flags={flags:#x}/read/length={length}/offset={offset}", "file",
-                _file_op(flags, "read", (length, offset)))
-        for data, offset in [(b"", None), (b"x", None), (b"x", 0), (b"x", -1), (b"x" * PS, PS)]:
-            add(f"file/flags={flags:#x}/write/length={len(data)}/offset={offset}", "file",
-                _file_op(flags, "write", (data, offset)))
+        reads: list[tuple[int, int | None]] = [(0, None), (1, None), (PS, None), (1, 0), (1, PS), (1, -1),
+                                                (1, 1 << 62)]
+        for read_length, file_offset in reads:
+            add(f"file/flags={flags:#x}/read/length={read_length}/offset={file_offset}", "file",
+                _file_op(flags, "read", (read_length, file_offset)))
+        writes: list[tuple[bytes, int | None]] = [(b"", None), (b"x", None), (b"x", 0), (b"x", -1),
+                                                  (b"x" * PS, PS)]
+        for data, file_offset in writes:
+            add(f"file/flags={flags:#x}/write/length={len(data)}/offset={file_offset}", "file",
+                _file_op(flags, "write", (data, file_offset)))
         for size in [0, PS, SZ_2M, 2 * SZ_2M, -1]:
             add(f"file/flags={flags:#x}/truncate/size={size}", "file", _file_op(flags, "truncate", size))
         add(f"file/flags={flags:#x}/stat", "file", _file_op(flags, "stat", None))
@@ -618,10 +634,10 @@ def catalogue() -> list[Behaviour]:
         for gmem in (False, True):
             add(f"memslot/gpa={gpa:#x}/{'gmem' if gmem else 'anon'}", "memslot",
                 _memslot_geometry(1, gpa, None, SZ_2M, gmem))
-    for hva in HVAS:
+    for hva_value in HVAS:
         for gmem in (False, True):
-            add(f"memslot/hva={hva:#x}/{'gmem' if gmem else 'anon'}", "memslot",
-                _memslot_geometry(1, GIB4, hva, SZ_2M, gmem))
+            add(f"memslot/hva={hva_value:#x}/{'gmem' if gmem else 'anon'}", "memslot",
+                _memslot_geometry(1, GIB4, hva_value, SZ_2M, gmem))
     for size in [1, PS + 1, (1 << 31) * PS, ((1 << 31) - 1) * PS, 1 << 63]:
         add(f"memslot/size={size:#x}", "memslot", _memslot_geometry(1, 0, 0, size, False))
 
@@ -677,23 +693,25 @@ def catalogue() -> list[Behaviour]:
         return outcome(lambda: o["vm"].set_user_memory_region2(1, 0, G, 0, 0))
 
     for layout in ["gmem-mapped", "gmem-plain", "anon"]:
-        for name, ops, action in [
+        with_actions: list[tuple[str, list[Op], HostAction]] = [
             ("punch-then-verify",
              [Write(G, 2 * PS, 0x21), Sync(1), Verify(G, PS, 0x21), Verify(G + PS, PS, 0)], punch_page1),
             ("host-fill-then-verify", [Sync(1), Verify(G, 2 * PS, 0x99)], host_fill),
             ("slot-deleted-then-write", [Write(G, 8, 0x21), Sync(1), Write(G, 8, 0x22)], delete_slot),
-        ]:
+        ]
+        for name, ops, action in with_actions:
             if layout == "anon" and action is punch_page1:
                 continue
             add(f"guest/{layout}/{name}", "guest", _guest(layout, ops, 0, action))
-    for name, ops, device in [
+    mmio_programs: list[tuple[str, list[Op], int]] = [
         ("write-1", [Write(MMIO_GPA, 1, 0x42)], 0), ("write-19", [Write(MMIO_GPA, 19, 0x42)], 0),
         ("write-page-cross", [Write(MMIO_GPA + PS - 6, 12, 0x42)], 0),
         ("touch", [Touch(MMIO_GPA, 3 * PS, 0x42)], 0),
         ("verify-match", [Verify(MMIO_GPA, 11, 0x42)], 0x42),
         ("verify-mismatch", [Verify(MMIO_GPA, 16, 0x42)], 0x41),
         ("verify-page-cross", [Verify(MMIO_GPA + PS - 4, 9, 0x42)], 0x42),
-    ]:
+    ]
+    for name, ops, device in mmio_programs:
         add(f"guest/mmio/{name}", "guest", _guest("anon", ops, device))
     names = [b.name for b in out]
     assert len(names) == len(set(names)), "behaviour names must be unique"
@@ -754,7 +772,7 @@ def run_catalogue(kvm_factory: Callable[[], Kvm], only: str | None = None
         if only and only not in b.name:
             continue
         with kvm_factory() as kvm:
-            yield b, outcome(lambda b=b, kvm=kvm: b.run(kvm))  # a failing setup step is an outcome too
+            yield b, outcome(partial(b.run, kvm))  # a failing setup step is an outcome too
 
 
 def record(path: str = "/dev/kvm") -> dict[str, Any]:

@@ -99,7 +99,9 @@ class StringMmio:
                 if isinstance(got, Exit):
                     return got
                 self.seen[b] = got
-        return self._next()
+        first = self._next()
+        assert not isinstance(first, int), "begin() is only called where the op meets MMIO"
+        return first
 
     def complete(self, done: ExitMmio) -> Exit | int:
         """The VMM completed ``done``; the next exit, or the position the op continues from."""
