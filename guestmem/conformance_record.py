@@ -443,6 +443,8 @@ def _guest(layout: str, ops: list[Op], device_byte: int = 0,
             objects: dict[str, Any] = {}
             if layout == "anon":
                 vm.set_user_memory_region(1, 0, GIB4, SZ_2M, anon.addr)
+            elif layout == "unmapped-hva":  # a user address nothing is mapped at
+                vm.set_user_memory_region(1, 0, GIB4, SZ_2M, UNMAPPED_HVA)
             elif layout == "anon-readonly":
                 anon.fill(0, SZ_2M, 0x11)
                 vm.set_user_memory_region(1, u.KVM_MEM_READONLY, GIB4, SZ_2M, anon.addr)
@@ -480,6 +482,7 @@ def _guest(layout: str, ops: list[Op], device_byte: int = 0,
 
 
 MMIO_GPA = 0x8000_0000
+UNMAPPED_HVA = 0x7000_0000_0000  # below TASK_SIZE, far from where mmap places anything here
 
 
 def catalogue() -> list[Behaviour]:
@@ -679,8 +682,8 @@ def catalogue() -> list[Behaviour]:
          0x41),
         ("verify-straddle-memory-mismatch", [Verify(G + SZ_2M - 4, 12, 0x42)], 0x42),
     ]
-    for layout in ["anon", "anon-readonly", "gmem-mapped", "gmem-anon-hva", "gmem-zero-hva", "gmem-noshared",
-                   "gmem-plain"]:
+    for layout in ["anon", "anon-readonly", "unmapped-hva", "gmem-mapped", "gmem-anon-hva", "gmem-zero-hva",
+                   "gmem-noshared", "gmem-plain"]:
         for name, ops, device in programs:
             add(f"guest/{layout}/{name}", "guest", _guest(layout, ops, device))
     def punch_page1(o: dict[str, Any]) -> Outcome:
@@ -754,10 +757,20 @@ _EMULATOR_HVA = Departure(
 _EMULATOR_HVA_LAYOUTS = ("guest/gmem-anon-hva/", "guest/gmem-zero-hva/", "guest/gmem-noshared/")
 
 
+_UNMAPPED_HVA = Departure(
+    "this host's emulator treats a guest access whose memslot userspace_addr has nothing mapped as "
+    "MMIO (it exits to userspace); upstream's fault path cannot get a pfn for the address and "
+    "KVM_RUN fails with EFAULT",
+    "arch/x86/kvm/mmu/mmu.c:3553-3573 (kvm_handle_error_pfn: anything but a signal, a read-only "
+    "or a poisoned pfn is `return -EFAULT;`)")
+
+
 def departure_for(name: str) -> Departure | None:
     """The documented departure that explains a disagreement on ``name``, if there is one."""
     if name.startswith(_EMULATOR_HVA_LAYOUTS):
         return _EMULATOR_HVA
+    if name.startswith("guest/unmapped-hva/"):
+        return _UNMAPPED_HVA
     return None
 
 
