@@ -9,7 +9,7 @@ values read back, the exits a guest gave).  ``record`` runs the catalogue on the
 writes ``tests/conformance/host_behaviours.json`` (with the host's uname and profile);
 ``replay`` runs it on a model configured like that host (``like`` the recorded profile) and sorts
 every behaviour into *agree*, *departure* (the host differs from upstream, documented in
-:data:`DEPARTURES` with the upstream line) or *disagree*.
+:func:`departure_for` with the upstream line) or *disagree*.
 
 Run it as ``python3 -m guestmem.conformance_record record`` (needs ``/dev/kvm``) and
 ``python3 -m guestmem.conformance_record replay``.
