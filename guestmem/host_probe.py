@@ -74,6 +74,10 @@ def _read(path: str) -> str | None:
 
 
 def _phys_bits() -> int | None:
+    """The host's physical address width from ``/proc/cpuinfo``.  KVM bounds memslots by the raw
+    CPUID MAXPHYADDR (arch/x86/kvm/mmu/spte.c, kvm_get_host_maxphyaddr), which is larger than this
+    on hosts with SME or MKTME (the kernel reduces x86_phys_bits there); only a TDP host uses it
+    (kvm_mmu_max_gfn: shadow paging allows 52 bits), and the probe cannot run CPUID itself."""
     text = _read("/proc/cpuinfo") or ""
     for line in text.splitlines():
         if line.startswith("address sizes"):
