@@ -857,6 +857,9 @@ def main(argv: list[str] | None = None) -> int:
     rep = sub.add_parser("replay", help="replay the corpus on the model's twin of the recorded host")
     rep.add_argument("-i", "--input", default=DEFAULT_PATH)
     rep.add_argument("--json", action="store_true")
+    rep.add_argument("--backend", choices=("twin", "kernel"), default="twin",
+                     help="replay on the model's twin of the recorded host (default), or on /dev/kvm "
+                          "to see whether the recording still holds there")
     args = parser.parse_args(argv)
     if args.cmd == "record":
         corpus = record(args.device)
@@ -867,7 +870,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     with open(args.input) as f:
         corpus = json.load(f)
-    result = replay(corpus)
+    import guestmem
+
+    result = replay(corpus, (lambda: guestmem.open("kernel")) if args.backend == "kernel" else None)
     if args.json:
         print(json.dumps(result, indent=1))
     else:
