@@ -116,6 +116,9 @@ class KernelVcpu:
         self._finalizer = weakref.finalize(self, _close_vcpu, fd, self._run_map)
         self._run = u.kvm_run.from_buffer(self._run_map)
         self._pending_hypercall: ExitHypercall | None = None
+        # An MMIO read waiting for its data: whatever the caller put in ``data`` is what the guest
+        # reads (complete_emulated_mmio copies kvm_run.mmio.data into the instruction), as the model.
+        self._pending_mmio_read: ExitMmio | None = None
         self._has_run = False
         self.program: Program | None = None
         self.compiled: x86.CompiledProgram | None = None
@@ -173,6 +176,7 @@ class KernelVcpu:
         self.set_regs(regs)
         self.program, self.compiled = program, compiled
         self._pending_hypercall = None
+        self._pending_mmio_read = None
 
     def _complete_pending(self) -> None:
         """Let KVM finish an exit that needs completion (port/MMIO input, a hypercall's return)
@@ -202,6 +206,9 @@ class KernelVcpu:
         if self._pending_hypercall is not None:
             run.u.hypercall.ret = self._pending_hypercall.ret & ((1 << 64) - 1)
             self._pending_hypercall = None
+        if self._pending_mmio_read is not None:
+            ex, self._pending_mmio_read = self._pending_mmio_read, None
+            run.u.mmio.data[:] = list(bytes(ex.data[: ex.len]).ljust(8, b"\0")[:8])
         self._has_run = True
         while True:
             run.immediate_exit = 0
@@ -229,6 +236,8 @@ class KernelVcpu:
         ex = decode_exit(self._run, self._run_map, self._doorbell)
         if isinstance(ex, ExitHypercall):
             self._pending_hypercall = ex
+        elif isinstance(ex, ExitMmio) and not ex.is_write:
+            self._pending_mmio_read = ex
         return ex
 
     def _doorbell(self, port: int) -> Exit:

@@ -24,6 +24,7 @@ import pytest
 
 import guestmem.uapi as u
 from guestmem.api import Kvm, Mapping, Vm
+from guestmem.releases import rules_of
 
 from .support import (
     MEM_REGION_GPA,
@@ -159,8 +160,9 @@ def test_add_overlapping_private_memory_regions(backend: Kvm, vm_type: int) -> N
 
     Upstream calls these "overlapping guest_memfd bindings", but the file ranges [0, 2S) and
     [2S, 4S) are disjoint: the EEXIST comes from the GPA overlap with B, checked before the bind.
-    Extra: a binding that overlaps B only in the *file* (disjoint GPAs) is EINVAL (kvm_gmem_bind),
-    and after all that, A can be recreated where it was.
+    Extra: a binding that overlaps B only in the *file* (disjoint GPAs) is refused by kvm_gmem_bind
+    (EINVAL through 6.18, EEXIST from 7.2: guestmem.releases), and after all that, A can be
+    recreated where it was.
     """
     S, G = MEM_REGION_SIZE, MEM_REGION_GPA
     with gmem_slot_vm(backend, vm_type) as vm:
@@ -183,7 +185,7 @@ def test_add_overlapping_private_memory_regions(backend: Kvm, vm_type: int) -> N
                                        guest_memfd=gmem, guest_memfd_offset=0)
         check(vm)
 
-        with raises_errno(errno.EINVAL):  # disjoint GPAs, file range overlapping B's [2S, 4S)
+        with raises_errno(rules_of(backend).bind_overlap_errno):  # disjoint GPAs, file overlaps B
             vm.set_user_memory_region2(MEM_REGION_SLOT, GMEM, G * 3, S * 2, 0,
                                        guest_memfd=gmem, guest_memfd_offset=S)
         check(vm)
@@ -229,7 +231,8 @@ def test_bind_bad_fd_and_range(backend: Kvm, vm_type: int) -> None:
 
 @pytest.mark.parametrize("vm_type", GMEM_VM_TYPES)
 def test_bound_file_range_is_exclusive_until_deleted(backend: Kvm, vm_type: int) -> None:
-    """Two slots may not bind overlapping ranges of one file (EINVAL, even a single shared page);
+    """Two slots may not bind overlapping ranges of one file (even a single shared page: EINVAL
+    through 6.18, EEXIST from 7.2);
     disjoint ranges are fine; deleting a slot releases its range for another slot."""
     S = MEM_REGION_SIZE
     G = MEM_REGION_GPA
@@ -237,13 +240,14 @@ def test_bound_file_range_is_exclusive_until_deleted(backend: Kvm, vm_type: int)
         gmem = vm.create_guest_memfd(S * 2, 0)
         vm.set_user_memory_region2(10, GMEM, G, S, 0, guest_memfd=gmem, guest_memfd_offset=0)
         check(vm)
+        overlap = rules_of(backend).bind_overlap_errno
         for offset in (0, PAGE, S - PAGE):
-            with raises_errno(errno.EINVAL):
+            with raises_errno(overlap):
                 vm.set_user_memory_region2(11, GMEM, G * 2, S, 0, guest_memfd=gmem, guest_memfd_offset=offset)
             check(vm)
         vm.set_user_memory_region2(11, GMEM, G * 2, S, 0, guest_memfd=gmem, guest_memfd_offset=S)
         check(vm)
-        with raises_errno(errno.EINVAL):
+        with raises_errno(overlap):
             vm.set_user_memory_region2(12, GMEM, G * 3, PAGE, 0, guest_memfd=gmem, guest_memfd_offset=S)
         check(vm)
         vm.set_user_memory_region2(10, 0, G, 0, 0)  # delete: releases [0, S)
@@ -270,7 +274,7 @@ def test_gmem_memslot_can_only_be_deleted(backend: Kvm, vm_type: int) -> None:
                 vm.set_user_memory_region2(10, flags, gpa, S, 0, guest_memfd=gmem, guest_memfd_offset=0)
             check(vm)
         # Still bound: the same file range can't be bound elsewhere.
-        with raises_errno(errno.EINVAL):
+        with raises_errno(rules_of(backend).bind_overlap_errno):
             vm.set_user_memory_region2(11, GMEM, G * 2, S, 0, guest_memfd=gmem, guest_memfd_offset=0)
         with raises_errno(errno.EINVAL):
             vm.set_user_memory_region2(10, 0xFF, G, 0, 0)

@@ -69,7 +69,7 @@ class ModelKvm:
     def create_vm(self, vm_type: int = u.KVM_X86_DEFAULT_VM) -> ModelVm:
         vm_type = u64(vm_type, "vm_type")
         self._check_open("KVM_CREATE_VM")
-        if vm_type not in self.options.vm_types or vm_type not in FLAVOURS:
+        if vm_type not in self.options.built_vm_types or vm_type not in FLAVOURS:
             raise KvmError(errno.EINVAL, "KVM_CREATE_VM", f"VM type {vm_type} not supported")
         vm = ModelVm(self, vm_type)
         self.vms.add(vm)
@@ -113,11 +113,12 @@ class ModelKvm:
         flags = u.GUEST_MEMFD_FLAG_MMAP
         if vm is None or not vm.has_private_mem or self.options.gmem_attributes:
             flags |= u.GUEST_MEMFD_FLAG_INIT_SHARED
-        return flags
+        return flags & self.options.release.gmem_flags
 
     def cap_value(self, cap: int, vm: ModelVm | None) -> int:
         o = self.options
         private = vm is None or vm.has_private_mem
+        release = o.release
         table = {
             u.KVM_CAP_USER_MEMORY: 1,
             u.KVM_CAP_SYNC_MMU: 1,
@@ -127,14 +128,16 @@ class ModelKvm:
             u.KVM_CAP_NR_MEMSLOTS: u.KVM_USER_MEM_SLOTS,
             u.KVM_CAP_NR_VCPUS: min(os.cpu_count() or 1, o.max_vcpus),
             u.KVM_CAP_MAX_VCPUS: o.max_vcpus,
+            128: 4 * o.max_vcpus,  # KVM_CAP_MAX_VCPU_ID: KVM_MAX_VCPU_IDS (x86: 4 x KVM_MAX_VCPUS)
             u.KVM_CAP_READONLY_MEM: 1 if vm is None else int(not vm.arch.has_protected_state),
             u.KVM_CAP_MULTI_ADDRESS_SPACE: 0 if not o.smm else (2 if vm is None else vm.nr_as),
             u.KVM_CAP_EXIT_HYPERCALL: KVM_EXIT_HYPERCALL_VALID_MASK,
-            u.KVM_CAP_GUEST_MEMFD: 1,
+            u.KVM_CAP_GUEST_MEMFD: int(release.gmem_any_vm or private),
+            # 6.8 has no KVM_CAP_GUEST_MEMFD_FLAGS (its guest_memfd has no flags): 0 either way.
             u.KVM_CAP_GUEST_MEMFD_FLAGS: self.gmem_supported_flags(vm),
-            u.KVM_CAP_VM_TYPES: sum(1 << t for t in o.vm_types if t in FLAVOURS),
-            u.KVM_CAP_PRE_FAULT_MEMORY: int(o.tdp_mmu),
-            u.KVM_CAP_MEMORY_ATTRIBUTES: 0 if o.gmem_attributes else (
+            u.KVM_CAP_VM_TYPES: sum(1 << t for t in o.built_vm_types if t in FLAVOURS),
+            u.KVM_CAP_PRE_FAULT_MEMORY: int(o.tdp_mmu and release.pre_fault_ioctl),
+            u.KVM_CAP_MEMORY_ATTRIBUTES: 0 if o.gmem_attributes or not o.memory_attributes else (
                 u.KVM_MEMORY_ATTRIBUTE_PRIVATE if private else 0),
         }
         if cap in table:
