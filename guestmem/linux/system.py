@@ -109,6 +109,12 @@ class KernelKvm:
         cpuid = self.supported_cpuid()
         return cpu_vendor(cpuid) if cpuid is not None else ""
 
+    def ioctl(self, request: int, arg: bytes | int = 0) -> tuple[int, bytes]:
+        """The raw escape hatch (:mod:`guestmem.linux.fileops`)."""
+        from guestmem.linux.fileops import system_ioctl
+
+        return system_ioctl(self, request, arg)
+
     # -- lifetime -----------------------------------------------------------------------------------
     def close(self) -> None:
         """Close ``/dev/kvm`` (VMs created from it stay usable: their fds are independent)."""

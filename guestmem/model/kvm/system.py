@@ -93,7 +93,14 @@ class ModelKvm:
         self.register_file(f)
         f.on_release = lambda: self.unregister_file(f)  # type: ignore[method-assign]
         f.install()
+        self.process.fd_cloexec.add(f.fd)  # as the kernel backend's memfd_create(MFD_CLOEXEC)
         return f
+
+    def ioctl(self, request: int, arg: bytes | int = 0) -> tuple[int, bytes]:
+        """The raw escape hatch (:mod:`guestmem.model.kvm.rawioctl`)."""
+        from guestmem.model.kvm.rawioctl import system_ioctl
+
+        return system_ioctl(self, request, arg)
 
     def close(self) -> None:
         if not self.closed:

@@ -1,0 +1,427 @@
+"""The ordinary file system calls on the model's guest_memfd and memfd files.
+
+A guest_memfd and a memfd are ordinary kernel files, so userspace (and selftests) use ``fcntl``,
+``lseek``, ``dup``, ``fstat``, ``fstatfs``, ``fsync``, ``fchmod``, ``sendfile``, ``read``/``write``
+and the generic VFS ioctls on them.  :class:`ModelFileOps` gives both model classes those calls,
+answering as Linux 6.18 (this host) does, checked by asking it (``tests/conformance/test_file_ops.py``):
+
+* guest_memfd (``kvm_gmem_fops``: only mmap, open, release, fallocate; an anonymous inode,
+  ``S_IFREG|0600``, of the anon-inode filesystem): no ``llseek`` (ESPIPE), no ``fsync`` (EINVAL),
+  ``setattr`` refuses everything (EINVAL), no sealing (EINVAL), no splice (sendfile EINVAL, or
+  ESPIPE with an offset), nothing accounted in ``st_blocks``, and ``O_DIRECT`` cannot be set;
+* memfd (shmem, opened by ``memfd_create`` with ``FMODE_LSEEK|PREAD|PWRITE``, ``O_LARGEFILE``):
+  seekable with ``SEEK_DATA``/``SEEK_HOLE`` over up-to-date pages, readable and writable (a write
+  grows the file), ``st_blocks`` counts its pages, ``fsync`` does nothing and succeeds, its mode
+  can change, and sealing is refused (``F_SEAL_SEAL`` is set: ``memfd_create`` without
+  ``MFD_ALLOW_SEALING``).  ``memfd_create`` does not set ``FMODE_CAN_ODIRECT``, so ``F_SETFL``
+  with ``O_DIRECT`` is EINVAL here too.
+
+State lives where the kernel keeps it: the open file description (``f_flags``, ``f_pos``) in the
+file object's attributes, which a :meth:`dup` shares; the close-on-exec flag per fd in the
+process (``Process.fd_cloexec``); the mode and inode number with the inode.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+from typing import Any
+
+from guestmem import fileabi as fa
+from guestmem import uapi as u
+from guestmem.api import FileStat, FsStat
+from guestmem.args import as_bytes, s64, u32, u64
+from guestmem.errors import KvmError
+
+PS = u.PAGE_SIZE
+_memfd_inodes = itertools.count(0x10000)
+
+# Generic VFS ioctls the kernel has that the model does not implement (fs/ioctl.c's switch and,
+# for a regular non-anonymous file such as a memfd, file_ioctl's).
+VFS_UNMODELLED = frozenset({
+    0xC0045877, 0xC0045878,  # FIFREEZE, FITHAW
+    0xC020660B,  # FS_IOC_FIEMAP
+    0x40049409, 0x4020940D, 0xC0189436,  # FICLONE, FICLONERANGE, FIDEDUPERANGE
+    0x80086601, 0x40086602,  # FS_IOC_GETFLAGS, FS_IOC_SETFLAGS
+    0x801C581F, 0x401C5820,  # FS_IOC_FSGETXATTR, FS_IOC_FSSETXATTR
+    0x80111500, 0x80811501,  # FS_IOC_GETFSUUID, FS_IOC_GETFSSYSFSPATH
+})
+FILE_IOCTL_UNMODELLED = frozenset({
+    1,  # FIBMAP
+    0x40305828, 0x40305829, 0x4030582A, 0x4030582B, 0x40305839,  # FS_IOC_(UN)RESVSP(64), ZERO_RANGE
+})
+
+
+def vfs_ioctl_common(obj: Any, fd: int, request: int, arg: int | bytearray, regular: bool) -> int | None:
+    """``do_vfs_ioctl``'s part every fd shares (close-on-exec, non-blocking, async, block size),
+    for any model object; None if ``request`` is not one of them.  ``regular`` says whether the
+    file is a regular, non-anonymous one (a memfd), for which the VFS answers more."""
+    proc = obj.owner_process if hasattr(obj, "owner_process") else None
+    if request in (fa.FIOCLEX, fa.FIONCLEX):
+        if proc is not None:
+            (proc.fd_cloexec.add if request == fa.FIOCLEX else proc.fd_cloexec.discard)(fd)
+        return 0
+    if request in (fa.FIONBIO, fa.FIOASYNC, fa.FIGETBSZ):
+        if not isinstance(arg, bytearray):  # NULL: get_user/put_user fault
+            raise KvmError(errno.EFAULT, "ioctl", "NULL argument")
+        if request == fa.FIGETBSZ:
+            arg[0:4] = PS.to_bytes(4, "little")
+            return 0
+        on = int.from_bytes(arg[0:4], "little", signed=True)
+        if request == fa.FIONBIO:
+            if isinstance(obj, ModelFileOps):
+                flags = obj._f_flags()
+                obj.__dict__["_fops_f_flags"] = flags | fa.O_NONBLOCK if on else flags & ~fa.O_NONBLOCK
+            return 0
+        if on:  # FIOASYNC: none of these files has ->fasync
+            raise KvmError(errno.ENOTTY, "ioctl(FIOASYNC)", "the file has no fasync")
+        return 0
+    if request in VFS_UNMODELLED or (regular and request in FILE_IOCTL_UNMODELLED):
+        raise NotImplementedError(f"the model does not implement VFS ioctl {request:#x}")
+    return None
+
+
+class ModelFileOps:
+    """The file system calls of a model file object (``GmemFile`` or a memfd ``ShmemBacking``).
+
+    The class it is mixed into is an :class:`~guestmem.model.process.OpenFile` with ``kind``
+    ``"guest_memfd"`` or ``"memfd"``.
+    """
+
+    kind: str
+    fd: int
+
+    # --- helpers ----------------------------------------------------------------------------------
+    @property
+    def _is_gmem(self) -> bool:
+        return self.kind == "guest_memfd"
+
+    def _fops_open(self, op: str) -> None:
+        """``fdget``: a closed fd is EBADF (deferred releases run first, as on every entry)."""
+        proc = self.owner_process  # type: ignore[attr-defined]
+        proc.run_deferred()
+        if self.fd < 0:
+            raise KvmError(errno.EBADF, op, "file is closed")
+
+    def _f_flags(self) -> int:
+        return int(self.__dict__.get("_fops_f_flags", fa.O_RDWR | fa.O_LARGEFILE))
+
+    def _f_pos(self) -> int:
+        return int(self.__dict__.get("_fops_f_pos", 0))
+
+    def _set_pos(self, pos: int) -> None:
+        self.__dict__["_fops_f_pos"] = pos
+
+    def _i_size(self) -> int:
+        return int(self.inode.size if self._is_gmem else self.size)  # type: ignore[attr-defined]
+
+    def _i_mode(self) -> int:
+        if self._is_gmem:
+            return fa.S_IFREG | 0o600
+        return int(self.__dict__.get("_fops_i_mode", fa.S_IFREG | 0o777))
+
+    def _i_ino(self) -> int:
+        if self._is_gmem:
+            return int(self.inode.ino)  # type: ignore[attr-defined]
+        if "_fops_i_ino" not in self.__dict__:
+            self.__dict__["_fops_i_ino"] = next(_memfd_inodes)
+        return int(self.__dict__["_fops_i_ino"])
+
+    def _i_blocks(self) -> int:
+        """512-byte blocks accounted to the inode: shmem charges every page it holds (allocated or
+        fallocated); guest_memfd charges none."""
+        if self._is_gmem:
+            return 0
+        return int(self.cache.nr_pages) * (PS // 512)  # type: ignore[attr-defined]
+
+    # --- fcntl ------------------------------------------------------------------------------------
+    def fcntl(self, cmd: int, arg: int = 0) -> int:
+        cmd, arg = u32(cmd, "cmd"), u64(arg, "arg")
+        if cmd in fa.FCNTL_NEW_FD:
+            raise ValueError("fcntl(F_DUPFD*) makes an fd with no object to hold it: use dup()")
+        self._fops_open("fcntl")
+        argi = arg & 0xFFFF_FFFF
+        proc = self.owner_process  # type: ignore[attr-defined]
+        if cmd == fa.F_GETFD:
+            return fa.FD_CLOEXEC if self.fd in proc.fd_cloexec else 0
+        if cmd == fa.F_SETFD:
+            (proc.fd_cloexec.add if argi & fa.FD_CLOEXEC else proc.fd_cloexec.discard)(self.fd)
+            return 0
+        if cmd == fa.F_GETFL:
+            return self._f_flags()
+        if cmd == fa.F_SETFL:
+            self._setfl(argi)
+            return 0
+        if cmd in (fa.F_ADD_SEALS, fa.F_GET_SEALS):
+            return self._seals(cmd, argi)
+        if cmd in fa.FCNTL_UNMODELLED:
+            raise NotImplementedError(f"the model does not implement fcntl command {cmd}")
+        raise KvmError(errno.EINVAL, "fcntl", f"unknown command {cmd}")
+
+    def _setfl(self, arg: int) -> None:
+        """``setfl``: O_DIRECT needs ``FMODE_CAN_ODIRECT`` (neither file has it), FASYNC needs a
+        ``->fasync`` (neither has one: the bit is dropped), the rest of SETFL_MASK is taken."""
+        if arg & fa.O_DIRECT:
+            raise KvmError(errno.EINVAL, "fcntl(F_SETFL)", "O_DIRECT is not supported by this file")
+        flags = self._f_flags()
+        self.__dict__["_fops_f_flags"] = (arg & fa.SETFL_MASK) | (flags & ~fa.SETFL_MASK)
+
+    def _seals(self, cmd: int, arg: int) -> int:
+        """``memfd_fcntl``: a guest_memfd has no seals at all (EINVAL); this memfd was made without
+        ``MFD_ALLOW_SEALING``, so it carries ``F_SEAL_SEAL`` and refuses more (EPERM)."""
+        op = "fcntl(F_ADD_SEALS)" if cmd == fa.F_ADD_SEALS else "fcntl(F_GET_SEALS)"
+        if cmd == fa.F_ADD_SEALS and arg & ~fa.F_ALL_SEALS:
+            raise KvmError(errno.EINVAL, op, f"unknown seals {arg:#x}")
+        if self._is_gmem:
+            raise KvmError(errno.EINVAL, op, "guest_memfd is not a sealable (shmem/hugetlbfs) file")
+        if cmd == fa.F_GET_SEALS:
+            return fa.F_SEAL_SEAL
+        raise KvmError(errno.EPERM, op, "F_SEAL_SEAL is set (memfd made without MFD_ALLOW_SEALING)")
+
+    # --- lseek ------------------------------------------------------------------------------------
+    def lseek(self, offset: int, whence: int) -> int:
+        offset, whence = s64(offset, "offset"), u32(whence, "whence")
+        self._fops_open("lseek")
+        if whence > fa.SEEK_MAX:
+            raise KvmError(errno.EINVAL, "lseek", f"bad whence {whence}")
+        if self._is_gmem:
+            raise KvmError(errno.ESPIPE, "lseek", "guest_memfd has no llseek")
+        size = self._i_size()
+        if whence in (fa.SEEK_DATA, fa.SEEK_HOLE):
+            if offset < 0 or offset >= size:
+                raise KvmError(errno.ENXIO, "lseek", "offset outside the file")
+            pos = self._seek_data_hole(offset, size, whence == fa.SEEK_DATA)
+        else:
+            if whence == fa.SEEK_END:
+                pos = offset + size
+            elif whence == fa.SEEK_CUR:
+                if offset == 0:
+                    return self._f_pos()
+                pos = offset + self._f_pos()
+            else:
+                pos = offset
+            if pos < 0 or pos > fa.MAX_LFS_FILESIZE:
+                raise KvmError(errno.EINVAL, "lseek", "resulting offset out of range")
+        self._set_pos(pos)
+        return pos
+
+    def _seek_data_hole(self, offset: int, size: int, data: bool) -> int:
+        """``mapping_seek_hole_data``: up-to-date pages are data, everything else (absent or only
+        fallocated) is a hole; the end of the file is a hole."""
+        cache = self.cache  # type: ignore[attr-defined]
+        first, last = offset // PS, (size + PS - 1) // PS
+        for s, e in cache.uptodate(first, last):
+            if data:
+                return max(offset, s * PS)
+            if s * PS > offset:
+                return offset
+            return min(e * PS, size) if e * PS > offset else offset
+        if data:
+            raise KvmError(errno.ENXIO, "lseek", "no data at or after the offset")
+        return offset
+
+    # --- dup --------------------------------------------------------------------------------------
+    def dup(self) -> Any:
+        """``dup(2)``: a new fd on the same open file: the returned object shares the offset, the
+        flags and every other state of this one; the file lives until both are closed."""
+        self._fops_open("dup")
+        return make_dup(self)
+
+    # --- fstat / fstatfs --------------------------------------------------------------------------
+    def fstat(self) -> FileStat:
+        self._fops_open("fstat")
+        return FileStat(st_mode=self._i_mode(), st_size=self._i_size(), st_blocks=self._i_blocks(),
+                        st_blksize=PS, st_nlink=1 if self._is_gmem else 0, st_ino=self._i_ino())
+
+    def fstatfs(self) -> FsStat:
+        self._fops_open("fstatfs")
+        magic = fa.ANON_INODE_FS_MAGIC if self._is_gmem else fa.TMPFS_MAGIC
+        return FsStat(f_type=magic, f_bsize=PS, f_blocks=0, f_namelen=255, f_frsize=PS,
+                      f_flags=fa.ST_VALID)
+
+    # --- fsync / fchmod ---------------------------------------------------------------------------
+    def fsync(self) -> None:
+        self._fops_open("fsync")
+        if self._is_gmem:
+            raise KvmError(errno.EINVAL, "fsync", "guest_memfd has no fsync")
+
+    def fdatasync(self) -> None:
+        self._fops_open("fdatasync")
+        if self._is_gmem:
+            raise KvmError(errno.EINVAL, "fdatasync", "guest_memfd has no fsync")
+
+    def fchmod(self, mode: int) -> None:
+        mode = u32(mode, "mode")
+        self._fops_open("fchmod")
+        if self._is_gmem:
+            raise KvmError(errno.EINVAL, "fchmod", "kvm_gmem_setattr refuses every change")
+        self.__dict__["_fops_i_mode"] = (mode & fa.S_IALLUGO) | (self._i_mode() & ~fa.S_IALLUGO)
+
+    # --- sendfile ---------------------------------------------------------------------------------
+    def sendfile(self, in_file: Any, offset: int | None, count: int) -> int:
+        """``sendfile(self.fd, in_file.fd, offset, count)`` (``do_sendfile``), in its order of checks."""
+        count = u64(count, "count")
+        if offset is not None:
+            offset = s64(offset, "offset")
+        src = resolve_file(self.owner_process, in_file)  # type: ignore[attr-defined]
+        op = "sendfile"
+        if src is None:
+            raise KvmError(errno.EBADF, op, "in_fd is not open")
+        pos = src._f_pos() if offset is None else offset
+        if offset is not None and src._is_gmem:
+            raise KvmError(errno.ESPIPE, op, "in_fd cannot pread (guest_memfd)")
+        verify_rw_area(op, pos, count)
+        count = min(count, fa.MAX_RW_COUNT)
+        self._fops_open(op)
+        if pos + count > fa.MAX_LFS_FILESIZE:  # both filesystems' s_maxbytes
+            if pos >= fa.MAX_LFS_FILESIZE:
+                raise KvmError(errno.EOVERFLOW, op, "offset at the maximum file size")
+            count = fa.MAX_LFS_FILESIZE - pos
+        out_pos = self._f_pos()
+        verify_rw_area(op, out_pos, count)
+        if self._f_flags() & fa.O_APPEND:
+            raise KvmError(errno.EINVAL, op, "out_fd is O_APPEND")
+        if src._is_gmem:
+            raise KvmError(errno.EINVAL, op, "in_fd cannot splice (guest_memfd is not seekable)")
+        if count == 0:
+            return 0
+        data = src._read_at(pos, count)
+        if not data:
+            return 0
+        if self._is_gmem:
+            raise KvmError(errno.EINVAL, op, "out_fd has no splice_write (guest_memfd)")
+        n = self._write_at(out_pos, data)
+        self._set_pos(out_pos + n)
+        if offset is None:
+            src._set_pos(pos + n)
+        return n
+
+    # --- read/write on a memfd (guest_memfd overrides them) ---------------------------------------
+    def read(self, length: int, offset: int | None = None) -> bytes:
+        op = "read" if offset is None else "pread"
+        length = u64(length, "length")
+        if offset is not None and s64(offset, "offset") < 0:
+            raise KvmError(errno.EINVAL, op, "negative offset")  # ksys_pread64, before the fd
+        self._fops_open(op)
+        pos = self._f_pos() if offset is None else s64(offset, "offset")
+        length = min(length, fa.MAX_RW_COUNT)  # what a buffer could hold: the backends clamp alike
+        verify_rw_area(op, pos, length)
+        data = self._read_at(pos, length)
+        if offset is None:
+            self._set_pos(pos + len(data))
+        return data
+
+    def write(self, data: Any, offset: int | None = None) -> int:
+        op = "write" if offset is None else "pwrite"
+        buf = as_bytes(data, "data")
+        if offset is not None and s64(offset, "offset") < 0:
+            raise KvmError(errno.EINVAL, op, "negative offset")
+        self._fops_open(op)
+        count = len(buf)
+        pos = self._f_pos() if offset is None else s64(offset, "offset")
+        verify_rw_area(op, pos, count)
+        count = min(count, fa.MAX_RW_COUNT)
+        if self._f_flags() & fa.O_APPEND:
+            pos = self._i_size()  # even pwrite appends on an O_APPEND file (Linux)
+        if count == 0:
+            return 0
+        if pos >= fa.MAX_LFS_FILESIZE:
+            raise KvmError(errno.EFBIG, op, "offset at the maximum file size")
+        count = min(count, fa.MAX_LFS_FILESIZE - pos)
+        n = self._write_at(pos, bytes(buf[:count]))
+        if offset is None:
+            self._set_pos(pos + n)
+        return n
+
+    def _read_at(self, pos: int, count: int) -> bytes:
+        """shmem_file_read_iter: up to EOF; holes and not-up-to-date pages read as zeros."""
+        size = self._i_size()
+        if pos >= size or count == 0:
+            return b""
+        return bytes(self.cache.read(pos, min(count, size - pos)))  # type: ignore[attr-defined]
+
+    def _write_at(self, pos: int, data: bytes) -> int:
+        """shmem_file_write_iter at ``pos``: allocates the pages, marks them up to date, and grows
+        ``i_size`` to cover what was written."""
+        end = pos + len(data)
+        if end > self.size:  # type: ignore[attr-defined]
+            self.size = end  # type: ignore[attr-defined]
+        self.cache.write(pos, data, order=self.folio_order,  # type: ignore[attr-defined]
+                         limit=(end + PS - 1) // PS)
+        return len(data)
+
+    # --- the generic ioctls (the raw escape hatch's file part) ------------------------------------
+    def ioctl(self, request: int, arg: bytes | int = 0) -> tuple[int, bytes]:
+        from guestmem.model.kvm.rawioctl import file_ioctl
+
+        return file_ioctl(self, request, arg)
+
+
+def verify_rw_area(op: str, pos: int, count: int) -> None:
+    """``rw_verify_area``: a count that is negative as ``ssize_t``, a negative position, or one the
+    count would carry past ``LLONG_MAX`` is EINVAL (these files have no FMODE_UNSIGNED_OFFSET)."""
+    if count >= 1 << 63 or pos < 0 or pos + count >= 1 << 63:
+        raise KvmError(errno.EINVAL, op, "bad position or count")
+
+
+def resolve_file(process: Any, obj: Any) -> ModelFileOps | None:
+    """The open model file behind ``obj`` (a file object of this interface, or an fd number), or
+    None where the kernel's ``fdget`` would find nothing.  Anything else is a TypeError."""
+    if isinstance(obj, ModelFileOps):
+        return obj if obj.fd >= 0 else None
+    if isinstance(obj, bool) or not isinstance(obj, int):
+        raise TypeError(f"in_file must be a GuestMemfd, HostFile or fd, not {type(obj).__name__}")
+    fd = s64(obj, "in_file")
+    found = process.fget(fd) if 0 <= fd < 1 << 31 else None
+    if found is None:
+        return None
+    if not isinstance(found, ModelFileOps):
+        raise NotImplementedError(f"sendfile from fd {fd} ({type(found).__name__}) is not modelled")
+    return found
+
+
+# --- dup: a second fd on the same struct file ----------------------------------------------------------
+_dup_classes: dict[type, type] = {}
+
+
+def _dup_close(self: Any) -> None:
+    fd = self._dup_fd
+    if fd >= 0:
+        self._dup_fd = -1
+        proc = self._dup_of.owner_process
+        proc.close_fd(fd)
+        proc.fd_cloexec.discard(fd)
+        self._dup_of.put_file()
+
+
+def _dup_class(cls: type) -> type:
+    """A subclass of ``cls`` whose instances share a file's state but have their own fd number
+    (kept in a slot, outside the shared ``__dict__``)."""
+    if cls not in _dup_classes:
+        def get_fd(self: Any) -> int:
+            return int(self._dup_fd)
+
+        def set_fd(self: Any, value: int) -> None:
+            self._dup_fd = value
+
+        ns = {"__slots__": ("_dup_fd", "_dup_of"), "fd": property(get_fd, set_fd), "close": _dup_close,
+              "__doc__": f"A dup(2) of a {cls.__name__}: its own fd, everything else shared."}
+        _dup_classes[cls] = type(cls.__name__, (cls,), ns)
+    return _dup_classes[cls]
+
+
+def make_dup(file: Any) -> Any:
+    """Install ``file``'s struct file at a new fd (close-on-exec clear, as ``dup`` gives) and return
+    an object of the same class for it.  The fd table maps the new fd to the original file, so every
+    ``fget`` (e.g. binding a memslot by fd) finds the one struct file."""
+    orig = getattr(file, "_dup_of", file)
+    proc = orig.owner_process
+    fd = proc.install(orig)
+    proc.fd_cloexec.discard(fd)
+    orig.get_file()
+    cls = _dup_class(type(orig))
+    view = cls.__new__(cls)
+    view.__dict__ = orig.__dict__
+    view._dup_of = orig
+    view._dup_fd = fd
+    return view
