@@ -344,6 +344,13 @@ class HostFile(Protocol):
         close-on-exec clear); the file lives until every fd and mapping is gone."""
         ...
 
+    def reopen(self, flags: int) -> HostFile:
+        """``open("/proc/self/fd/N", flags)``: a new open file description (own offset and flags) of
+        the same inode.  A memfd opened this way can do O_DIRECT (``shmem_file_open`` sets
+        FMODE_CAN_ODIRECT; tmpfs asks no alignment); a guest_memfd cannot be opened (ENXIO).  Flags:
+        an access mode, O_DIRECT, O_APPEND, O_NONBLOCK, O_NOATIME, O_CLOEXEC (ValueError else)."""
+        ...
+
     def fstat(self) -> FileStat:
         """``fstat(2)`` (mode, size, 512-byte blocks allocated, block size, links, inode)."""
         ...
@@ -465,6 +472,13 @@ class GuestMemfd(Protocol):
     def dup(self) -> GuestMemfd:
         """``dup(2)``: another object, another fd, the same open file (offset and flags shared;
         close-on-exec clear); the file lives until every fd and mapping is gone."""
+        ...
+
+    def reopen(self, flags: int) -> GuestMemfd:
+        """``open("/proc/self/fd/N", flags)``: a new open file description (own offset and flags) of
+        the same inode.  A memfd opened this way can do O_DIRECT (``shmem_file_open`` sets
+        FMODE_CAN_ODIRECT; tmpfs asks no alignment); a guest_memfd cannot be opened (ENXIO).  Flags:
+        an access mode, O_DIRECT, O_APPEND, O_NONBLOCK, O_NOATIME, O_CLOEXEC (ValueError else)."""
         ...
 
     def fstat(self) -> FileStat:

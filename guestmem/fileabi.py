@@ -23,6 +23,8 @@ FASYNC: Final = 0o20000
 O_DIRECT: Final = 0o40000
 O_LARGEFILE: Final = 0o100000
 O_NOATIME: Final = 0o1000000
+O_CLOEXEC: Final = 0o2000000
+REOPEN_FLAGS: Final = 3 | O_APPEND | O_NONBLOCK | O_DIRECT | O_LARGEFILE | O_NOATIME | O_CLOEXEC
 SETFL_MASK: Final = O_APPEND | O_NONBLOCK | O_DIRECT | O_NOATIME  # O_NDELAY is O_NONBLOCK on x86
 
 # --- fcntl commands ------------------------------------------------------------------------------------
@@ -77,6 +79,17 @@ FIGETBSZ: Final = 0x0002  # _IO(0x00, 2), though it writes an int through the po
 # The legacy numbers carry no size in their encoding; this is what each reads or writes.
 LEGACY_ARG_SIZE: Final = {FIONREAD: 4, FIONBIO: 4, FIOASYNC: 4, FIOQSIZE: 8, FIGETBSZ: 4,
                           FIONCLEX: 0, FIOCLEX: 0}
+
+
+def check_reopen_flags(flags: object) -> int:
+    """The open(2) flags :meth:`reopen` takes (an access mode, O_DIRECT, O_APPEND, O_NONBLOCK,
+    O_NOATIME, O_CLOEXEC, O_LARGEFILE); anything else (O_CREAT, O_TRUNC, O_PATH, ...) is a
+    ValueError on both backends."""
+    value = u32(flags, "flags")
+    if value & ~REOPEN_FLAGS:
+        raise ValueError(f"reopen takes {REOPEN_FLAGS:#o} only, not {value:#o}")
+    return value
+
 
 
 def _ioc_bits(request: int) -> tuple[int, int, int, int]:

@@ -34,6 +34,7 @@ _ioctl.restype = ctypes.c_int
 
 # x86-64 system call numbers.
 SYS_IOCTL, SYS_SENDFILE, SYS_DUP, SYS_LSEEK = 16, 40, 32, 8
+SYS_OPENAT, AT_FDCWD = 257, -100
 SYS_FCNTL, SYS_FSYNC, SYS_FDATASYNC, SYS_FCHMOD, SYS_FSTATFS = 72, 74, 75, 91, 138
 
 
@@ -79,6 +80,16 @@ class KernelFileOps:
     def dup(self) -> Any:
         """``dup(2)``: a second object on the same open file (offset and flags shared)."""
         fd = _call("dup", SYS_DUP, self._sysfd())
+        other = copy.copy(self)
+        other.fd = fd
+        other._finalizer = weakref.finalize(other, _close_quiet, fd)
+        return other
+
+    def reopen(self, flags: int) -> Any:
+        """``open("/proc/self/fd/N", flags)``: a new open file description of the same inode."""
+        flags = fa.check_reopen_flags(flags)
+        path = ctypes.create_string_buffer(f"/proc/self/fd/{self._sysfd()}".encode())
+        fd = _call("open", SYS_OPENAT, AT_FDCWD, ctypes.c_void_p(ctypes.addressof(path)), flags, 0)
         other = copy.copy(self)
         other.fd = fd
         other._finalizer = weakref.finalize(other, _close_quiet, fd)

@@ -71,7 +71,7 @@ def vfs_ioctl_common(obj: Any, fd: int, request: int, arg: int | bytearray, regu
         if request == fa.FIONBIO:
             if isinstance(obj, ModelFileOps):
                 flags = obj._f_flags()
-                obj.__dict__["_fops_f_flags"] = flags | fa.O_NONBLOCK if on else flags & ~fa.O_NONBLOCK
+                obj._desc()["f_flags"] = flags | fa.O_NONBLOCK if on else flags & ~fa.O_NONBLOCK
             return 0
         if on:  # FIOASYNC: none of these files has ->fasync
             raise KvmError(errno.ENOTTY, "ioctl(FIOASYNC)", "the file has no fasync")
@@ -103,14 +103,33 @@ class ModelFileOps:
         if self.fd < 0:
             raise KvmError(errno.EBADF, op, "file is closed")
 
+    def _desc(self) -> dict[str, Any]:
+        """The open file description (``f_flags``, ``f_pos``, ``f_mode``): the file's own, shared
+        by every dup of it; a :meth:`reopen` has its own (kept in its slot)."""
+        own = getattr(self, "_own_desc", None)
+        if own is not None:
+            return own  # type: ignore[no-any-return]
+        desc: dict[str, Any] = self.__dict__.setdefault("_fops_desc", {})
+        return desc
+
     def _f_flags(self) -> int:
-        return int(self.__dict__.get("_fops_f_flags", fa.O_RDWR | fa.O_LARGEFILE))
+        return int(self._desc().get("f_flags", fa.O_RDWR | fa.O_LARGEFILE))
 
     def _f_pos(self) -> int:
-        return int(self.__dict__.get("_fops_f_pos", 0))
+        return int(self._desc().get("f_pos", 0))
 
     def _set_pos(self, pos: int) -> None:
-        self.__dict__["_fops_f_pos"] = pos
+        self._desc()["f_pos"] = pos
+
+    def _fmode(self, want: str) -> bool:
+        """FMODE_READ/FMODE_WRITE from the access mode the description was opened with."""
+        acc = self._f_flags() & 3
+        return acc in (0, 2) if want == "read" else acc in (1, 2)
+
+    def _can_odirect(self) -> bool:
+        """FMODE_CAN_ODIRECT: neither memfd_create nor KVM_CREATE_GUEST_MEMFD set it; opening a
+        memfd again through /proc (shmem_file_open) does."""
+        return bool(self._desc().get("can_odirect", False))
 
     def _i_size(self) -> int:
         return int(self.inode.size if self._is_gmem else self.size)  # type: ignore[attr-defined]
@@ -161,15 +180,17 @@ class ModelFileOps:
     def _setfl(self, arg: int) -> None:
         """``setfl``: O_DIRECT needs ``FMODE_CAN_ODIRECT`` (neither file has it), FASYNC needs a
         ``->fasync`` (neither has one: the bit is dropped), the rest of SETFL_MASK is taken."""
-        if arg & fa.O_DIRECT:
+        if arg & fa.O_DIRECT and not self._can_odirect():
             raise KvmError(errno.EINVAL, "fcntl(F_SETFL)", "O_DIRECT is not supported by this file")
         flags = self._f_flags()
-        self.__dict__["_fops_f_flags"] = (arg & fa.SETFL_MASK) | (flags & ~fa.SETFL_MASK)
+        self._desc()["f_flags"] = (arg & fa.SETFL_MASK) | (flags & ~fa.SETFL_MASK)
 
     def _seals(self, cmd: int, arg: int) -> int:
         """``memfd_fcntl``: a guest_memfd has no seals at all (EINVAL); this memfd was made without
         ``MFD_ALLOW_SEALING``, so it carries ``F_SEAL_SEAL`` and refuses more (EPERM)."""
         op = "fcntl(F_ADD_SEALS)" if cmd == fa.F_ADD_SEALS else "fcntl(F_GET_SEALS)"
+        if cmd == fa.F_ADD_SEALS and not self._fmode("write"):
+            raise KvmError(errno.EPERM, op, "file not open for writing")
         if cmd == fa.F_ADD_SEALS and arg & ~fa.F_ALL_SEALS:
             raise KvmError(errno.EINVAL, op, f"unknown seals {arg:#x}")
         if self._is_gmem:
@@ -227,6 +248,22 @@ class ModelFileOps:
         self._fops_open("dup")
         return make_dup(self)
 
+    def reopen(self, flags: int) -> Any:
+        """``open("/proc/self/fd/N", flags)``: a new open file description of the same inode (its
+        own offset and flags).  guest_memfd cannot be opened that way (ENXIO: its anonymous inode
+        has no open path); a memfd can, and then (``shmem_file_open``) with O_DIRECT."""
+        flags = fa.check_reopen_flags(flags)
+        self.owner_process.run_deferred()  # type: ignore[attr-defined]
+        if self.fd < 0:
+            raise KvmError(errno.ENOENT, "open", "/proc/self/fd/N: no such fd")
+        if self._is_gmem:
+            raise KvmError(errno.ENXIO, "open", "guest_memfd cannot be reopened")
+        desc = {"f_flags": (flags & ~fa.O_CLOEXEC) | fa.O_LARGEFILE, "f_pos": 0, "can_odirect": True}
+        view = make_dup(self, desc)
+        if flags & fa.O_CLOEXEC:
+            self.owner_process.fd_cloexec.add(view.fd)  # type: ignore[attr-defined]
+        return view
+
     # --- fstat / fstatfs --------------------------------------------------------------------------
     def fstat(self) -> FileStat:
         self._fops_open("fstat")
@@ -267,12 +304,16 @@ class ModelFileOps:
         op = "sendfile"
         if src is None:
             raise KvmError(errno.EBADF, op, "in_fd is not open")
+        if not src._fmode("read"):
+            raise KvmError(errno.EBADF, op, "in_fd not open for reading")
         pos = src._f_pos() if offset is None else offset
         if offset is not None and src._is_gmem:
             raise KvmError(errno.ESPIPE, op, "in_fd cannot pread (guest_memfd)")
         verify_rw_area(op, pos, count)
         count = min(count, fa.MAX_RW_COUNT)
         self._fops_open(op)
+        if not self._fmode("write"):
+            raise KvmError(errno.EBADF, op, "out_fd not open for writing")
         if pos + count > fa.MAX_LFS_FILESIZE:  # both filesystems' s_maxbytes
             if pos >= fa.MAX_LFS_FILESIZE:
                 raise KvmError(errno.EOVERFLOW, op, "offset at the maximum file size")
@@ -303,6 +344,8 @@ class ModelFileOps:
         if offset is not None and s64(offset, "offset") < 0:
             raise KvmError(errno.EINVAL, op, "negative offset")  # ksys_pread64, before the fd
         self._fops_open(op)
+        if not self._fmode("read"):
+            raise KvmError(errno.EBADF, op, "file not open for reading")
         pos = self._f_pos() if offset is None else s64(offset, "offset")
         length = min(length, fa.MAX_RW_COUNT)  # what a buffer could hold: the backends clamp alike
         verify_rw_area(op, pos, length)
@@ -317,6 +360,8 @@ class ModelFileOps:
         if offset is not None and s64(offset, "offset") < 0:
             raise KvmError(errno.EINVAL, op, "negative offset")
         self._fops_open(op)
+        if not self._fmode("write"):
+            raise KvmError(errno.EBADF, op, "file not open for writing")
         count = len(buf)
         pos = self._f_pos() if offset is None else s64(offset, "offset")
         verify_rw_area(op, pos, count)
@@ -344,8 +389,8 @@ class ModelFileOps:
         """shmem_file_write_iter at ``pos``: allocates the pages, marks them up to date, and grows
         ``i_size`` to cover what was written."""
         end = pos + len(data)
-        if end > self.size:  # type: ignore[attr-defined]
-            self.size = end  # type: ignore[attr-defined]
+        if end > self._i_size():
+            self.size = end  # i_size grows (a memfd: ShmemBacking.size)
         self.cache.write(pos, data, order=self.folio_order,  # type: ignore[attr-defined]
                          limit=(end + PS - 1) // PS)
         return len(data)
@@ -366,7 +411,9 @@ def verify_rw_area(op: str, pos: int, count: int) -> None:
 
 def resolve_file(process: Any, obj: Any) -> ModelFileOps | None:
     """The open model file behind ``obj`` (a file object of this interface, or an fd number), or
-    None where the kernel's ``fdget`` would find nothing.  Anything else is a TypeError."""
+    None where the kernel's ``fdget`` would find nothing.  Anything else is a TypeError.  (An fd
+    number resolves to the file the fd table holds, whose description a dup shares; pass the
+    object of a :meth:`ModelFileOps.reopen` to use its own offset and flags.)"""
     if isinstance(obj, ModelFileOps):
         return obj if obj.fd >= 0 else None
     if isinstance(obj, bool) or not isinstance(obj, int):
@@ -404,24 +451,29 @@ def _dup_class(cls: type) -> type:
         def set_fd(self: Any, value: int) -> None:
             self._dup_fd = value
 
-        ns = {"__slots__": ("_dup_fd", "_dup_of"), "fd": property(get_fd, set_fd), "close": _dup_close,
-              "__doc__": f"A dup(2) of a {cls.__name__}: its own fd, everything else shared."}
+        ns = {"__slots__": ("_dup_fd", "_dup_of", "_own_desc"), "fd": property(get_fd, set_fd),
+              "close": _dup_close,
+              "__doc__": f"A dup(2) or reopen of a {cls.__name__}: its own fd, the inode shared."}
         _dup_classes[cls] = type(cls.__name__, (cls,), ns)
     return _dup_classes[cls]
 
 
-def make_dup(file: Any) -> Any:
+def make_dup(file: Any, desc: dict[str, Any] | None = None) -> Any:
     """Install ``file``'s struct file at a new fd (close-on-exec clear, as ``dup`` gives) and return
     an object of the same class for it.  The fd table maps the new fd to the original file, so every
-    ``fget`` (e.g. binding a memslot by fd) finds the one struct file."""
+    ``fget`` (e.g. binding a memslot by fd) finds the one struct file.  ``desc`` gives the new fd
+    its own open file description (a reopen); by default it shares ``file``'s."""
     orig = getattr(file, "_dup_of", file)
+    if desc is None:
+        desc = getattr(file, "_own_desc", None)
     proc = orig.owner_process
     fd = proc.install(orig)
     proc.fd_cloexec.discard(fd)
     orig.get_file()
     cls = _dup_class(type(orig))
-    view = cls.__new__(cls)
+    view: Any = object.__new__(cls)
     view.__dict__ = orig.__dict__
     view._dup_of = orig
     view._dup_fd = fd
+    view._own_desc = desc
     return view

@@ -380,3 +380,70 @@ def test_closed_file_is_ebadf_in_the_kernels_order(backend: Kvm, kind: str) -> N
         f.read(1, -1)
     with pytest.raises(TypeError):  # and the argument rule comes before everything
         f.lseek("0", 0)  # type: ignore[arg-type]
+
+
+# --- reopen and O_DIRECT ---------------------------------------------------------------------------
+def test_reopen_memfd_with_o_direct(backend: Kvm) -> None:
+    """memfd_create's file cannot take O_DIRECT (F_SETFL: EINVAL), but the same inode opened again
+    through /proc can (shmem_file_open): reads and writes then need no alignment on tmpfs."""
+    m = backend.memfd_create(SIZE)
+    m.write(b"hello", 2 * PAGE + 3)
+    d = m.reopen(fa.O_RDWR | fa.O_DIRECT)
+    assert d.fcntl(fa.F_GETFL) == RDWR_LARGEFILE | fa.O_DIRECT
+    assert d.fcntl(fa.F_GETFD) == 0
+    assert d.fstat().st_ino == m.fstat().st_ino
+    assert d.read(5, 2 * PAGE + 3) == b"hello"  # unaligned offset and length
+    assert d.write(b"xyz", 7) == 3
+    assert m.read(3, 7) == b"xyz"  # one inode
+    assert d.read(3) == bytes(3)
+    assert (d.lseek(0, fa.SEEK_CUR), m.lseek(0, fa.SEEK_CUR)) == (3, 0)  # two descriptions
+    d.fcntl(fa.F_SETFL, 0)
+    assert d.fcntl(fa.F_GETFL) == RDWR_LARGEFILE
+    d.fcntl(fa.F_SETFL, fa.O_DIRECT)  # this description may toggle it
+    assert d.fcntl(fa.F_GETFL) & fa.O_DIRECT
+    with raises_errno(errno.EINVAL):
+        m.fcntl(fa.F_SETFL, fa.O_DIRECT)  # the original still may not
+    dd = d.dup()
+    dd.lseek(5, fa.SEEK_SET)
+    assert d.lseek(0, fa.SEEK_CUR) == 5  # a dup of the reopened file shares its description
+    assert m.fcntl(fa.F_GET_SEALS) == fa.F_SEAL_SEAL  # seals live with the inode
+    assert m.reopen(fa.O_RDWR | fa.O_CLOEXEC).fcntl(fa.F_GETFD) == fa.FD_CLOEXEC
+    m.close()
+    assert d.read(5, 2 * PAGE + 3) == b"hello"  # the inode lives while any file does
+
+
+def test_reopen_access_modes(backend: Kvm) -> None:
+    m = backend.memfd_create(SIZE)
+    ro, wo = m.reopen(0), m.reopen(1)
+    assert ro.fcntl(fa.F_GETFL) == fa.O_LARGEFILE
+    assert m.reopen(3).fcntl(fa.F_GETFL) == fa.O_LARGEFILE | 3
+    with raises_errno(errno.EBADF):
+        ro.write(b"x")
+    with raises_errno(errno.EPERM):  # memfd_add_seals wants FMODE_WRITE before anything else
+        ro.fcntl(fa.F_ADD_SEALS, 0x1000)
+    with raises_errno(errno.EBADF):
+        ro.sendfile(m, 0, 1)
+    with raises_errno(errno.EBADF):
+        wo.read(1)
+    with raises_errno(errno.EINVAL):
+        wo.read(1, -1)  # the negative offset first
+    with raises_errno(errno.EBADF):
+        m.sendfile(wo, 0, 1)
+    assert m.fstat().st_size == SIZE and m.fstat().st_blocks == 0
+
+
+def test_reopen_refusals(backend: Kvm) -> None:
+    _vm, g = _gmem(backend)
+    m = backend.memfd_create(SIZE)
+    with raises_errno(errno.ENXIO):
+        g.reopen(fa.O_RDWR)  # an anonymous inode has no open path
+    with raises_errno(errno.ENXIO):
+        g.reopen(fa.O_RDWR | fa.O_DIRECT)
+    for flags in (0o100, 0o1000, 0o10000000, 0o200000):  # O_CREAT, O_TRUNC, O_PATH, O_DIRECTORY
+        with pytest.raises(ValueError):
+            m.reopen(fa.O_RDWR | flags)
+    with pytest.raises(TypeError):
+        m.reopen("r")  # type: ignore[arg-type]
+    m.close()
+    with raises_errno(errno.ENOENT):  # /proc/self/fd/N of a closed fd
+        m.reopen(fa.O_RDWR)
