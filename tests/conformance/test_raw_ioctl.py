@@ -156,6 +156,19 @@ def test_raw_pre_fault_memory_passes_back_the_range(backend: Kvm) -> None:
                                                     flags=flags))
 
 
+def test_raw_memory_encrypt_op_without_a_launch_flow(backend: Kvm) -> None:
+    """A default VM has no launch flow: KVM_MEMORY_ENCRYPT_OP is ENOTTY on its VM and vCPU fds
+    whatever the argument (as the typed launch calls answer)."""
+    vm = backend.create_vm(u.KVM_X86_DEFAULT_VM)
+    vcpu = vm.create_vcpu(0)
+    assert _typed_errno(vm.launch_finalize) == errno.ENOTTY
+    sev = u.kvm_sev_cmd(id=u.KVM_SEV_SNP_LAUNCH_FINISH)
+    for target in (vm, vcpu):
+        for arg in (bytes(sev), bytes(8), 0):
+            with raises_errno(errno.ENOTTY):
+                target.ioctl(u.KVM_MEMORY_ENCRYPT_OP, arg)
+
+
 # --- guest_memfd -----------------------------------------------------------------------------------
 def test_raw_set_memory_attributes2_matches_the_typed_call(backend: Kvm) -> None:
     vm = backend.create_vm(u.KVM_X86_DEFAULT_VM)

@@ -55,7 +55,7 @@ _OWNER = {
     u.KVM_MEMORY_ENCRYPT_OP: {VM}, u.KVM_RUN: {VCPU}, u.KVM_PRE_FAULT_MEMORY: {VCPU},
     u.KVM_SET_MEMORY_ATTRIBUTES2: {GMEM},
 }
-# Handled by the kernel on these fds too, but not modelled through raw bytes.
+# Handled by the kernel on these fds too (vCPU capabilities; TDX's per-vCPU commands).
 _ELSEWHERE = {(u.KVM_ENABLE_CAP, VCPU), (u.KVM_MEMORY_ENCRYPT_OP, VCPU)}
 
 
@@ -131,6 +131,19 @@ def _not_here(kind: str, request: int) -> KvmError | NotImplementedError:
     return _unknown(kind, request)
 
 
+def _memory_encrypt_op(vm: Any, kind: str, request: int) -> KvmError | NotImplementedError:
+    """``KVM_MEMORY_ENCRYPT_OP`` on a VM or vCPU of a type with no launch flow: ENOTTY before the
+    argument is even read (this host: no ``mem_enc_ioctl`` for such a VM, as the typed
+    ``launch_update``/``launch_finalize`` answer).  SNP and TDX commands are not decoded from raw
+    bytes: NotImplementedError."""
+    from guestmem.model.kvm.arch import Flavour
+
+    if type(vm.arch).launch_finalize is Flavour.launch_finalize:
+        return KvmError(errno.ENOTTY, "KVM_MEMORY_ENCRYPT_OP", f"{vm.arch.name} VMs have no launch flow")
+    return NotImplementedError(f"the model does not decode KVM_MEMORY_ENCRYPT_OP on a {kind} fd "
+                               "through raw bytes: use launch_update/launch_finalize")
+
+
 def _keep(owner: Any, created: Any) -> int:
     """An fd a raw call created: the object stays referenced (the fd open) until closed."""
     objs = owner.__dict__.setdefault("raw_objects", {})
@@ -186,6 +199,8 @@ def vm_ioctl(vm: Any, request: object, arg: object = 0) -> tuple[int, bytes]:
             m = _struct(u.kvm_memory_attributes, a)
             vm.set_memory_attributes(m.address, m.size, m.attributes, m.flags)
             return 0
+        if req == u.KVM_MEMORY_ENCRYPT_OP:
+            raise _memory_encrypt_op(vm, VM, req)
         raise _not_here(VM, req)
 
     vm.system.process.run_deferred()
@@ -201,6 +216,8 @@ def vcpu_ioctl(vcpu: Any, request: object, arg: object = 0) -> tuple[int, bytes]
             r.gpa, r.size = r.gpa + (r.size - left), left  # the leftover range is passed back
             _put(a, r)  # type: ignore[arg-type]
             return 0
+        if req == u.KVM_MEMORY_ENCRYPT_OP:
+            raise _memory_encrypt_op(vcpu.vm, VCPU, req)
         raise _not_here(VCPU, req)
 
     vcpu.vm.system.process.run_deferred()
