@@ -230,6 +230,8 @@ def file_ioctl(f: Any, request: object, arg: object = 0) -> tuple[int, bytes]:
 
     def own(req: int, a: int | bytearray) -> int:
         if kind == GMEM and req == u.KVM_SET_MEMORY_ATTRIBUTES2:
+            if not f.system.options.gmem_attributes:  # no unlocked_ioctl at all: nothing is read
+                raise _unknown(GMEM, req)
             m = _struct(u.kvm_memory_attributes2, a)
             try:
                 f.set_memory_attributes2(m.offset, m.size, m.attributes, m.flags, tuple(m.reserved))
