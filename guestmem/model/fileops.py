@@ -34,6 +34,9 @@ from guestmem.args import as_bytes, s64, u32, u64
 from guestmem.errors import KvmError
 
 PS = u.PAGE_SIZE
+# guest_memfd's superblock magic: the anonymous-inode filesystem's up to 6.18 (this host); from
+# 7.x guest_memfd mounts its own filesystem and fstatfs says GUEST_MEMFD_MAGIC.
+GMEM_FS_MAGIC = fa.ANON_INODE_FS_MAGIC
 _memfd_inodes = itertools.count(0x10000)
 
 # Generic VFS ioctls the kernel has that the model does not implement (fs/ioctl.c's switch and,
@@ -272,7 +275,7 @@ class ModelFileOps:
 
     def fstatfs(self) -> FsStat:
         self._fops_open("fstatfs")
-        magic = fa.ANON_INODE_FS_MAGIC if self._is_gmem else fa.TMPFS_MAGIC
+        magic = GMEM_FS_MAGIC if self._is_gmem else fa.TMPFS_MAGIC
         return FsStat(f_type=magic, f_bsize=PS, f_blocks=0, f_namelen=255, f_frsize=PS,
                       f_flags=fa.ST_VALID)
 
