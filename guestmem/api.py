@@ -670,8 +670,10 @@ class Kvm(Protocol):
         EINVAL for 0, ENOMEM for what cannot fit in the address space."""
         ...
 
-    def memfd_create(self, size: int) -> HostFile:
-        """A regular memfd of ``size`` bytes (``memfd_create`` + ``ftruncate``; EINVAL if negative)."""
+    def memfd_create(self, size: int, flags: int = 1) -> HostFile:
+        """A regular memfd of ``size`` bytes (``memfd_create`` + ``ftruncate``; EINVAL if negative).
+        ``flags`` are memfd_create's (default MFD_CLOEXEC; MFD_ALLOW_SEALING, MFD_NOEXEC_SEAL and
+        MFD_EXEC too; MFD_HUGETLB is a ValueError; the kernel's EINVAL for bad combinations)."""
         ...
 
     def close(self) -> None: ...

@@ -51,6 +51,23 @@ FCNTL_UNMODELLED: Final = frozenset(
                                                                           F_LINUX_SPECIFIC_BASE + 18))
 )
 
+# --- memfd_create flags ------------------------------------------------------------------------------
+MFD_CLOEXEC, MFD_ALLOW_SEALING, MFD_HUGETLB, MFD_NOEXEC_SEAL, MFD_EXEC = 0x1, 0x2, 0x4, 0x8, 0x10
+MFD_ALL_FLAGS: Final = 0x1F
+
+
+def check_memfd_flags(flags: object) -> int:
+    """``memfd_create``'s flags as both backends take them: an ``unsigned int``; MFD_HUGETLB (and
+    its size bits) is not offered by the interface (ValueError: the model has no hugetlbfs); the
+    kernel's own refusals (unknown bits, MFD_EXEC with MFD_NOEXEC_SEAL: EINVAL) are left to it."""
+    value = u32(flags, "flags")
+    valid = MFD_ALL_FLAGS | (0x3F << 26)  # with MFD_HUGETLB, the page-size bits are allowed too
+    both = MFD_EXEC | MFD_NOEXEC_SEAL
+    if value & MFD_HUGETLB and not value & ~valid and value & both != both:
+        raise ValueError("MFD_HUGETLB is not offered by the interface")
+    return value
+
+
 # --- lseek -----------------------------------------------------------------------------------------------
 SEEK_SET, SEEK_CUR, SEEK_END, SEEK_DATA, SEEK_HOLE = 0, 1, 2, 3, 4
 SEEK_MAX: Final = SEEK_HOLE

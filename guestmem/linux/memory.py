@@ -273,8 +273,11 @@ class KernelPin:
 class KernelHostFile(KernelFileOps):
     """A regular memfd (``memfd_create``) of ``size`` bytes: a file that is *not* a guest_memfd."""
 
-    def __init__(self, size: int, name: str = "guestmem-host") -> None:
-        self.fd = os.memfd_create(name, os.MFD_CLOEXEC)
+    def __init__(self, size: int, name: str = "guestmem-host", flags: int = os.MFD_CLOEXEC) -> None:
+        try:
+            self.fd = os.memfd_create(name, flags)
+        except OSError as err:
+            raise KvmError(err.errno or 0, "memfd_create") from None
         self._finalizer = weakref.finalize(self, os.close, self.fd)
         try:
             os.ftruncate(self.fd, size)

@@ -188,9 +188,15 @@ class ModelFileOps:
         flags = self._f_flags()
         self._desc()["f_flags"] = (arg & fa.SETFL_MASK) | (flags & ~fa.SETFL_MASK)
 
+    def _i_seals(self) -> int:
+        """The memfd's seals (with the inode): F_SEAL_SEAL unless made with MFD_ALLOW_SEALING."""
+        return int(self.__dict__.get("_fops_seals", fa.F_SEAL_SEAL))
+
     def _seals(self, cmd: int, arg: int) -> int:
-        """``memfd_fcntl``: a guest_memfd has no seals at all (EINVAL); this memfd was made without
-        ``MFD_ALLOW_SEALING``, so it carries ``F_SEAL_SEAL`` and refuses more (EPERM)."""
+        """``memfd_fcntl``: a guest_memfd has no seals at all (EINVAL); a memfd's F_ADD_SEALS wants
+        a writable file (EPERM), known bits (EINVAL), no F_SEAL_SEAL yet (EPERM), and for
+        F_SEAL_WRITE no writable mapping and no pinned page (EBUSY).  F_SEAL_EXEC on a file with
+        exec bits also seals writes and size changes."""
         op = "fcntl(F_ADD_SEALS)" if cmd == fa.F_ADD_SEALS else "fcntl(F_GET_SEALS)"
         if cmd == fa.F_ADD_SEALS and not self._fmode("write"):
             raise KvmError(errno.EPERM, op, "file not open for writing")
@@ -198,9 +204,38 @@ class ModelFileOps:
             raise KvmError(errno.EINVAL, op, f"unknown seals {arg:#x}")
         if self._is_gmem:
             raise KvmError(errno.EINVAL, op, "guest_memfd is not a sealable (shmem/hugetlbfs) file")
+        seals = self._i_seals()
         if cmd == fa.F_GET_SEALS:
-            return fa.F_SEAL_SEAL
-        raise KvmError(errno.EPERM, op, "F_SEAL_SEAL is set (memfd made without MFD_ALLOW_SEALING)")
+            return seals
+        if seals & fa.F_SEAL_SEAL:
+            raise KvmError(errno.EPERM, op, "F_SEAL_SEAL is set")
+        if arg & fa.F_SEAL_EXEC and self._i_mode() & 0o111:
+            arg |= fa.F_SEAL_SHRINK | fa.F_SEAL_GROW | fa.F_SEAL_WRITE | fa.F_SEAL_FUTURE_WRITE
+        if arg & fa.F_SEAL_WRITE and not seals & fa.F_SEAL_WRITE:
+            proc = self.owner_process  # type: ignore[attr-defined]
+            if proc.mapping_count(self) or self.cache.pinned(0, max(self.cache.end_index(), 1)):  # type: ignore[attr-defined]
+                raise KvmError(errno.EBUSY, op, "the file is mapped writable or has pinned pages")
+        self.__dict__["_fops_seals"] = seals | arg
+        return 0
+
+    def _writable_len(self, op: str, pos: int, count: int) -> int:
+        """``shmem_write_begin``, page by page: F_SEAL_WRITE/FUTURE_WRITE refuse any write (EPERM);
+        F_SEAL_GROW refuses the first page-sized piece that would end past ``i_size``, so a write
+        that crosses the end is short, and one that starts there is EPERM."""
+        seals = self._i_seals() if not self._is_gmem else 0
+        if seals & (fa.F_SEAL_WRITE | fa.F_SEAL_FUTURE_WRITE):
+            raise KvmError(errno.EPERM, op, "the file is sealed against writes")
+        if not seals & fa.F_SEAL_GROW:
+            return count
+        size, done = self._i_size(), 0
+        while done < count:
+            piece = min(PS - (pos + done) % PS, count - done)
+            if pos + done + piece > size:
+                break
+            done += piece
+        if done == 0:
+            raise KvmError(errno.EPERM, op, "the file is sealed against growing")
+        return done
 
     # --- lseek ------------------------------------------------------------------------------------
     def lseek(self, offset: int, whence: int) -> int:
@@ -295,6 +330,8 @@ class ModelFileOps:
         self._fops_open("fchmod")
         if self._is_gmem:
             raise KvmError(errno.EINVAL, "fchmod", "kvm_gmem_setattr refuses every change")
+        if self._i_seals() & fa.F_SEAL_EXEC and (mode ^ self._i_mode()) & 0o111:
+            raise KvmError(errno.EPERM, "fchmod", "F_SEAL_EXEC: the exec bits cannot change")
         self.__dict__["_fops_i_mode"] = (mode & fa.S_IALLUGO) | (self._i_mode() & ~fa.S_IALLUGO)
 
     # --- sendfile ---------------------------------------------------------------------------------
@@ -329,16 +366,57 @@ class ModelFileOps:
             raise KvmError(errno.EINVAL, op, "in_fd cannot splice (guest_memfd is not seekable)")
         if count == 0:
             return 0
-        data = src._read_at(pos, count)
-        if not data:
-            return 0
         if self._is_gmem:
-            raise KvmError(errno.EINVAL, op, "out_fd has no splice_write (guest_memfd)")
-        n = self._write_at(out_pos, data)
+            if src._read_at(pos, 1):
+                raise KvmError(errno.EINVAL, op, "out_fd has no splice_write (guest_memfd)")
+            return 0  # nothing read, so nothing to refuse
+        n = self._splice_copy(op, src, pos, out_pos, count)
         self._set_pos(out_pos + n)
         if offset is None:
             src._set_pos(pos + n)
         return n
+
+    def _splice_copy(self, op: str, src: ModelFileOps, pos: int, out_pos: int, count: int) -> int:
+        """``splice_direct_to_actor`` between two memfds: chunks of at most 16 pipe buffers (page
+        pieces) read from ``src`` at ``pos``, each written whole to this file at ``out_pos``.  The
+        pipe holds the source's pages themselves, so when both ends are one inode a later byte is
+        read after an earlier one was written (a forward copy), while a page that was a hole when
+        the chunk was read stays zeros.  A copy within one inode whose destination lies less than a
+        page after its source depends on how memcpy moves overlapping bytes: NotImplementedError."""
+        same = src.__dict__ is self.__dict__
+        dist = out_pos - pos
+        if same and 0 < dist < PS and count > dist:
+            raise NotImplementedError("sendfile within one memfd to less than a page ahead of the "
+                                      "source (overlapping memcpy) is not modelled")
+        total = 0
+        while total < count:
+            size = src._i_size()
+            if pos + total >= size:
+                break
+            at = pos + total
+            n = min(count - total, size - at, (PS - at % PS) + 15 * PS)
+            try:
+                allowed = self._writable_len(op, out_pos + total, n)
+            except KvmError:
+                if total:
+                    break  # what was copied stays copied: the count so far is returned
+                raise
+            holes = src.cache.holes(at // PS, (at + n + PS - 1) // PS)  # type: ignore[attr-defined]
+            step = dist if same and 0 < dist < allowed else allowed
+            done = 0
+            while done < allowed:
+                piece = min(step, allowed - done)
+                data = bytearray(src._read_at(at + done, piece))
+                for hs, he in holes:  # read as ZERO_PAGE when the chunk was taken
+                    lo, hi = max(hs * PS, at + done), min(he * PS, at + done + piece)
+                    if lo < hi:
+                        data[lo - at - done : hi - at - done] = bytes(hi - lo)
+                self._write_at(out_pos + total + done, bytes(data))
+                done += piece
+            total += allowed
+            if allowed < n:
+                break
+        return total
 
     # --- read/write on a memfd (guest_memfd overrides them) ---------------------------------------
     def read(self, length: int, offset: int | None = None) -> bytes:
@@ -376,6 +454,7 @@ class ModelFileOps:
         if pos >= fa.MAX_LFS_FILESIZE:
             raise KvmError(errno.EFBIG, op, "offset at the maximum file size")
         count = min(count, fa.MAX_LFS_FILESIZE - pos)
+        count = self._writable_len(op, pos, count)
         n = self._write_at(pos, bytes(buf[:count]))
         if offset is None:
             self._set_pos(pos + n)

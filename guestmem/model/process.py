@@ -429,6 +429,12 @@ class Process:
                 for a, b in ranges:
                     n.invalidate_range_end(a, b)
 
+    def mapping_count(self, file: object) -> int:
+        """How many live mappings of ``file`` this process has (``i_mmap_writable``: every model
+        mapping is shared and writable)."""
+        with self._lock:
+            return len(self._by_file.get(id(file), ()))
+
     def resolve(self, addr: int) -> tuple[ModelMapping, int] | None:
         """The mapping holding virtual address ``addr`` and the offset within it."""
         with self._lock:

@@ -68,7 +68,7 @@ class Side:
         self.kvm = guestmem.open(name)
         self.vm = self.kvm.create_vm(u.KVM_X86_DEFAULT_VM)
         self.files: list[Any] = [self.vm.create_guest_memfd(SIZE, 0), self.kvm.memfd_create(SIZE),
-                                 self.kvm.memfd_create(SIZE)]
+                                 self.kvm.memfd_create(SIZE, fa.MFD_ALLOW_SEALING)]
 
     def close(self) -> None:
         for f in self.files:
@@ -87,7 +87,8 @@ def _step(rng: random.Random) -> tuple[str, int, tuple[Any, ...]]:
         cmd = rng.choice(FCNTL_CMDS)
         arg = rng.choice(FLAG_BITS) | rng.choice([0, fa.O_NONBLOCK])
         if cmd in (fa.F_ADD_SEALS, fa.F_SETFD):
-            arg = rng.choice([0, 1, fa.F_SEAL_WRITE, 0x1000, 0xFF])
+            arg = rng.choice([0, 1, fa.F_SEAL_WRITE, fa.F_SEAL_GROW, fa.F_SEAL_GROW, fa.F_SEAL_EXEC,
+                              fa.F_SEAL_FUTURE_WRITE, 0x1000, 0xFF])
         return op, i, (cmd, arg)
     if op == "lseek":
         return op, i, (rng.choice(OFFSETS), rng.choice([0, 1, 2, 3, 4, 3, 4, 5, 0xFFFF_FFFF]))
@@ -95,7 +96,7 @@ def _step(rng: random.Random) -> tuple[str, int, tuple[Any, ...]]:
         return op, i, (rng.choice(COUNTS[:7]), rng.choice([None, None, *OFFSETS]))
     if op == "write":
         data = bytes([rng.randrange(256)]) * rng.choice([0, 1, 3, PAGE, PAGE + 7])
-        return op, i, (data, rng.choice([None, None, *OFFSETS[:12]]))
+        return op, i, (data, rng.choice([None, None, "end-1", "end-100", *OFFSETS[:12]]))
     if op == "fchmod":
         return op, i, (rng.choice([0o600, 0o7777, 0o170644, 0, 1 << 31]),)
     if op == "sendfile":
@@ -107,11 +108,22 @@ def _step(rng: random.Random) -> tuple[str, int, tuple[Any, ...]]:
     return op, i, ()
 
 
+def _same_inode(a: Any, b: Any) -> bool:
+    try:
+        return bool(a.fstat().st_ino == b.fstat().st_ino)
+    except KvmError:
+        return False
+
+
 def _call(side: Side, op: str, i: int, args: tuple[Any, ...]) -> Any:
     f = side.files[i]
     call_args = list(args)
     if op == "sendfile":
-        call_args[0] = side.files[args[0] % len(side.files)]
+        call_args[0] = src = side.files[args[0] % len(side.files)]
+        if args[2] > 1 << 20 and _same_inode(f, src):
+            call_args[2] = 1 << 20  # a copy within one file may keep growing it: keep RAM bounded
+    if op == "write" and isinstance(args[1], str):  # just before the end: crosses it
+        call_args[1] = max(f.fstat().st_size - int(args[1][4:]), 0) if f.fcntl(fa.F_GETFD) >= 0 else 0
     value = getattr(f, op)(*call_args)
     if op in ("dup", "reopen"):
         side.files.append(value)

@@ -447,3 +447,95 @@ def test_reopen_refusals(backend: Kvm) -> None:
     m.close()
     with raises_errno(errno.ENOENT):  # /proc/self/fd/N of a closed fd
         m.reopen(fa.O_RDWR)
+
+
+# --- memfd_create flags and sealing ----------------------------------------------------------------
+@pytest.mark.parametrize(("flags", "mode", "seals", "cloexec"), [
+    (0, 0o777, fa.F_SEAL_SEAL, 0), (fa.MFD_CLOEXEC, 0o777, fa.F_SEAL_SEAL, 1),
+    (fa.MFD_ALLOW_SEALING, 0o777, 0, 0), (fa.MFD_EXEC, 0o777, fa.F_SEAL_SEAL, 0),
+    (fa.MFD_NOEXEC_SEAL, 0o666, fa.F_SEAL_EXEC, 0),
+    (fa.MFD_NOEXEC_SEAL | fa.MFD_ALLOW_SEALING | fa.MFD_CLOEXEC, 0o666, fa.F_SEAL_EXEC, 1),
+])
+def test_memfd_create_flags(backend: Kvm, flags: int, mode: int, seals: int, cloexec: int) -> None:
+    m = backend.memfd_create(SIZE, flags)
+    assert (m.fstat().st_mode, m.fcntl(fa.F_GET_SEALS), m.fcntl(fa.F_GETFD)) == (
+        fa.S_IFREG | mode, seals, cloexec)
+
+
+def test_memfd_create_refusals(backend: Kvm) -> None:
+    for flags in (fa.MFD_EXEC | fa.MFD_NOEXEC_SEAL, 0x20, 1 << 31, -1):
+        with raises_errno(errno.EINVAL):
+            backend.memfd_create(SIZE, flags)
+    with pytest.raises(ValueError):
+        backend.memfd_create(SIZE, fa.MFD_HUGETLB)
+    with pytest.raises(TypeError):
+        backend.memfd_create(SIZE, "cloexec")  # type: ignore[arg-type]
+    with raises_errno(errno.EINVAL):  # the flags first, then ftruncate's negative length
+        backend.memfd_create(-1, fa.MFD_ALLOW_SEALING)
+
+
+def test_seal_grow_cuts_writes_at_the_end_page_by_page(backend: Kvm) -> None:
+    m = backend.memfd_create(SIZE, fa.MFD_ALLOW_SEALING)
+    m.fcntl(fa.F_ADD_SEALS, fa.F_SEAL_GROW)
+    assert m.fcntl(fa.F_GET_SEALS) == fa.F_SEAL_GROW
+    assert m.write(b"a" * 10, 0) == 10
+    assert m.write(b"b" * 2 * PAGE, SIZE - PAGE) == PAGE  # the piece past the end is refused: short
+    assert m.write(b"d" * 200, SIZE - 100) == 100
+    assert m.write(b"e" * 3 * PAGE, SIZE - PAGE // 2) == PAGE // 2
+    for offset in (SIZE, SIZE + 5 * PAGE):
+        with raises_errno(errno.EPERM):
+            m.write(b"c", offset)
+    assert m.fstat().st_size == SIZE
+    src = backend.memfd_create(SIZE)
+    src.write(b"z" * 100, 0)
+    m.lseek(SIZE - 4, fa.SEEK_SET)
+    assert m.sendfile(src, 0, 100) == 4  # sendfile writes the same way
+    assert m.lseek(0, fa.SEEK_CUR) == SIZE
+    m.fcntl(fa.F_SETFL, fa.O_APPEND)
+    with raises_errno(errno.EPERM):
+        m.write(b"y")
+    assert m.fstat().st_size == SIZE
+
+
+def test_seal_write_exec_and_seal(backend: Kvm) -> None:
+    m = backend.memfd_create(SIZE, fa.MFD_ALLOW_SEALING)
+    m.write(b"keep", 0)
+    m.fcntl(fa.F_ADD_SEALS, fa.F_SEAL_FUTURE_WRITE)
+    with raises_errno(errno.EPERM):
+        m.write(b"x", 0)
+    assert m.write(b"", 0) == 0  # nothing to write: nothing refused
+    src = backend.memfd_create(SIZE)
+    src.write(b"z", 0)
+    with raises_errno(errno.EPERM):
+        m.sendfile(src, 0, 1)
+    assert m.sendfile(src, 0, 0) == 0
+    m.fcntl(fa.F_ADD_SEALS, fa.F_SEAL_WRITE)
+    m.fcntl(fa.F_ADD_SEALS, fa.F_SEAL_SEAL)
+    assert m.fcntl(fa.F_GET_SEALS) == fa.F_SEAL_FUTURE_WRITE | fa.F_SEAL_WRITE | fa.F_SEAL_SEAL
+    with raises_errno(errno.EPERM):
+        m.fcntl(fa.F_ADD_SEALS, 0)
+    with raises_errno(errno.EINVAL):  # unknown bits before F_SEAL_SEAL's EPERM
+        m.fcntl(fa.F_ADD_SEALS, 0x40)
+    assert m.read(4, 0) == b"keep"
+    # F_SEAL_EXEC on an executable file seals writes and size too; on a 0666 one only exec bits.
+    x = backend.memfd_create(SIZE, fa.MFD_ALLOW_SEALING)
+    x.fcntl(fa.F_ADD_SEALS, fa.F_SEAL_EXEC)
+    assert x.fcntl(fa.F_GET_SEALS) == 0x3E
+    with raises_errno(errno.EPERM):
+        x.fchmod(0o644)
+    assert x.fstat().st_mode == fa.S_IFREG | 0o777
+    n = backend.memfd_create(SIZE, fa.MFD_ALLOW_SEALING)
+    n.fchmod(0o666)
+    n.fcntl(fa.F_ADD_SEALS, fa.F_SEAL_EXEC)
+    assert n.fcntl(fa.F_GET_SEALS) == fa.F_SEAL_EXEC
+    with raises_errno(errno.EPERM):
+        n.fchmod(0o777)
+    n.fchmod(0o600)  # the exec bits stay as they are: allowed
+    assert n.fstat().st_mode == fa.S_IFREG | 0o600
+    assert n.write(b"ok", 0) == 2
+    # Seals live with the inode: a read-only reopen sees them, and may not add any.
+    ro = m.reopen(0)
+    assert ro.fcntl(fa.F_GET_SEALS) == m.fcntl(fa.F_GET_SEALS)
+    with raises_errno(errno.EPERM):
+        n.reopen(0).fcntl(fa.F_ADD_SEALS, fa.F_SEAL_GROW)
+    assert n.fcntl(fa.F_GET_SEALS) == fa.F_SEAL_EXEC

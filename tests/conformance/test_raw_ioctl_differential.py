@@ -35,7 +35,9 @@ GPAS = [0, PAGE, PAGE + 1, 1 << 32, (1 << 32) + SIZE, 1 << 52, U64 - PAGE + 1]
 UADDRS = [0, 0x10_0000, 0x10_0001, 0x7F00_0000_0000, 1 << 47, U64 - PAGE + 1]
 SLOTS = [0, 1, 2, 31, 0x7FFF, 0x1_0000, 0x1_0001, 0xFFFF_FFFF]
 FLAGS = [0, 1, 2, 3, 4, 5, 8, 1 << 31, U64]
-FD_FIELD = ["gmem", "gmem", "memfd", "closed", 0]
+# Not 0: this test process has stdin open as fd 0, the model's process has no stdio (fd 0 there
+# is EBADF, here "not a guest_memfd", EINVAL): a difference of processes, not of KVM.
+FD_FIELD = ["gmem", "gmem", "memfd", "closed"]
 CAPS = [0, u.KVM_CAP_GUEST_MEMFD, u.KVM_CAP_GUEST_MEMFD_FLAGS, u.KVM_CAP_EXIT_HYPERCALL,
         u.KVM_CAP_USER_MEMORY2, u.KVM_CAP_VM_TYPES, u.KVM_CAP_MEMORY_ATTRIBUTES, 999, U64]
 TARGETS = ["kvm", "vm", "vm", "vm", "vcpu", "gmem", "memfd"]
@@ -153,6 +155,12 @@ def _outcome(target: Any, request: int, arg: Any) -> tuple[str, Any]:
     return "ok", (ret, out)
 
 
+def _well_formed_pre_fault(fields: dict[str, int]) -> bool:
+    gpa, size = fields["gpa"], fields["size"]
+    return (not fields["flags"] and not gpa % PAGE and not size % PAGE and size > 0
+            and gpa + size <= U64)
+
+
 @pytest.mark.parametrize("seed", [11, 12, 13])
 def test_raw_ioctls_agree_with_the_kernel(seed: int) -> None:
     reason = unavailable()
@@ -168,6 +176,10 @@ def test_raw_ioctls_agree_with_the_kernel(seed: int) -> None:
     # configuration that the model's host twin is for, not a raw-ioctl difference; left out here.
     no_attributes = _outcome(kernel.vm, u.KVM_SET_MEMORY_ATTRIBUTES,
                              bytes(u.kvm_memory_attributes())) == ("errno", "ENOTTY")
+    # This host (kvm_pvm, no TDP) reports no KVM_CAP_PRE_FAULT_MEMORY yet has the ioctl, and a
+    # well-formed request fails with ENOSPC; the model without a TDP MMU says EOPNOTSUPP.  The
+    # malformed ones (flags, alignment, wrap) still agree and are compared.
+    no_pre_fault = not kernel.kvm.check_extension(u.KVM_CAP_PRE_FAULT_MEMORY)
     try:
         for step in range(STEPS):
             request, spec = _request(rng)
@@ -175,6 +187,9 @@ def test_raw_ioctls_agree_with_the_kernel(seed: int) -> None:
             form = rng.choices(["full", "long", "short", "null"], [80, 5, 5, 10])[0]
             junk = rng.random()
             if no_attributes and where == "vm" and request == u.KVM_SET_MEMORY_ATTRIBUTES:
+                continue
+            if (no_pre_fault and where == "vcpu" and request == u.KVM_PRE_FAULT_MEMORY
+                    and form in ("full", "long") and _well_formed_pre_fault(spec[1])):
                 continue
             results = []
             for side in (model, kernel):
@@ -187,7 +202,8 @@ def test_raw_ioctls_agree_with_the_kernel(seed: int) -> None:
                 continue
             compared += 1
             assert results[0] == results[1], (
-                f"seed {seed} step {step}: ioctl({request:#x}) on {where} with {spec!r} ({form})")
+                f"seed {seed} step {step}: ioctl({request:#x}) on {where} with {spec!r} ({form}): "
+                f"model {results[0]} kernel {results[1]}")
         assert compared > STEPS // 2
     finally:
         model.close()
