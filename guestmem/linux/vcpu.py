@@ -263,6 +263,12 @@ class KernelVcpu:
         return int(arg.size)
 
     # -- lifetime -----------------------------------------------------------------------------------
+    def ioctl(self, request: int, arg: bytes | int = 0) -> tuple[int, bytes]:
+        """The raw escape hatch (:mod:`guestmem.linux.fileops`)."""
+        from guestmem.linux.fileops import vcpu_ioctl
+
+        return vcpu_ioctl(self, request, arg)
+
     def close(self) -> None:
         if self.closed:
             return

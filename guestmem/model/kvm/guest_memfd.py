@@ -26,6 +26,7 @@ import numpy as np
 from guestmem import uapi as u
 from guestmem.args import as_bytes, check_reserved, s32, s64, u64
 from guestmem.errors import EHWPOISON, KvmError
+from guestmem.model.fileops import ModelFileOps
 from guestmem.model.process import HostFault, ModelMapping, OpenFile, Process, check_mmap_length
 from guestmem.model.vfs import vfs_fallocate_checks
 from guestmem.ranges import RangeMap
@@ -195,7 +196,7 @@ class GmemInode:
         return flt or (FILTER_PRIVATE | FILTER_SHARED)
 
 
-class GmemFile(OpenFile):
+class GmemFile(ModelFileOps, OpenFile):
     """One VM's guest_memfd file (``struct gmem_file`` + the ``struct file``).
 
     Refcounted like a ``struct file``: the fd holds one reference and every mmap holds one; the

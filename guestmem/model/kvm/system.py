@@ -13,6 +13,7 @@ import os
 import weakref
 from collections import Counter
 
+from guestmem import fileabi as fa
 from guestmem import uapi as u
 from guestmem.args import s64, u64
 from guestmem.errors import KvmError
@@ -84,16 +85,32 @@ class ModelKvm:
         backing.on_release = lambda: self.unregister_file(backing)  # type: ignore[method-assign]
         return self.process.mmap(backing, size, 0)
 
-    def memfd_create(self, size: int) -> ShmemBacking:
-        size = s64(size, "size")
+    def memfd_create(self, size: int, flags: int = fa.MFD_CLOEXEC) -> ShmemBacking:
+        size, flags = s64(size, "size"), fa.check_memfd_flags(flags)
         self._check_open("memfd_create")
+        if flags & ~fa.MFD_ALL_FLAGS or (flags & fa.MFD_EXEC and flags & fa.MFD_NOEXEC_SEAL):
+            raise KvmError(errno.EINVAL, "memfd_create", f"bad flags {flags:#x}")
         if size < 0:
             raise KvmError(errno.EINVAL, "ftruncate", "negative length")
         f = ShmemBacking(self.pool, self.process, size, "memfd", self.options.anon_folio_order)
         self.register_file(f)
         f.on_release = lambda: self.unregister_file(f)  # type: ignore[method-assign]
         f.install()
+        if flags & fa.MFD_CLOEXEC:
+            self.process.fd_cloexec.add(f.fd)
+        # vm.memfd_noexec is 0 here: without MFD_NOEXEC_SEAL the file is executable (0777).
+        seals = 0 if flags & (fa.MFD_ALLOW_SEALING | fa.MFD_NOEXEC_SEAL) else fa.F_SEAL_SEAL
+        if flags & fa.MFD_NOEXEC_SEAL:
+            f.__dict__["_fops_i_mode"] = fa.S_IFREG | 0o666
+            seals |= fa.F_SEAL_EXEC
+        f.__dict__["_fops_seals"] = seals
         return f
+
+    def ioctl(self, request: int, arg: bytes | int = 0) -> tuple[int, bytes]:
+        """The raw escape hatch (:mod:`guestmem.model.kvm.rawioctl`)."""
+        from guestmem.model.kvm.rawioctl import system_ioctl
+
+        return system_ioctl(self, request, arg)
 
     def close(self) -> None:
         if not self.closed:

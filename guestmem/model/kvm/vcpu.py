@@ -66,6 +66,15 @@ class ModelVcpu:
 
     def close(self) -> None:
         self.closed = True
+        fd, self.fd = getattr(self, "fd", -1), -1
+        if fd >= 0:
+            self.vm.system.process.close_fd(fd)
+
+    def ioctl(self, request: int, arg: bytes | int = 0) -> tuple[int, bytes]:
+        """The raw escape hatch (:mod:`guestmem.model.kvm.rawioctl`)."""
+        from guestmem.model.kvm.rawioctl import vcpu_ioctl
+
+        return vcpu_ioctl(self, request, arg)
 
     def run(self) -> Exit:
         self.vm.system.process.run_deferred()

@@ -405,8 +405,15 @@ class ModelVm:
         if vcpu_id in self.vcpus:
             raise KvmError(errno.EEXIST, "KVM_CREATE_VCPU", f"vcpu {vcpu_id} exists")
         vcpu = ModelVcpu(self, vcpu_id)
+        vcpu.fd = self.system.process.install(vcpu)  # a vCPU is an fd too (raw ioctls name it)
         self.vcpus[vcpu_id] = vcpu
         return vcpu
+
+    def ioctl(self, request: int, arg: bytes | int = 0) -> tuple[int, bytes]:
+        """The raw escape hatch (:mod:`guestmem.model.kvm.rawioctl`)."""
+        from guestmem.model.kvm.rawioctl import vm_ioctl
+
+        return vm_ioctl(self, request, arg)
 
     # --- checking -----------------------------------------------------------------------------------
     def check_invariants(self, quiescent: bool = True) -> None:
