@@ -11,6 +11,7 @@ next entry.  A watchdog (:mod:`guestmem.linux.watchdog`) bounds each ``KVM_RUN``
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import mmap
 import os
@@ -116,6 +117,7 @@ class KernelVcpu:
         self._finalizer = weakref.finalize(self, _close_vcpu, fd, self._run_map)
         self._run = u.kvm_run.from_buffer(self._run_map)
         self._pending_hypercall: ExitHypercall | None = None
+        self._pending_mmio_read: ExitMmio | None = None
         self._has_run = False
         self.program: Program | None = None
         self.compiled: x86.CompiledProgram | None = None
@@ -173,6 +175,7 @@ class KernelVcpu:
         self.set_regs(regs)
         self.program, self.compiled = program, compiled
         self._pending_hypercall = None
+        self._pending_mmio_read = None
 
     def _complete_pending(self) -> None:
         """Let KVM finish an exit that needs completion (port/MMIO input, a hypercall's return)
@@ -202,6 +205,11 @@ class KernelVcpu:
         if self._pending_hypercall is not None:
             run.u.hypercall.ret = self._pending_hypercall.ret & ((1 << 64) - 1)
             self._pending_hypercall = None
+        if self._pending_mmio_read is not None:
+            # The host's answer to an MMIO read (``ExitMmio.data``, as on the model) completes it.
+            data = bytes(self._pending_mmio_read.data)[:8]
+            ctypes.memmove(run.u.mmio.data, data.ljust(8, b"\0"), 8)
+            self._pending_mmio_read = None
         self._has_run = True
         while True:
             run.immediate_exit = 0
@@ -229,6 +237,9 @@ class KernelVcpu:
         ex = decode_exit(self._run, self._run_map, self._doorbell)
         if isinstance(ex, ExitHypercall):
             self._pending_hypercall = ex
+        elif isinstance(ex, ExitMmio) and not ex.is_write:
+            ex.data = bytes(ex.len)  # nothing was read yet: zeros unless the host answers
+            self._pending_mmio_read = ex
         return ex
 
     def _doorbell(self, port: int) -> Exit:
