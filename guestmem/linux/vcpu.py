@@ -261,7 +261,11 @@ class KernelVcpu:
         """``KVM_PRE_FAULT_MEMORY``; returns the bytes left unmapped (the kernel's updated ``size``)."""
         gpa, size, flags = u64(gpa, "gpa"), u64(size, "size"), u64(flags, "flags")
         arg = u.kvm_pre_fault_memory(gpa=gpa, size=size, flags=flags)
-        _sys.ioctl(self._fd("KVM_PRE_FAULT_MEMORY"), u.KVM_PRE_FAULT_MEMORY, arg, "KVM_PRE_FAULT_MEMORY")
+        try:
+            _sys.ioctl(self._fd("KVM_PRE_FAULT_MEMORY"), u.KVM_PRE_FAULT_MEMORY, arg, "KVM_PRE_FAULT_MEMORY")
+        except KvmError as exc:
+            exc.size_left = int(arg.size)  # the kernel copies the range back on failure too
+            raise
         return int(arg.size)
 
     # -- lifetime -----------------------------------------------------------------------------------
