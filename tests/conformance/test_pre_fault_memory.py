@@ -30,9 +30,10 @@ import threading
 
 import pytest
 
+import guestmem
 import guestmem.uapi as u
 from guestmem.api import GuestMemfd, Kvm, Mapping, Vcpu, Vm
-from guestmem.errors import KvmError
+from guestmem.errors import GuestAccessFault, KvmError
 from guestmem.guest.ops import Verify
 
 from .support import (
@@ -252,3 +253,50 @@ def test_pre_fault_memory_unsupported_is_eopnotsupp(backend: Kvm) -> None:
                     vcpu.pre_fault_memory(gpa, PAGE)
         check(vm)
         vcpu.close()
+
+
+# --- the in-place series: attributes live in the guest_memfd (model only) ---------------------------
+
+
+class GmemPrefaultSlot(PrefaultSlot):
+    """The test slot over an mmap-able guest_memfd with per-file attributes, as the in-place
+    series' version of the test sets it up: every (re-)creation binds a fresh guest_memfd, private
+    from the start (no INIT_SHARED) or shared (INIT_SHARED), and the slot is guest_memfd-only."""
+
+    def add(self) -> None:
+        flags = u.GUEST_MEMFD_FLAG_MMAP | (0 if self.private else u.GUEST_MEMFD_FLAG_INIT_SHARED)
+        gmem = self.vm.create_guest_memfd(TEST_SIZE, flags)
+        self.gmems.append(gmem)
+        self.vm.set_user_memory_region2(TEST_SLOT, u.KVM_MEM_GUEST_MEMFD, self.gpa, TEST_SIZE, 0,
+                                        guest_memfd=gmem, guest_memfd_offset=0)
+
+
+@pytest.mark.parametrize("private", [pytest.param(False, id="shared"), pytest.param(True, id="private")])
+def test_pre_fault_memory_gmem_attributes(private: bool) -> None:
+    """pre_fault_memory_test.c:__test_pre_fault_memory(KVM_X86_SW_PROTECTED_VM, private) with the
+    in-place series' per-guest_memfd attributes (no kernel has them, so the model runs it alone):
+    the same three racing pre-faults at the top of the guest physical address space, with the
+    guest_memfd's own attribute deciding private or shared; then the guest reads every page.
+    Extra: the guest_memfd's attribute is what was asked (private pages refuse host access)."""
+    with guestmem.open("model", attributes="gmem") as kvm:
+        vm = kvm.create_vm(u.KVM_X86_SW_PROTECTED_VM)
+        gpa = (max_gfn(kvm, vm) - TEST_NPAGES) * PAGE // SZ_2M * SZ_2M
+        slot = GmemPrefaultSlot(kvm, vm, private, gpa)
+        slot.add()
+        check(vm)
+        vcpu = vm.create_vcpu(0)
+        pre_fault_memory(vcpu, slot, 0, SZ_2M, 0)
+        pre_fault_memory(vcpu, slot, SZ_2M, PAGE * 2, PAGE)
+        pre_fault_memory(vcpu, slot, TEST_SIZE, PAGE, PAGE)
+        drive(vm, vcpu, GuestScript()(*(Verify(gpa + i * PAGE, 8, 0) for i in range(TEST_NPAGES))))
+        with slot.gmems[-1].mmap(TEST_SIZE) as host:
+            if private:
+                with pytest.raises(GuestAccessFault):
+                    host.read(0, 1)
+            else:
+                assert host.read(0, 8) == bytes(8)
+        vcpu.close()
+        slot.delete()
+        check(vm)
+        slot.close()
+        vm.close()
