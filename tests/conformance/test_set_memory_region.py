@@ -16,8 +16,9 @@ still free (binding it for real succeeds).
 The memslot lifecycle tests upstream runs on every x86 host (``test_move_memory_region``,
 ``test_delete_memory_region``, ``test_zero_memory_regions``, ``test_add_max_memory_regions``) are
 at the end of this file; the first two race a vCPU that is inside ``KVM_RUN`` (see
-``spinning.py``).  ``test_mmio_during_vectoring`` is not ported: it needs a guest that vectors an
-exception through an IDT whose handler lives in MMIO, which the op language cannot express.
+``spinning.py``).  ``test_mmio_during_vectoring`` needs a guest that vectors an exception through
+an IDT in MMIO, which the op language cannot express: it is in
+tests/kernel/test_mmio_during_vectoring.py, kernel backend only.
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ import itertools
 import pytest
 
 import guestmem.uapi as u
-from guestmem.api import ExitInternalError, Kvm, Mapping, Vm
+from guestmem.api import ExitGuestAssert, ExitHalt, ExitInternalError, ExitMmio, Kvm, Mapping, Vm
 from guestmem.errors import KvmError
+from guestmem.guest.ops import Program, Verify
 
 from .spinning import MMIO_VAL, Spinner
 from .support import (
@@ -497,3 +499,27 @@ def test_add_max_memory_regions(backend: Kvm) -> None:
             for slot in range(max_slots):
                 vm.set_user_memory_region(slot, 0, 0, 0, 0)
             check(vm)
+
+
+@pytest.mark.parametrize("answer", [0x00, 0x5C])
+def test_mmio_read_returns_the_host_answer(backend: Kvm, answer: int) -> None:
+    """What upstream's vcpu_worker relies on: the data the host puts in an MMIO read exit
+    (``run->mmio.data``; here ``ExitMmio.data``) is what the guest's read returns.  A guest reads 8
+    bytes where no memslot is and checks them; the host answers the exit; a wrong answer is the
+    guest's assertion, the right one lets it halt."""
+    with backend.create_vm(u.KVM_X86_DEFAULT_VM) as vm:
+        vcpu = vm.create_vcpu(0)
+        for supplied, ok in [(answer, True), (answer ^ 0xFF, False)]:
+            vcpu.load(Program([Verify(MEM_REGION_GPA, 8, answer)]))
+            ex = vcpu.run()
+            assert isinstance(ex, ExitMmio), ex
+            assert (ex.phys_addr, ex.len, ex.is_write) == (MEM_REGION_GPA, 8, False), ex
+            ex.data = bytes([supplied]) * 8
+            while isinstance(ex := vcpu.run(), ExitMmio):  # the byte-wise re-read of a mismatch
+                assert not ok and not ex.is_write, ex
+                ex.data = bytes([supplied]) * ex.len
+            if ok:
+                assert isinstance(ex, ExitHalt), ex
+            else:
+                assert isinstance(ex, ExitGuestAssert) and ex.found & 0xFF == supplied, ex
+        vcpu.close()
