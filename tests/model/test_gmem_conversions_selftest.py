@@ -161,7 +161,8 @@ def test_init_shared(conversions, revision: str) -> None:  # type: ignore[no-unt
 def test_indexing(conversions, test_page: int, revision: str) -> None:  # type: ignore[no-untyped-def]
     """guest_memfd_conversions_test.c:indexing, for every test_page of 4: values that depend on
     the page index and the step, the highest index first; one page converted to private and
-    back while the host and the guest read-modify-write every shared neighbour."""
+    back while the host and the guest read-modify-write every shared neighbour.  With RFC v2's
+    "Test precision of conversion" pass too (a second round with only test_page private)."""
     t = conversions(4, True, revision)
     n = t.nr_pages
 
@@ -176,9 +177,15 @@ def test_indexing(conversions, test_page: int, revision: str) -> None:  # type: 
             t.test_private(i, f(i, 3), f(i, 4))
         else:
             t.test_shared(i, f(i, 2), f(i, 3), f(i, 4))
-    t.test_convert_to_shared(test_page, f(test_page, 4), f(test_page, 5), f(test_page, 6))
+    # RFC v2's "precision of conversion" pass: still only test_page is private.
     for i in range(n):
-        t.test_shared(i, f(i, 6) if i == test_page else f(i, 4), f(i, 7), f(i, 8))
+        if i == test_page:
+            t.test_private(i, f(i, 4), f(i, 9))
+        else:
+            t.test_shared(i, f(i, 4), f(i, 10), f(i, 9))
+    t.test_convert_to_shared(test_page, f(test_page, 9), f(test_page, 5), f(test_page, 6))
+    for i in range(n):
+        t.test_shared(i, f(i, 6) if i == test_page else f(i, 9), f(i, 7), f(i, 8))
 
 
 @pytest.mark.parametrize("revision", REVISIONS)
@@ -376,3 +383,27 @@ def test_preserve_to_private_before_finalize_keeps_plaintext(vm_type: int) -> No
         vm.check_invariants()
     finally:
         kvm.close()
+
+
+# --- guest_memfd_test.c:test_guest_private_mem (added by the series) --------------------------------
+
+
+@pytest.mark.parametrize("revision", REVISIONS)
+def test_guest_private_mem(revision: str) -> None:
+    """guest_memfd_test.c:test_guest_private_mem with per-guest_memfd attributes: a
+    KVM_X86_SW_PROTECTED_VM, one page of guest_memfd at 4 GiB in slot 1 made private; the guest
+    writes 0xff and reads it back.  Stronger: the whole page, and the host's mapping of the
+    private page is SIGBUS.  (The per-VM-attributes form runs on both backends in
+    tests/conformance/test_guest_memfd_private.py.)"""
+    with guestmem.open("model", attributes="gmem", inplace_revision=revision) as kvm:
+        vm = kvm.create_vm(u.KVM_X86_SW_PROTECTED_VM)
+        gmem = vm.create_guest_memfd(PS, MMAP)
+        vm.set_user_memory_region2(SLOT, u.KVM_MEM_GUEST_MEMFD, GPA, PS, 0, gmem, 0)
+        gmem.set_memory_attributes2(0, PS, PRIVATE)
+        vm.check_invariants()
+        vcpu = vm.create_vcpu(0)
+        vcpu.load(Program([Write(GPA, PS, 0xFF), Verify(GPA, PS, 0xFF)]))
+        assert isinstance(vcpu.run(), ExitHalt)
+        vm.check_invariants()
+        with gmem.mmap(PS) as host, pytest.raises(GuestAccessFault):
+            host.read(0, 1)
