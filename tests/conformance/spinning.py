@@ -148,6 +148,14 @@ class Spinner:
             assert time.monotonic() < deadline, f"spinning vCPU made no progress in phase {phase}"
             time.sleep(0.001)
 
+    def wait_end(self) -> Exit | BaseException | None:
+        """Wait until the vCPU thread ends by itself (an exit the harness does not continue
+        from) and return that exit."""
+        assert self._thread is not None
+        self._thread.join(HANG_TIMEOUT)
+        assert not self._thread.is_alive(), "spinning vCPU did not stop (hang?)"
+        return self.final
+
     def stop(self) -> None:
         """Stop at the end of the current round; re-raise what failed on the vCPU thread."""
         self._stop.set()

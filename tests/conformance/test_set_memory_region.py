@@ -30,7 +30,16 @@ import itertools
 import pytest
 
 import guestmem.uapi as u
-from guestmem.api import ExitGuestAssert, ExitHalt, ExitInternalError, ExitMmio, Kvm, Mapping, Vm
+from guestmem.api import (
+    ExitGuestAssert,
+    ExitHalt,
+    ExitInternalError,
+    ExitMmio,
+    ExitShutdown,
+    Kvm,
+    Mapping,
+    Vm,
+)
 from guestmem.errors import KvmError
 from guestmem.guest.ops import Program, Verify
 
@@ -412,10 +421,11 @@ def test_delete_memory_region(backend: Kvm, disable_slot_zap_quirk: bool) -> Non
     upstream: *every* read of two whole rounds after each delete is an MMIO exit (8-byte read at
     MEM_REGION_GPA), and *none* after the re-creation.
 
-    Not ported: upstream finally deletes memslot 0, which holds the guest's code and page tables,
-    and expects KVM_EXIT_SHUTDOWN or KVM_EXIT_INTERNAL_ERROR with rip inside the spin loop.  Here
-    the guest's code lives outside the interface's memslots (the model interprets ops; the kernel
-    backend keeps its own loader slot), so that step has no counterpart.
+    Last, upstream deletes the memslot that holds the guest's code and page tables and expects
+    KVM_EXIT_SHUTDOWN, or KVM_EXIT_INTERNAL_ERROR with rip inside the spin loop.  On the kernel
+    backend that memslot is its loader slot (``guestmem.linux.LOADER_SLOT``), deleted the same
+    way while the guest spins; the model's guest program lives in no guest memory, so the model
+    stops before that step.
     """
     vm, backing = spawn_vm(backend, disable_slot_zap_quirk)
     with vm, backing:
@@ -435,7 +445,18 @@ def test_delete_memory_region(backend: Kvm, disable_slot_zap_quirk: bool) -> Non
             rounds = spin.wait_rounds(2, phase)
             assert all(r.mmio_reads == 0 and r.value == 0 for r in rounds), rounds
             delete()
-            spin.stop()
+            if backend.backend == "kernel":
+                from guestmem.linux import LOADER_GPA, LOADER_SLOT
+
+                vm.set_user_memory_region(LOADER_SLOT, 0, LOADER_GPA, 0, 0)  # the code and page tables
+                final = spin.wait_end()
+                assert isinstance(final, ExitShutdown | ExitInternalError), f"unexpected end {final!r}"
+                if isinstance(final, ExitInternalError):
+                    rip = vcpu.get_regs().rip  # type: ignore[attr-defined]
+                    code = vcpu.compiled  # type: ignore[attr-defined]
+                    assert code.base <= rip < code.base + len(code.code), f"rip {rip:#x} not in the loop"
+            else:
+                spin.stop()
         assert spin.transients == [], spin.transients
         values = [v for _, v in spin.changes]
         assert values == [MMIO_VAL, 0, MMIO_VAL], f"guest values after 0: {values}"
