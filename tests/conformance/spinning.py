@@ -45,9 +45,10 @@ MMIO_VAL = 0xEF  # what the host answers to an MMIO read (upstream: 0xbeef; a un
 @dataclass
 class Round:
     phase: int  # the host phase when the round started
-    value: int  # the byte the guest was spinning on
+    value: int  # the byte the guest was spinning on when the round started
     mmio_reads: int = 0  # 8-byte reads that were MMIO exits
     reads: int = 0  # 8-byte reads the guest made in the round
+    end_value: int | None = None  # the byte it was spinning on when the round ended
 
 
 @dataclass
@@ -117,6 +118,7 @@ class Spinner:
                 if isinstance(ex, ExitSync):
                     with self._lock:
                         current.reads += ROUND_OPS
+                        current.end_value = self.value
                         self.rounds.append(current)
                         current = Round(self.phase, self.value)
                     if self._stop.is_set():

@@ -407,7 +407,7 @@ def test_move_memory_region(backend: Kvm, disable_slot_zap_quirk: bool) -> None:
             assert old_value != 1 and new_value in allowed, f"guest values {seen}: {old_value} -> {new_value}"
         assert seen[-1] == 1, f"guest values {seen}: expected to end at 1"
         assert spin.transients == [], spin.transients
-        assert all(r.value == 1 and r.mmio_reads == 0 for r in after), after
+        assert all(r.end_value == 1 and r.mmio_reads == 0 for r in after), after
         check(vm)
         vcpu.close()
 
@@ -443,7 +443,7 @@ def test_delete_memory_region(backend: Kvm, disable_slot_zap_quirk: bool) -> Non
             vm.set_user_memory_region2(MEM_REGION_SLOT, 0, MEM_REGION_GPA, MEM_REGION_SIZE, fresh.addr)
             phase = spin.advance()
             rounds = spin.wait_rounds(2, phase)
-            assert all(r.mmio_reads == 0 and r.value == 0 for r in rounds), rounds
+            assert all(r.mmio_reads == 0 and r.end_value == 0 for r in rounds), rounds
             delete()
             if backend.backend == "kernel":
                 from guestmem.linux import LOADER_GPA, LOADER_SLOT
