@@ -225,12 +225,14 @@ def test_pre_fault_memory(backend: Kvm, vm_type: int, private: bool, where: str)
 ])
 def test_pre_fault_memory_invalid_args(backend: Kvm, gpa: int, size: int, flags: int) -> None:
     """flags != 0, an unaligned gpa or size, or ``gpa + size <= gpa`` (size 0, wrap) are EINVAL,
-    checked before anything else -- so also on hosts where the call is otherwise EOPNOTSUPP."""
+    checked before anything else -- so also on hosts where the call is otherwise EOPNOTSUPP --
+    and the size KVM copies back is the one passed in."""
     with require_vm_type(backend, u.KVM_X86_DEFAULT_VM) as vm, backend.mmap_anonymous(TEST_SIZE) as backing:
         vm.set_user_memory_region2(TEST_SLOT, 0, TEST_GPA, TEST_SIZE, backing.addr)
         vcpu = vm.create_vcpu(0)
-        with raises_errno(errno.EINVAL):
+        with raises_errno(errno.EINVAL) as excinfo:
             vcpu.pre_fault_memory(gpa, size, flags)
+        assert excinfo.value.size_left == size  # KVM copies the untouched range back
         check(vm)
         vcpu.close()
 
@@ -245,12 +247,14 @@ def test_pre_fault_memory_unsupported_is_eopnotsupp(backend: Kvm) -> None:
         if vm.check_extension(u.KVM_CAP_PRE_FAULT_MEMORY):
             assert vcpu.pre_fault_memory(TEST_GPA, PAGE) == 0
             check(vm)
-            with raises_errno(errno.ENOENT):
+            with raises_errno(errno.ENOENT) as excinfo:
                 vcpu.pre_fault_memory(TEST_GPA + TEST_SIZE, PAGE)
+            assert excinfo.value.size_left == PAGE
         else:
             for gpa in (TEST_GPA, TEST_GPA + TEST_SIZE, 0):
-                with raises_errno(errno.EOPNOTSUPP):
+                with raises_errno(errno.EOPNOTSUPP) as excinfo:
                     vcpu.pre_fault_memory(gpa, PAGE)
+                assert excinfo.value.size_left == PAGE
         check(vm)
         vcpu.close()
 
