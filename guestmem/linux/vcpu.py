@@ -11,6 +11,7 @@ next entry.  A watchdog (:mod:`guestmem.linux.watchdog`) bounds each ``KVM_RUN``
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import mmap
 import os
@@ -237,6 +238,7 @@ class KernelVcpu:
         if isinstance(ex, ExitHypercall):
             self._pending_hypercall = ex
         elif isinstance(ex, ExitMmio) and not ex.is_write:
+            ex.data = bytes(ex.len)  # nothing was read yet: zeros unless the host answers
             self._pending_mmio_read = ex
         return ex
 
@@ -259,7 +261,11 @@ class KernelVcpu:
         """``KVM_PRE_FAULT_MEMORY``; returns the bytes left unmapped (the kernel's updated ``size``)."""
         gpa, size, flags = u64(gpa, "gpa"), u64(size, "size"), u64(flags, "flags")
         arg = u.kvm_pre_fault_memory(gpa=gpa, size=size, flags=flags)
-        _sys.ioctl(self._fd("KVM_PRE_FAULT_MEMORY"), u.KVM_PRE_FAULT_MEMORY, arg, "KVM_PRE_FAULT_MEMORY")
+        try:
+            _sys.ioctl(self._fd("KVM_PRE_FAULT_MEMORY"), u.KVM_PRE_FAULT_MEMORY, arg, "KVM_PRE_FAULT_MEMORY")
+        except KvmError as exc:
+            exc.size_left = int(arg.size)  # the kernel copies the range back on failure too
+            raise
         return int(arg.size)
 
     # -- lifetime -----------------------------------------------------------------------------------

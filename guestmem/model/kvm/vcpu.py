@@ -95,9 +95,17 @@ class ModelVcpu:
 
     def pre_fault_memory(self, gpa: int, size: int, flags: int = 0) -> int:
         """``KVM_PRE_FAULT_MEMORY``: map [gpa, gpa+size) as if the guest had touched it.  Returns
-        the bytes left unmapped (0 when done); raises if not even the first page could be."""
-        op = "KVM_PRE_FAULT_MEMORY"
+        the bytes left unmapped (0 when done); raises if not even the first page could be, with
+        ``size_left`` = ``size`` (kvm_vcpu_ioctl copies the untouched range back)."""
         gpa, size, flags = u64(gpa, "gpa"), u64(size, "size"), u64(flags, "flags")
+        try:
+            return self._pre_fault_memory(gpa, size, flags)
+        except KvmError as exc:
+            exc.size_left = size
+            raise
+
+    def _pre_fault_memory(self, gpa: int, size: int, flags: int) -> int:
+        op = "KVM_PRE_FAULT_MEMORY"
         self.vm.system.process.run_deferred()
         if self.closed:
             raise KvmError(errno.EBADF, op, "vCPU is closed")
