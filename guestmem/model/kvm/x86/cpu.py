@@ -16,7 +16,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -52,7 +52,7 @@ U64 = (1 << 64) - 1
 _uc_reg_read = uc_mod.unicorn_py3.unicorn.uclib.uc_reg_read
 POOL_BASE = 1 << 48  # Unicorn-physical address of frame 0 of the frame pool
 PLAIN_BASE = 1 << 49  # ... of the plaintext twin of frame 0 (encrypted flavours)
-MMIO_PADDR = 1 << 50  # the one-page window an MMIO instruction is single-stepped through
+MMIO_PADDR = 1 << 50  # the two-page window an MMIO instruction is single-stepped through
 PHYS_BITS = 40  # the guest's MAXPHYADDR (Unicorn's default CPU)
 SNP_C_BIT = 39  # CPUID 0x8000001F EBX[5:0]: guest RAM below 512 GiB
 TDX_GPAW = loader_mod.TDX_GPAW  # TDG.VP.INFO GPAW = 40; shared bit 39 (real TDX: 48 or 52)
@@ -195,6 +195,7 @@ class X86Cpu:
         self._event: tuple[Any, ...] | None = None
         self._pending: Exit | None = None
         self._mmio: _MmioStep | None = None
+        self._read_step: _MmioStep | None = None  # an MMIO read waiting for the VMM's data
         self._chunks: set[int] = set()
         self._plain_chunks: set[int] = set()
         # gfn -> (pfn delta, private) for every gfn the TLB may hold a translation of, or whose
@@ -217,7 +218,8 @@ class X86Cpu:
         uc.hook_add(uc_mod.UC_HOOK_INSN, self._out, None, 1, 0, X.UC_X86_INS_OUT)
         uc.hook_add(uc_mod.UC_HOOK_INSN, self._in, None, 1, 0, X.UC_X86_INS_IN)
         uc.hook_add(uc_mod.UC_HOOK_INSN, self._cpuid, None, 1, 0, X.UC_X86_INS_CPUID)
-        uc.mmio_map(MMIO_PADDR, PS, self._mmio_read, None, self._mmio_write, None)
+        uc.mmio_map(MMIO_PADDR, 2 * PS, self._mmio_read, None, self._mmio_write, None)
+        self._queued: list[Exit] = []  # further exits of one instruction (an access split by page)
 
     # --- lifetime -------------------------------------------------------------------------------
     def close(self) -> None:
@@ -427,8 +429,8 @@ class X86Cpu:
                 pa = self._walk(vaddr, write)
                 gfn, kind = self._decode_pa(pa)
                 mmio = self._mmio
-                if mmio is not None and mmio.gfn == gfn:
-                    entry.paddr = MMIO_PADDR + (vaddr & 0xFFF)
+                if mmio is not None and gfn in mmio.gfns:
+                    entry.paddr = MMIO_PADDR + mmio.gfns.index(gfn) * PS + (vaddr & 0xFFF)
                     entry.perms = uc_mod.UC_PROT_READ | uc_mod.UC_PROT_WRITE
                     return True
                 base, sp = self._page(gfn, kind, write)
@@ -473,15 +475,17 @@ class X86Cpu:
     def _mmio_read(self, uc: Any, offset: int, size: int, _ud: Any) -> int:
         step = self._mmio
         assert step is not None
-        if step.access is None:
-            step.access = (offset, size, False, 0)
-        return step.reply
+        step.accesses.append((offset, size, False, 0))
+        data = b""
+        for start, reply in step.replies.items():  # the part of the VMM's data at this offset
+            if start <= offset < start + len(reply):
+                data = reply[offset - start : offset - start + size]
+        return int.from_bytes(data.ljust(size, b"\0"), "little")
 
     def _mmio_write(self, uc: Any, offset: int, size: int, value: int, _ud: Any) -> None:
         step = self._mmio
         assert step is not None
-        if step.access is None:
-            step.access = (offset, size, True, value)
+        step.accesses.append((offset, size, True, value))
 
     # --- the run loop ---------------------------------------------------------------------------
     def _enter(self, count: int = RUN_COUNT) -> None:
@@ -638,26 +642,48 @@ class X86Cpu:
 
     # --- MMIO: the faulting instruction is single-stepped through a capturing window ------------
     def _mmio_exit(self, gfn: int) -> Exit | None:
-        """No memslot: KVM emulates the instruction.  Step it once through the MMIO window to learn
-        its access (address, length, data); a write completes now, a read is undone and completed
-        on the next run with the VMM's data (``ExitMmio.data``)."""
-        step = _MmioStep(gfn)
+        """No memslot: KVM emulates the instruction.  Step it once through the MMIO window (the
+        gfn, and the next one when an operand crosses into it) to learn its accesses; each part
+        in one page is one exit with its length and data.  A write completes now (further parts
+        are returned by the next runs); a read is undone, its parts are returned one per run, and
+        the instruction is stepped again with the VMM's data once all have it."""
+        step = _MmioStep([gfn])
         with self.uc_lock:
             ctx = self.uc.context_save()
-        self._mmio = step
-        self._step_mmio()
-        if step.access is None:  # the instruction stopped before its MMIO access: handle that
+        while True:
+            self._mmio = step
+            self._step_mmio()
             self._mmio = None
             ev = self._event
+            if step.accesses or ev is None or ev[0] != "fault" or len(step.gfns) > 1 \
+                    or ev[1] != gfn + 1:
+                break
+            # The operand crosses into the next page: fault it (RAM is mapped; no memslot joins
+            # the window), and step again from the same state.
+            res = page_fault(self.vm, ev[1], ev[1] + 1, ev[2], ev[3])
+            if isinstance(res, ExitMemoryFault):
+                with self.uc_lock:
+                    self.uc.context_restore(ctx)
+                return res
+            if isinstance(res, Emulate):
+                step.gfns.append(ev[1])
+            step.accesses.clear()
+            with self.uc_lock:
+                self.uc.context_restore(ctx)
+        if not step.accesses:  # the instruction stopped before its MMIO access: handle that
             return self._handle(ev) if ev is not None else None
-        off, size, is_write, value = step.access
-        gpa = gfn * PS + off
-        if is_write:
-            self._mmio = None
-            return ExitMmio(gpa, size, True, (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little"))
+        parts = step.parts()
+        if parts[0][2]:  # a write: done
+            exits: list[Exit] = [ExitMmio(step.gpa(o), n, True, d) for o, n, _, d in parts]
+            self._queued = exits[1:]
+            return exits[0]
         with self.uc_lock:
             self.uc.context_restore(ctx)
-        ex = ExitMmio(gpa, size, False, bytes(8))
+        step.pending = [ExitMmio(step.gpa(o), n, False, bytes(8)) for o, n, _, _ in parts]
+        step.offsets = [o for o, _, _, _ in parts]
+        step.accesses.clear()
+        self._read_step = step
+        ex = step.pending[0]
         self._pending = ex
         return ex
 
@@ -669,10 +695,18 @@ class X86Cpu:
             self._flush_tlb()
 
     def _complete_pending(self) -> Exit | None:
+        if self._queued:
+            return self._queued.pop(0)
         pending, self._pending = self._pending, None
         if isinstance(pending, ExitMmio) and not pending.is_write:
-            step = _MmioStep(pending.phys_addr // PS)
-            step.reply = int.from_bytes(bytes(pending.data[: pending.len]).ljust(8, b"\0"), "little")
+            step = self._read_step
+            assert step is not None
+            i = step.pending.index(pending)
+            step.replies[step.offsets[i]] = bytes(pending.data[: pending.len])
+            if i + 1 < len(step.pending):  # the operand's next part: its own exit first
+                self._pending = step.pending[i + 1]
+                return self._pending
+            self._read_step = None
             self._mmio = step
             self._step_mmio()
             self._mmio = None
@@ -723,9 +757,36 @@ class X86Cpu:
 
 @dataclass
 class _MmioStep:
-    gfn: int
-    access: tuple[int, int, bool, int] | None = None
-    reply: int = 0
+    """One instruction stepped through the MMIO window: its pages (window page i is ``gfns[i]``),
+    the accesses the engine made (it may split one operand into parts), and for a read the exits
+    still to answer and the VMM's data by window offset."""
+
+    gfns: list[int]
+    accesses: list[tuple[int, int, bool, int]] = field(default_factory=list)
+    replies: dict[int, bytes] = field(default_factory=dict)
+    pending: list[ExitMmio] = field(default_factory=list)
+    offsets: list[int] = field(default_factory=list)
+
+    def gpa(self, offset: int) -> int:
+        return self.gfns[offset // PS] * PS + offset % PS
+
+    def parts(self) -> list[tuple[int, int, bool, bytes]]:
+        """The first operand's accesses joined per page: (window offset, length, write, data) --
+        one exit per page part, as KVM's emulator reports a split access."""
+        out: list[tuple[int, int, bool, bytes]] = []
+        write = self.accesses[0][2]
+        for o, n, w, v in self.accesses:
+            if w != write:
+                break
+            data = (v & ((1 << (8 * n)) - 1)).to_bytes(n, "little")
+            if out and out[-1][0] + out[-1][1] == o and o % PS and out[-1][1] + n <= 8:
+                po, pn, _, pd = out[-1]
+                out[-1] = (po, pn + n, w, pd + data)
+            elif out and sum(p[1] for p in out) + n > 8:
+                break
+            else:
+                out.append((o, n, w, data))
+        return out
 
 
 def check_cpu_view(vm: ModelVm) -> None:
