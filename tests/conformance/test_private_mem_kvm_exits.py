@@ -175,6 +175,8 @@ def run_while_deleting(kvm: Kvm, vm: Vm, delete: Callable[[], None]) -> Exit:
     Asserts that the run which ended was already running when the deletion started (the race
     was run inside KVM_RUN, not between runs)."""
     reads = READS.get(kvm.backend, 20_000)
+    if getattr(getattr(kvm, "options", None), "cpu", "ops") == "x86":
+        reads = READS["kernel"]  # compiled code, as on the kernel: it must fit the loader window
     with kvm.mmap_anonymous(PAGE) as announce:
         vm.set_user_memory_region2(ANNOUNCE_SLOT, 0, ANNOUNCE_GPA, PAGE, announce.addr)
         vcpu = vm.create_vcpu(0)
