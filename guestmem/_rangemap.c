@@ -443,8 +443,13 @@ static PyObject *core_set(Core *m, PyObject *const *args, Py_ssize_t nargs) {
         Chunk *ch = m->chunks[lo.c];
         /* a short edit ends in lo's chunk: look there first */
         if (ch->n && ch->s[ch->n - 1] > end) {
+            /* a short edit touches one or two intervals: step over them before bisecting (a
+               bisect of the chunk's tail would touch cache lines nothing else needs) */
+            Py_ssize_t i = lo.i;
+            while (i < lo.i + 3 && ch->s[i] <= end) i++;
+            if (ch->s[i] <= end) i = upper_bound(ch->s + i, ch->n - i, end) + i;
             hi.c = lo.c;
-            hi.i = upper_bound(ch->s + lo.i, ch->n - lo.i, end) + lo.i;
+            hi.i = i;
         } else {
             Py_ssize_t c2 = upper_bound(m->mins, m->nchunks, end) - 1;
             if (c2 >= 0) {

@@ -21,12 +21,13 @@ neighbour, and are kept sorted.  Indices not covered hold ``default``.  Three la
 * **native** (:class:`_NativeRangeMap`, past ``2 * _LOAD`` where the optional compiled core
   ``guestmem._rangemap`` is built): the chunked layout again, in C, with the keys packed in int64
   arrays.  At a million ranges the Python lists pay a cache and TLB miss per bisect probe (every
-  key is its own int object somewhere on the heap): 5-9 µs per random single-page set, against
-  about 1 µs here.  The core applies the chunked layout's ``set`` rule to the letter (which value
-  object a merge keeps, the order values are compared with ``==``); it only takes keys that are
-  exact ints within int64, and a map given any other key moves to the Python chunked layout for
-  good (``Unsupported`` is raised before the core changes anything).  ``IMPLEMENTATION`` says
-  which large layout this process uses; without a compiler the Python one does everything.
+  key is its own int object somewhere on the heap): 6-9 µs per random single-page set, against
+  1.1-1.6 µs here (``guestmem bench --only rangemap`` measures both in one run).  The core
+  applies the chunked layout's ``set`` rule to the letter (which value object a merge keeps, the
+  order values are compared with ``==``); it only takes keys that are exact ints within int64,
+  and a map given any other key moves to the Python chunked layout for good (``Unsupported`` is
+  raised before the core changes anything).  ``IMPLEMENTATION`` says which large layout this
+  process uses; without a compiler the Python one does everything.
 
 A map switches layout by reassigning ``__class__`` (all classes share one slot layout): flat to
 native (or chunked) when it grows past ``2 * _LOAD``, back to flat when it shrinks below
@@ -60,6 +61,11 @@ IMPLEMENTATION = "c-extension" if _native is not None else "python"
 # _LOAD..2 * _LOAD and joined with a neighbour below _LOAD // 2.  512 balances the in-chunk
 # memmove (grows with it) against the length of _mins.  Tests lower it to exercise the chunking.
 _LOAD = 512
+
+# Intervals per chunk of the compiled core (never more than _LOAD, so tests that lower _LOAD
+# exercise its chunking too): its chunks are packed arrays, and at 1M ranges 128 measured faster
+# than 512 (an edit's memmove and the chunk's bisect touch fewer cache lines; ``mins`` stays small).
+_NATIVE_LOAD = 128
 
 _I64_MIN, _I64_MAX = -(1 << 63), (1 << 63) - 1
 
@@ -203,7 +209,7 @@ class RangeMap(Generic[V]):
     def _grow(self) -> None:
         """Leave the flat layout: for the native one where it is built and takes these keys."""
         if _native is not None:
-            core = _native.Core(self.default, _LOAD)
+            core = _native.Core(self.default, min(_LOAD, _NATIVE_LOAD))
             try:
                 core.load(self._starts, self._ends, self._values)
             except _native.Unsupported:  # a key beyond int64 (or not an int): stay in Python
