@@ -426,6 +426,13 @@ static PyObject *core_set(Core *m, PyObject *const *args, Py_ssize_t nargs) {
         return unsupported();
     }
     if (start >= end) return PyLong_FromSsize_t(m->len);
+    /* Comparing values may run Python code (an __eq__), and with it another thread that edits
+       this map: everything read before the last comparison is re-read if the map changed. */
+    int64_t start0 = start, end0 = end;
+retry:
+    start = start0;
+    end = end0;
+    uint64_t seen = m->version;
     int is_default = eq(value, m->deflt);
     if (is_default < 0) return NULL;
 
@@ -463,6 +470,7 @@ static PyObject *core_set(Core *m, PyObject *const *args, Py_ssize_t nargs) {
     int64_t ns[3], ne[3];
     PyObject *nv[3];
     int k = 0;
+    if (m->version != seen) goto retry; /* only the default comparison so far */
     if (lo.c == hi.c && lo.i == hi.i) { /* touches nothing: a plain insert */
         if (is_default) return PyLong_FromSsize_t(m->len);
         if (m->nchunks == 0) {
@@ -486,6 +494,7 @@ static PyObject *core_set(Core *m, PyObject *const *args, Py_ssize_t nargs) {
             PyObject *v_lo = first->v[lo.i];
             int same = eq(v_lo, value);
             if (same < 0) return NULL;
+            if (m->version != seen) goto retry;
             if (same) {
                 start = s_lo;
             } else {
@@ -505,6 +514,7 @@ static PyObject *core_set(Core *m, PyObject *const *args, Py_ssize_t nargs) {
             PyObject *v_hi = lastch->v[last.i];
             int same = eq(v_hi, value);
             if (same < 0) return NULL;
+            if (m->version != seen) goto retry;
             if (same) {
                 if (is_default) {
                     PyErr_SetString(PyExc_AssertionError, "default value stored");

@@ -344,3 +344,42 @@ def test_native_map_takes_any_int_key_by_moving_to_python():
         m.check()
         assert m.get(2**63 + 5) == 2 and list(m.items())[-1] == (2**63 - 2, 2**64, 2)
         assert m.get(1) == 1 and len(m) == 11
+
+
+@pytest.mark.skipif(_BUILT is None, reason="guestmem._rangemap is not built")
+def test_native_set_survives_an_eq_that_edits_the_map():
+    """Comparing values may run Python code (another thread, or this ``__eq__``) that edits the
+    map between the core's lookups and its splice: the core notices and looks again, so the map
+    ends up as the inner edit followed by the outer one, and stays consistent."""
+
+    class Meddler:
+        """Equal to nothing; the first comparisons erase a neighbourhood of the map."""
+
+        def __init__(self, m: RangeMap[object], todo: list[tuple[int, int]]) -> None:
+            self.m, self.todo = m, todo
+
+        def __eq__(self, other: object) -> bool:
+            if self.todo:
+                s, e = self.todo.pop()
+                self.m.set(s, e, 0)
+            return False
+
+        __hash__ = None  # type: ignore[assignment]
+
+    with layout("c-extension", 4):
+        m: RangeMap[object] = RangeMap(0)
+        ref: dict[int, object] = {}
+        for i in range(200):
+            m.set(3 * i, 3 * i + 2, 1 + i % 2)
+            ref.update({p: 1 + i % 2 for p in range(3 * i, 3 * i + 2)})
+        assert type(m).__name__ == "_NativeRangeMap"
+        todo = [(250, 400), (90, 130), (0, 60)]
+        edits = list(todo)
+        value = Meddler(m, todo)
+        m.set(100, 301, value)
+        m.check()
+        for s, e in reversed(edits):
+            for p in range(s, e):
+                ref.pop(p, None)
+        ref.update({p: value for p in range(100, 301)})
+        assert {p: v for s, e, v in m.items() for p in range(s, e)} == ref
