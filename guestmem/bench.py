@@ -402,7 +402,7 @@ def bench_rangemap(sizes: list[int], ops: int = 2000, repeat: int = 7) -> dict[s
 
     impls = ["python"] if ranges._native is None else ["c-extension", "python"]
     built = ranges._native
-    rows = []
+    rows: list[dict[str, Any]] = []
     for impl in impls:
         ranges._native = built if impl == "c-extension" else None
         try:
