@@ -612,8 +612,22 @@ class _NativeRangeMap(RangeMap[V]):
         other.__class__ = _NativeRangeMap
         return other
 
+    def __reduce__(self) -> tuple[Callable[..., RangeMap[V]], tuple[object, ...]]:
+        """Pickle and ``copy.deepcopy`` through the intervals (the core itself is not picklable)."""
+        starts, ends, values = self._core.export()
+        return _rebuild, (self.default, starts, ends, values)
+
     def check(self) -> None:
         """Assert the representation invariants (the core's structure, then the intervals)."""
         self._core.check()
         assert len(self) == sum(1 for _ in self.items())
         RangeMap.check(self)
+
+
+def _rebuild(default: V, starts: list[int], ends: list[int], values: list[V]) -> RangeMap[V]:
+    """A map holding these (sorted, merged) intervals: how a native map is unpickled."""
+    m: RangeMap[V] = RangeMap(default)
+    m._starts, m._ends, m._values = starts, ends, values
+    if len(starts) > 2 * _LOAD:
+        m._grow()
+    return m

@@ -383,3 +383,20 @@ def test_native_set_survives_an_eq_that_edits_the_map():
                 ref.pop(p, None)
         ref.update({p: value for p in range(100, 301)})
         assert {p: v for s, e, v in m.items() for p in range(s, e)} == ref
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_large_maps_pickle_and_deepcopy(impl):
+    """A large map (in either layout) survives pickle and ``copy.deepcopy`` whole and independent."""
+    import copy
+    import pickle
+
+    with layout(impl, 4):
+        m: RangeMap[object] = RangeMap(None)
+        for i in range(50):
+            m.set(2 * i, 2 * i + 1, [i])
+        for twin in (pickle.loads(pickle.dumps(m)), copy.deepcopy(m)):
+            twin.check()
+            assert type(twin) is type(m) and list(twin.items()) == list(m.items())
+            twin.set(0, 1, None)
+            assert m.get(0) == [0] and twin.get(0) is None and len(twin) == 49
