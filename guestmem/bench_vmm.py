@@ -331,7 +331,9 @@ def bench_ioctl(device: str = "/dev/kvm", n: int = 200_000, repeat: int = 5) -> 
             raw.append(per_call(_sys._ioctl, fd, u.KVM_CHECK_EXTENSION, cap))
         rows: list[dict[str, Any]] = []
         for k, (name, on, *_rest) in enumerate(cases):
-            row: dict[str, Any] = {"name": f"{on} {name}", "backend_ns": spread(backend[k])}
+            # The path that ran is in the name, so the table shows it too (it drops strings).
+            path = getattr(_sys, "FAST_PATH", "ctypes") if name != "KVM_GET_REGS" else "ctypes"
+            row: dict[str, Any] = {"name": f"{on} {name} ({path})", "backend_ns": spread(backend[k])}
             if c[k]:
                 c_med = statistics.median(c[k])
                 row["c_ns"] = spread(c[k])
