@@ -13,7 +13,8 @@ import ctypes
 import ctypes.util
 import mmap as _mmap
 import os
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from guestmem.errors import KvmError
 
@@ -33,6 +34,7 @@ try:
     from guestmem.linux import _fastioctl  # type: ignore[attr-defined]
 
     FAST_PATH = "c-extension"
+    _fastioctl.set_error_type(KvmError)
 except ImportError:  # not built (no compiler at install time): the ctypes path does the same
     _fastioctl = None
     FAST_PATH = "ctypes"
@@ -115,6 +117,29 @@ def ioctl_fast(fd: int, request: int, arg: int, name: str = "ioctl") -> int:
     if ret < 0:
         raise KvmError(-ret, name, os.strerror(-ret))
     return ret
+
+
+_Method = TypeVar("_Method", bound=Callable[..., int])
+
+
+def int_ioctl_method(request: int, name: str, takes_arg: bool = True) -> Callable[[_Method], _Method]:
+    """Decorate a backend method that issues one non-blocking integer ioctl on ``self.fd``.
+
+    With the compiled fast path the method becomes a ``_fastioctl.IntIoctlMethod``: the common call
+    (one exact int argument in ``[0, 2**64)``, or none when ``takes_arg`` is false, on an object
+    whose ``_open`` is True) issues ``ioctl(self.fd, request, arg)`` from C and raises
+    ``KvmError(errno, name)`` on failure; any other call runs the decorated Python method, so it
+    decides every argument rule and error.  Without the extension the Python method is returned
+    unchanged.  Only for methods whose whole effect is that one ioctl.
+    """
+
+    def wrap(method: _Method) -> _Method:
+        if _fastioctl is None:
+            return method
+        fast: _Method = _fastioctl.IntIoctlMethod(method, request, name, takes_arg)
+        return fast
+
+    return wrap
 
 
 def mmap(length: int, prot: int, flags: int, fd: int = -1, offset: int = 0, name: str = "mmap") -> int:

@@ -56,10 +56,12 @@ class KernelKvm:
             raise KvmError(errno.EBADF, op, "/dev/kvm is closed")
         return self.fd
 
+    @_sys.int_ioctl_method(u.KVM_GET_API_VERSION, "KVM_GET_API_VERSION", takes_arg=False)
     def api_version(self) -> int:
         return _sys.ioctl_fast(self._fd("KVM_GET_API_VERSION"), u.KVM_GET_API_VERSION, 0,
                                "KVM_GET_API_VERSION")
 
+    @_sys.int_ioctl_method(_CHECK_EXTENSION, "KVM_CHECK_EXTENSION")
     def check_extension(self, cap: int) -> int:
         # Inlined (argument rule, open check, ioctl, errno): a capability probe is a ~0.3 us
         # ioctl, and each Python call layered on it would cost as much again.

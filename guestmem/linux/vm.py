@@ -74,6 +74,7 @@ class KernelVm:
         return self.fd
 
     # -- capabilities -------------------------------------------------------------------------------
+    @_sys.int_ioctl_method(_CHECK_EXTENSION, "KVM_CHECK_EXTENSION")
     def check_extension(self, cap: int) -> int:
         # Inlined (argument rule, open check, ioctl, errno): a capability probe is a ~0.3 us
         # ioctl, and each Python call layered on it would cost as much again.
