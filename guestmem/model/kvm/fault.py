@@ -116,11 +116,12 @@ def host_runs(vm: ModelVm, slot: Memslot, gfn: int, stop: int, write: bool
     first = mapping.pgoff + off // PS
     n = min(stop - gfn, (mapping.length - off + PS - 1) // PS)
     try:
-        folio_runs = getattr(mapping.file, "folio_runs", None)
+        source = mapping.source  # MAP_PRIVATE: the copy-on-write view, not the file
+        folio_runs = getattr(source, "folio_runs", None)
         if folio_runs is not None:
             raw = folio_runs(first, first + n)
         else:
-            raw = [(s, e, pfn, 0) for s, e, pfn in mapping.file.host_fault(first, first + n, write)]
+            raw = [(s, e, pfn, 0) for s, e, pfn in source.host_fault(first, first + n, write)]
     except HostFault:
         raise KvmError(errno.EFAULT, "KVM_RUN", f"gfn {gfn:#x}: host access to {hva:#x} faults") from None
     base = gfn - first

@@ -83,6 +83,10 @@ class PageCache:
         self._nr = 0
         self._lock = threading.RLock()
         self._stats = CacheStats()
+        # NUMA placement (None: anywhere, the fast path): ``placement(start, end)`` answers pieces
+        # ``(s, e, node)`` saying which node new pages of ``[start, end)`` come from (the file's
+        # memory policy, as ``__filemap_get_folio_mpol`` passes it to the allocator).
+        self.placement: Callable[[int, int], list[tuple[int, int, int | None]]] | None = None
 
     # --- lookups --------------------------------------------------------------------------------
     @property
@@ -195,7 +199,15 @@ class PageCache:
             done: list[tuple[int, list[tuple[int, int]], int]] = []
             try:
                 for index, npages, o in plan:
-                    done.append((index, self.pool.alloc_range(npages, o), o))
+                    if self.placement is None:
+                        done.append((index, self.pool.alloc_range(npages, o), o))
+                        continue
+                    for s, e, node in self.placement(index, index + npages):
+                        if o:  # a large folio comes from one node: its head's
+                            s, e = index, index + npages
+                        done.append((s, self.pool.alloc_range(e - s, o, node), o))
+                        if o:
+                            break
             except KvmError:
                 for _, runs, _ in done:
                     for pfn, n in runs:
