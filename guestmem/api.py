@@ -509,6 +509,15 @@ class Vm(Protocol):
     def __enter__(self) -> Vm: ...
     def __exit__(self, *exc: object) -> None: ...
 
+    def get_dirty_log(self, slot: int) -> bytes:
+        """``KVM_GET_DIRTY_LOG``: the dirty bitmap of memslot ``slot`` (``as_id << 16 | id``), one
+        bit per page (little-endian longs, ``ALIGN(npages, 64) / 8`` bytes), set where the guest
+        wrote since the last call; the log is cleared and re-armed behind it.  Only a slot with
+        ``KVM_MEM_LOG_DIRTY_PAGES`` logs (a guest_memfd slot cannot: EINVAL at creation).
+        EINVAL for an address space or id out of range, ENOENT for no slot or one that does not
+        log.  Host writes through a mapping are not logged."""
+        ...
+
 
 @runtime_checkable
 class Kvm(Protocol):

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 from guestmem import uapi as u
 from guestmem.api import ExitMemoryFault
 from guestmem.errors import KvmError
+from guestmem.model.kvm import dirty_log
 from guestmem.model.kvm import mmu as mmu_mod
 from guestmem.model.process import HostFault
 from guestmem.sync import schedule_point
@@ -64,6 +65,9 @@ def page_fault(vm: ModelVm, gfn: int, end: int, access: Access, write: bool, as_
         if slot is None:
             return memory_fault(gfn, True) if is_private else Emulate(gfn)
         stop = min(end, slot.end_gfn, vm.attribute_run_end(gfn, end))
+        logging = slot.dirty_bitmap is not None
+        if logging and write:
+            stop = gfn + 1  # a logging slot takes one write fault per page: each is logged
         # Upstream's window: mmu_seq is snapshotted and the attribute read; anything may change
         # before mmu_lock is taken, which is what the recheck under mmu_lock is for.
         schedule_point("fault: mmu_seq read", gfn, seq, is_private)
@@ -93,10 +97,13 @@ def page_fault(vm: ModelVm, gfn: int, end: int, access: Access, write: bool, as_
         with vm.mmu_lock():
             stale = mmu.retry(seq, gfn, covered)
             if not stale:
-                top = mmu_mod.max_order_for(vm, is_private)
-                writable = not slot.readonly
+                top = 0 if logging else mmu_mod.max_order_for(vm, is_private)
+                # While logging, a read maps write-protected so the first write faults.
+                writable = not slot.readonly and (write or not logging)
                 for s, e, pfn, order in runs:
                     mmu.install(slot, gfn, covered, s, e, pfn, order, is_private, writable, top)
+                if logging and write:
+                    dirty_log.mark_dirty(slot, gfn, covered)
         if not stale:
             return covered
         # RET_PF_RETRY: back into the guest, which faults again; let the invalidation finish.
