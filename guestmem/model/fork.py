@@ -10,6 +10,7 @@ process acts on its copy of the address space.
 from __future__ import annotations
 
 import itertools
+import weakref
 
 from guestmem.args import u64
 from guestmem.errors import GuestAccessFault, KvmError
@@ -18,13 +19,21 @@ from guestmem.model.process import ModelMapping, Process
 _pids = itertools.count(10_000)
 
 
+def _exit_later(child: Process, parent: Process) -> None:
+    for m in list(child._owned):
+        parent.defer_release(m)
+
+
 class ModelChild:
     """Implements :class:`guestmem.api.ForkedChild` for the model."""
 
-    def __init__(self, process: Process) -> None:
+    def __init__(self, process: Process, parent: Process) -> None:
         self.process = process
         self.pid = next(_pids)
         self.exited = False
+        # A child nobody holds any more exits: its mappings are closed the next time the parent
+        # enters the model (deferred, as every release in the model is).
+        weakref.finalize(self, _exit_later, process, parent)
 
     def _mapping(self, op: str, mapping: object, offset: object) -> tuple[ModelMapping, int]:
         addr = getattr(mapping, "addr", None)

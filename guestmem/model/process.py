@@ -274,6 +274,29 @@ class ModelMapping:
         if limit < offset + length:
             raise GuestAccessFault(op, limit, "SIGSEGV: page protection forbids the access")
 
+    def notify_pages(self, start: int, end: int, action: Callable[[], None]) -> None:
+        """Run ``action`` (which changes what file pages [start, end) map to in this mapping)
+        inside MMU-notifier invalidations of their host addresses."""
+        a = self.addr + max(0, start - self.pgoff) * PS
+        b = self.addr + max(0, end - self.pgoff) * PS
+        self.process._notify(a, b, action)
+
+    def gup_range(self, offset: int, npages: int, write: bool) -> tuple[int, bool]:
+        """For a secondary MMU (KVM's ``hva_to_pfn``) taking ``npages`` from page-aligned
+        ``offset``: how many GUP may take for this access (0: it fails, EFAULT), and whether the
+        host maps them writable (a protection without PROT_WRITE, or a MAP_PRIVATE page that is
+        not yet the mapping's own copy, is mapped read-only)."""
+        need = PROT_WRITE if write else PROT_READ
+        n = (self._permitted(offset, npages * PS, need) - offset) // PS
+        if n == 0:
+            return 0, False
+        writable = self._permitted(offset, n * PS, PROT_WRITE) == offset + n * PS
+        overlay = getattr(self.source, "overlay", None)
+        if writable and not write and overlay is not None:
+            first = self.pgoff + offset // PS
+            writable = overlay.cache.all_allocated(first, first + n)
+        return n, writable
+
     def _permitted(self, offset: int, length: int, need: int) -> int:
         """The end of the prefix of ``[offset, offset+length)`` whose pages allow ``need``."""
         if self._prot_all is not None:
@@ -352,7 +375,10 @@ class ModelMapping:
             a, b = max(first, lo), min(last, hi)
             if a < b and not c.closed:
                 c.mprotect((a - lo) * PS, (b - a) * PS, value)
-        self.prot_map.set(first, last, value)
+        # change_protection: secondary MMUs drop what they mapped of the range (KVM re-faults
+        # it under the new protection).
+        self.process._notify(self.addr + off, self.addr + off + n,
+                             lambda: self.prot_map.set(first, last, value))
         npages = -(-self.length // PS)
         uniform = {p for _, _, p in self.prot_map.segments(0, npages)}
         self._prot_all = uniform.pop() if len(uniform) == 1 else None
@@ -647,6 +673,8 @@ class Process:
         if align < PS or align & (align - 1):
             raise ValueError(f"align must be a power of two of at least a page, not {align:#x}")
         npages = check_mmap_length(length, pgoff)
+        if fixed is not None:  # what was mapped there goes: secondary MMUs hear of it
+            self._notify(fixed, fixed + npages * PS, lambda: None)
         with self._lock:
             if fixed is not None:
                 addr = fixed
@@ -657,6 +685,8 @@ class Process:
                     raise KvmError(errno.ENOMEM, "mmap", "no room for the mapping in the address space")
                 self._next_top = addr = top
             m = ModelMapping(self, file, addr, length, pgoff, prot=prot, shared=shared, source=source)
+            if source is not None and hasattr(source, "notify"):
+                source.notify = m.notify_pages  # a COW copy replaces the host PTE
             self._mappings[id(m)] = weakref.ref(m)
             self._by_file.setdefault(id(file), set()).add(id(m))
             self._vmas.set(addr // PS, addr // PS + npages, id(m))

@@ -223,7 +223,7 @@ class ModelKvm:
         from guestmem.model.fork import ModelChild
 
         self._check_open("fork")
-        return ModelChild(self.process.fork())
+        return ModelChild(self.process.fork(), self.process)
 
     def close(self) -> None:
         if not self.closed:

@@ -28,6 +28,9 @@ class CowFile:
     def __init__(self, base: MappableFile, overlay: ShmemBacking) -> None:
         self.base = base
         self.overlay = overlay
+        # Set by the mapping: run a change of what pages [s, e) map to inside MMU-notifier
+        # invalidations (a secondary MMU may map the file's page read-only until the copy).
+        self.notify: Callable[[int, int, Callable[[], None]], None] = lambda s, e, act: act()
 
     def host_fault(self, start: int, end: int, write: bool) -> list[tuple[int, int, int]]:
         cache = self.overlay.cache
@@ -41,13 +44,15 @@ class CowFile:
         stop = base_runs[-1][1] if base_runs else s
         if stop <= s:
             return base_runs
-        with self.base.access_lock():
+        def copy() -> None:
             cache.populate(s, stop, 0)
             for a, b, src in base_runs:
                 for c, d, dst, _ in cache.lookup_range(a, b):
                     if dst is not None:
                         self.overlay.pool.copy(dst, src + (c - a), d - c)
-        cache.mark_uptodate(s, stop)
+            cache.mark_uptodate(s, stop)
+
+        self.notify(s, stop, copy)
         return [(a, b, p) for a, b, p, _ in cache.lookup_range(s, stop) if p is not None]
 
     def lookup_range(self, start: int, end: int) -> list[tuple[int, int, int | None, int]]:
@@ -65,7 +70,7 @@ class CowFile:
         return self.overlay.cache.nr_pages
 
     def drop_copies(self, start: int, end: int) -> None:
-        self.overlay.cache.remove(start, end)
+        self.notify(start, end, lambda: self.overlay.cache.remove(start, end))
 
     def pin_pages(self, start: int, end: int) -> Callable[[], None]:
         return self.overlay.cache.pin(start, end)
