@@ -166,10 +166,12 @@ class KernelMapping:
         if tail:
             self._write_from("fill", offset + full * chunk, ctypes.addressof(src), tail, 1)
 
-    def _fault(self, op: str, offset: int, detail: str) -> GuestAccessFault:
+    def _fault(self, op: str, offset: int, detail: str, need: int | None = None) -> GuestAccessFault:
         """The fault a CPU access at ``offset`` would take: SIGSEGV where our records say the page
-        is unmapped or lacks the permission, else SIGBUS (the file's fault handler refused)."""
-        need = _sys.PROT_READ if op in ("read", "mapping.read") else _sys.PROT_WRITE
+        is unmapped or lacks the permission (``need``: read for "read", else write), else SIGBUS
+        (the file's fault handler refused)."""
+        if need is None:
+            need = _sys.PROT_READ if op == "read" else _sys.PROT_WRITE
         target, sub = self, offset
         for c in self.children:
             lo = c.addr - self.addr
@@ -407,8 +409,8 @@ class KernelPin:
                         if err.errno == 11:  # EAGAIN: this pipe is full, open another
                             break
                         if err.errno == 14:  # EFAULT: the pages cannot be faulted in
-                            raise GuestAccessFault("pin", self.offset + self.pinned,
-                                                   f"SIGBUS ({err.message})") from None
+                            raise self.mapping._fault("pin", self.offset + self.pinned, err.message,
+                                                      _sys.PROT_READ) from None
                         raise
                     if n == 0:
                         break

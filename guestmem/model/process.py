@@ -334,6 +334,9 @@ class ModelMapping:
         # Fault the pages in, as GUP does (for write: DMA targets are written), and take the
         # references under the same lock, so a conversion sees the pin or the pin sees SIGBUS.
         start, end = self.pgoff + offset // PS, self.pgoff + (offset + length) // PS
+        limit = self._permitted(offset, length, PROT_READ)  # the kernel backend pins by vmsplice
+        if limit < offset + length:
+            raise GuestAccessFault("pin", limit, "SIGSEGV: page protection forbids the access")
         with self.file.access_lock():
             for _ in self._runs(offset, length, True, "mapping.pin"):
                 pass

@@ -640,3 +640,15 @@ def test_guest_access_the_host_protection_forbids(backend: Kvm, request: pytest.
     vcpu.close()
     vm.close()
     mem.close()
+
+
+def test_pin_of_a_prot_none_page_faults(backend: Kvm) -> None:
+    """A pin takes the pages as a read would: PROT_NONE is SIGSEGV at the first such page."""
+    m = backend.mmap(2 * PAGE, RW, mman.MAP_SHARED | mman.MAP_ANONYMOUS)
+    m.mprotect(PAGE, PAGE, mman.PROT_NONE)
+    with m.pin(0, PAGE):
+        pass
+    with pytest.raises(GuestAccessFault) as exc, m.pin(0, 2 * PAGE):
+        pass
+    assert exc.value.signal == "SIGSEGV" and exc.value.offset == PAGE
+    m.close()
