@@ -39,7 +39,11 @@ def _munmap_quiet(addr: int, length: int) -> None:
         _sys.munmap(addr, length)
 
 
-def _placeholder_quiet(addr: int, length: int) -> None:
+def _placeholder_quiet(addr: int, length: int, parent: weakref.finalize) -> None:
+    """A MAP_FIXED piece goes: its range becomes a PROT_NONE placeholder while the parent lives
+    (never after: the parent's munmap freed the range, which may be someone else's by now)."""
+    if not parent.alive:
+        return
     with contextlib.suppress(KvmError):
         _sys.mmap_fixed(addr, length, 0, _sys.MAP_PRIVATE | _sys.MAP_ANONYMOUS | _sys.MAP_NORESERVE)
 
@@ -73,7 +77,8 @@ class KernelMapping:
         if parent is None:
             self._finalizer = weakref.finalize(self, _munmap_quiet, addr, length)
         else:
-            self._finalizer = weakref.finalize(self, _placeholder_quiet, addr, length)
+            self._finalizer = weakref.finalize(self, _placeholder_quiet, addr, length,
+                                               parent._finalizer)
         _LIVE.add(self)
 
     # -- construction -------------------------------------------------------------------------------
