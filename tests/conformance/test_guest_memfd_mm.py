@@ -652,3 +652,23 @@ def test_pin_of_a_prot_none_page_faults(backend: Kvm) -> None:
         pass
     assert exc.value.signal == "SIGSEGV" and exc.value.offset == PAGE
     m.close()
+
+
+def test_mbind_on_private_mappings(numa_backend: Kvm) -> None:
+    """A MAP_PRIVATE memfd mapping's mbind sets the file's shared policy (shmem's set_policy
+    serves every mapping), so a shared mapping of the file reports it; private anonymous
+    memory keeps a policy per range of the mapping."""
+    kvm = numa_backend
+    node0 = 1 << kvm.numa_nodes()[0]
+    f = kvm.memfd_create(2 * PAGE)
+    shared = kvm.mmap(2 * PAGE, RW, mman.MAP_SHARED, f)
+    private = kvm.mmap(2 * PAGE, RW, mman.MAP_PRIVATE, f)
+    private.mbind(0, 2 * PAGE, mman.MPOL_BIND, node0, 64)
+    assert shared.get_mempolicy(0) == private.get_mempolicy(PAGE) == (mman.MPOL_BIND, node0)
+    anon = kvm.mmap(2 * PAGE, RW, mman.MAP_PRIVATE | mman.MAP_ANONYMOUS)
+    anon.mbind(0, PAGE, mman.MPOL_INTERLEAVE, node0, 64)
+    assert anon.get_mempolicy(0) == (mman.MPOL_INTERLEAVE, node0)
+    assert anon.get_mempolicy(PAGE) == (mman.MPOL_DEFAULT, 0)
+    for m in (shared, private, anon):
+        m.close()
+    f.close()

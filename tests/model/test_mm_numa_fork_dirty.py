@@ -104,3 +104,17 @@ def test_dirty_logging_maps_small_and_write_protects() -> None:
     assert all(not sp.writable for _, _, sp in vm.mmu.sptes[0].items())
     vm.check_invariants()
     kvm.close()
+
+
+def test_private_shmem_mapping_uses_the_file_policy() -> None:
+    """mbind on a MAP_PRIVATE memfd mapping sets the file's shared policy (shmem_set_policy), so
+    a shared mapping sees it, and the private copies are allocated by it."""
+    kvm = guestmem.open("model", numa_nodes=2)
+    f = kvm.memfd_create(2 * PAGE)
+    shared = kvm.mmap(2 * PAGE, RW, mman.MAP_SHARED, f)
+    private = kvm.mmap(2 * PAGE, RW, mman.MAP_PRIVATE, f)
+    private.mbind(0, 2 * PAGE, mman.MPOL_BIND, 0b10, 64)
+    assert shared.get_mempolicy(0) == (mman.MPOL_BIND, 0b10)
+    private.fill(0, 2 * PAGE, 1)
+    assert private.page_nodes(0, 2) == [1, 1]
+    kvm.close()

@@ -166,7 +166,7 @@ class ModelKvm:
                           prot: int, fixed: int | None) -> ModelMapping:
         from guestmem.model.mm.cow import CowFile
 
-        overlay = self._new_overlay(process, length + off)
+        overlay = self._share_policy(self._new_overlay(process, length + off), file)
         return process.mmap(file, length, off // PS, prot=prot, shared=False,
                             source=CowFile(file, overlay), fixed=fixed)
 
@@ -175,6 +175,14 @@ class ModelKvm:
         self.register_file(overlay)
         overlay.on_release = lambda: self.unregister_file(overlay)  # type: ignore[method-assign]
         overlay.get_file()
+        return overlay
+
+    def _share_policy(self, overlay: ShmemBacking, file: ShmemBacking) -> ShmemBacking:
+        """A private mapping of a shmem file allocates its copies by the file's shared policy,
+        and its mbind sets that policy (shmem's set_policy/get_policy serve every mapping)."""
+        overlay.shared_policy = file.shared_policy
+        if overlay.cache.placement is not None:
+            overlay.cache.placement = file.shared_policy.placement
         return overlay
 
     def private_copy(self, m: ModelMapping):  # -> MappableFile
@@ -190,7 +198,10 @@ class ModelKvm:
             self.register_file(new)
             new.on_release = lambda: self.unregister_file(new)  # type: ignore[method-assign]
             new.get_file()
-        new.shared_policy.ranges = old.shared_policy.ranges.copy()
+        if isinstance(src, CowFile):
+            self._share_policy(new, src.base)  # type: ignore[arg-type]
+        else:
+            new.shared_policy.ranges = old.shared_policy.ranges.copy()
         for s, e, pfn, _ in old.cache.lookup_range(0, old.cache.end_index()):
             if pfn is None:
                 continue
