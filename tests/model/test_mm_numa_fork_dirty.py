@@ -118,3 +118,28 @@ def test_private_shmem_mapping_uses_the_file_policy() -> None:
     private.fill(0, 2 * PAGE, 1)
     assert private.page_nodes(0, 2) == [1, 1]
     kvm.close()
+
+
+def test_invariant_8_catches_an_unlogged_writable_spte() -> None:
+    """Break the rule on purpose: a writable SPTE over a page the log calls clean is reported."""
+    from dataclasses import replace
+
+    from guestmem.model.kvm.invariants import InvariantError
+
+    kvm = guestmem.open("model")
+    vm = kvm.create_vm()
+    mem = kvm.mmap(4 * PAGE, RW, mman.MAP_SHARED | mman.MAP_ANONYMOUS)
+    gpa = 1 << 32
+    vm.set_user_memory_region(1, u.KVM_MEM_LOG_DIRTY_PAGES, gpa, 4 * PAGE, mem.addr)
+    vcpu = vm.create_vcpu(0)
+    vcpu.load(Program([Write(gpa, 8, 1)]))
+    vcpu.run()
+    vm.check_invariants()
+    vm.get_dirty_log(1)
+    vm.check_invariants()
+    sptes = vm.mmu.sptes[0]
+    (s, e, sp), = [x for x in sptes.items() if x[2] is not None]
+    sptes.set(s, e, replace(sp, writable=True))
+    with pytest.raises(InvariantError, match="invariant 8"):
+        vm.check_invariants()
+    kvm.close()

@@ -81,3 +81,21 @@ def get_dirty_log(vm: ModelVm, slot_arg: int) -> bytes:
                 if sp is not None and sp.writable:
                     sptes.set(a, b, replace(sp, writable=False))
     return bits.to_bytes(bitmap_bytes(slot.npages), "little")
+
+
+def check(vm: ModelVm) -> str | None:
+    """Invariant 8: in a logging slot no SPTE is larger than 4 KiB and every writable SPTE maps a
+    page whose dirty bit is set (else a guest write could go unlogged).  Returns the violation."""
+    for ms in vm.memslots:
+        for slot in ms:
+            bitmap = slot.dirty_bitmap
+            if bitmap is None:
+                continue
+            for s, e, sp in vm.mmu.sptes[slot.as_id].segments(slot.base_gfn, slot.end_gfn):
+                if sp is None:
+                    continue
+                if sp.order:
+                    return f"a {1 << sp.order}-page SPTE at gfn {s:#x} in dirty-logging slot {slot.id}"
+                if sp.writable and bitmap.any_match(s - slot.base_gfn, e - slot.base_gfn, lambda v: not v):
+                    return f"writable SPTEs [{s:#x},{e:#x}) of slot {slot.id} over pages not logged dirty"
+    return None

@@ -79,6 +79,12 @@ def check_vm(vm: ModelVm, quiescent: bool = True) -> None:
         for slot in ms:
             for mixed in slot.lpage_mixed.values():
                 mixed.check()
+    # 8: no guest write goes unlogged in a dirty-logging slot.
+    from guestmem.model.kvm import dirty_log
+
+    unlogged = dirty_log.check(vm)
+    if unlogged:
+        _fail(8, unlogged)
     if quiescent:
         check_system(vm.system)
 

@@ -316,9 +316,9 @@ class ModelVm:
                     gfile.unbind(new)
                 raise
             mmu_mod.init_memslot_lpage(self, new)
+            dirty_log.slot_flags_set(self, new, 0)  # the bitmap exists before the slot is visible
             with self.mmu_lock():
                 slots.insert(new)
-            dirty_log.slot_flags_set(self, new, 0)
 
     def _check_max_gfn(self, op: str, base_gfn: int, npages: int) -> None:
         opts = self.system.options
