@@ -672,3 +672,32 @@ def test_mbind_on_private_mappings(numa_backend: Kvm) -> None:
     for m in (shared, private, anon):
         m.close()
     f.close()
+
+
+def test_wrong_types_raise_before_anything_changes(backend: Kvm) -> None:
+    """Every new call takes its integers by the C rule: a non-integer is TypeError, a negative
+    nodemask OverflowError, and the mapping, its protection and its policy stay as they were."""
+    m = backend.mmap(2 * PAGE, RW, mman.MAP_SHARED | mman.MAP_ANONYMOUS)
+    m.write(0, b"kept")
+    calls = [
+        (TypeError, lambda: backend.mmap("4096")),  # type: ignore[arg-type]
+        (TypeError, lambda: backend.mmap(PAGE, 1.0)),  # type: ignore[arg-type]
+        (TypeError, lambda: backend.mmap(PAGE, RW, None)),  # type: ignore[arg-type]
+        (TypeError, lambda: m.mprotect(0, PAGE, None)),  # type: ignore[arg-type]
+        (TypeError, lambda: m.madvise(0, PAGE, "MADV_REMOVE")),  # type: ignore[arg-type]
+        (TypeError, lambda: m.madvise(0.0, PAGE, mman.MADV_REMOVE)),  # type: ignore[arg-type]
+        (TypeError, lambda: m.mbind(0, PAGE, mman.MPOL_BIND, "1", 64)),  # type: ignore[arg-type]
+        (OverflowError, lambda: m.mbind(0, PAGE, mman.MPOL_BIND, -1, 64)),
+        (TypeError, lambda: m.mbind(0, PAGE, 2.0, 1, 64)),  # type: ignore[arg-type]
+        (TypeError, lambda: m.get_mempolicy("0")),  # type: ignore[arg-type]
+        (TypeError, lambda: m.page_nodes(0, None)),  # type: ignore[arg-type]
+        (TypeError, lambda: m.mmap_fixed("0", PAGE, RW, mman.MAP_SHARED | mman.MAP_ANONYMOUS)),  # type: ignore[arg-type]
+        (TypeError, lambda: backend.set_mempolicy("bind")),  # type: ignore[arg-type]
+    ]
+    for exc, call in calls:
+        with pytest.raises(exc):
+            call()
+    assert m.read(0, 4) == b"kept"
+    m.write(PAGE, b"w")
+    assert m.get_mempolicy(0) == (mman.MPOL_DEFAULT, 0)
+    m.close()
