@@ -443,7 +443,11 @@ class ModelMapping:
         """``mbind``: sanitize the mode, read the nodemask, check flags and alignment, build the
         policy (EINVAL on the way for each), EFAULT for a range past the mapping; then the
         mapped file's shared policy for the range is replaced (MPOL_DEFAULT removes it).  Pages
-        already allocated stay where they are: MPOL_MF_MOVE is not modelled (NotImplementedError)."""
+        already allocated stay where they are: MPOL_MF_MOVE is not modelled (NotImplementedError).
+        MPOL_MF_STRICT alone is EIO, changing nothing, when a page of the range is on a node
+        outside the policy; the kernel looks at the pages this process has mapped, the model
+        (which keeps no host page tables) at the pages present in the file or the mapping's
+        copies."""
         from guestmem import mman
 
         off, n = u64(offset, "offset"), u64(length, "length")
@@ -471,9 +475,9 @@ class ModelMapping:
             misplaced = [i for i, node in self._nodes(start, end) if node >= 0 and not pol.nodes >> node & 1]
         else:
             misplaced = []
-        self._policy_file().shared_policy.set(start, end, pol)
-        if misplaced:
+        if misplaced:  # queue_pages_range fails before any policy is set (strictly_unmovable)
             raise KvmError(errno.EIO, "mbind", "MPOL_MF_STRICT: pages already on other nodes")
+        self._policy_file().shared_policy.set(start, end, pol)
 
     def _nodes(self, start: int, end: int) -> Iterator[tuple[int, int]]:
         """``(index, node)`` of the file pages [start, end) this mapping sees; -ENOENT for none."""

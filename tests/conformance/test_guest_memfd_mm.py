@@ -455,6 +455,7 @@ def test_get_mempolicy_node(numa_backend: Kvm) -> None:
         mem.mbind(0, PAGE, mman.MPOL_BIND, 1 << node0, 64)
         assert mem.get_mempolicy(0, mman.MPOL_F_NODE | mman.MPOL_F_ADDR) == (node0, 1 << node0)
         assert mem.page_nodes(0, 1) == [node0]
+        mem.mbind(0, PAGE, mman.MPOL_BIND, 1 << node0, 64, mman.MPOL_MF_STRICT)  # in place: fine
         private = vm.create_guest_memfd(GMEM_SIZE, MMAP)
         pm = kvm.mmap(GMEM_SIZE, RW, mman.MAP_SHARED, private)
         with raises_errno(errno.EFAULT):

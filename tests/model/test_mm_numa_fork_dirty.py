@@ -143,3 +143,23 @@ def test_invariant_8_catches_an_unlogged_writable_spte() -> None:
     with pytest.raises(InvariantError, match="invariant 8"):
         vm.check_invariants()
     kvm.close()
+
+
+def test_mbind_strict_refuses_misplaced_pages_and_changes_nothing() -> None:
+    """MPOL_MF_STRICT without MOVE: a page already on another node is EIO before any policy is
+    set (do_mbind: queue_pages_range fails first); with the pages in place it succeeds."""
+    kvm = guestmem.open("model", numa_nodes=2)
+    vm = kvm.create_vm()
+    gmem = vm.create_guest_memfd(2 * PAGE, u.GUEST_MEMFD_FLAG_MMAP | u.GUEST_MEMFD_FLAG_INIT_SHARED)
+    mem = kvm.mmap(2 * PAGE, RW, mman.MAP_SHARED, gmem)
+    mem.fill(0, 2 * PAGE, 1)
+    assert mem.page_nodes(0, 2) == [0, 0]
+    with pytest.raises(guestmem.KvmError) as exc:
+        mem.mbind(0, 2 * PAGE, mman.MPOL_BIND, 0b10, 64, mman.MPOL_MF_STRICT)
+    assert exc.value.errno == 5  # EIO
+    assert mem.get_mempolicy(0) == (mman.MPOL_DEFAULT, 0)
+    mem.mbind(0, 2 * PAGE, mman.MPOL_BIND, 0b01, 64, mman.MPOL_MF_STRICT)
+    assert mem.get_mempolicy(0) == (mman.MPOL_BIND, 0b01)
+    with pytest.raises(NotImplementedError):
+        mem.mbind(0, 2 * PAGE, mman.MPOL_BIND, 0b10, 64, mman.MPOL_MF_MOVE)
+    kvm.close()
