@@ -173,6 +173,10 @@ class ModelMapping:
         # MAP_FIXED mappings placed over parts of this one (Mapping.mmap_fixed), by address.
         self.children: list[ModelMapping] = []
         self.parent: ModelMapping | None = None
+        # Pages (by mapping page index) this process has a host PTE for: set by every fault (a
+        # host access, a pin, KVM's GUP), cleared where the PTEs are zapped (MADV_DONTNEED, a
+        # punch or conversion of a shared file).  move_pages and mbind's page walk look at it.
+        self.mapped: RangeMap[bool] = RangeMap(False)
 
     # --- access --------------------------------------------------------------------------------
     def _runs(self, offset: int, length: int, write: bool, op: str) -> Iterator[tuple[int, np.ndarray]]:
@@ -193,6 +197,8 @@ class ModelMapping:
             if runs:
                 # The host now holds translations for these pages; the access happens next.
                 schedule_point("host: access", self.file, runs[0][0], runs[-1][1], write)
+            if runs:
+                self.mapped.set(runs[0][0] - self.pgoff, runs[-1][1] - self.pgoff, True)
             for s, e, pfn in runs:
                 view = self.source.frame_view(pfn, e - s).reshape(-1)
                 lo = (s - self.pgoff) * PS
@@ -291,6 +297,7 @@ class ModelMapping:
         if n == 0:
             return 0, False
         writable = self._permitted(offset, n * PS, PROT_WRITE) == offset + n * PS
+        self.mapped.set(offset // PS, offset // PS + n, True)  # GUP faults them into the host
         overlay = getattr(self.source, "overlay", None)
         if writable and not write and overlay is not None:
             first = self.pgoff + offset // PS
@@ -405,11 +412,16 @@ class ModelMapping:
             self.process.invalidate_file_range(self.file, start, end,
                                                lambda: self.file.discard_pages(start, end))
         elif value == mman.MADV_DONTNEED:
+            first, last = off // PS, (off + n) // PS
             if self.shared:  # zap the host PTEs: secondary MMUs hear of it; contents stay
-                self.process._notify(self.addr + off, self.addr + off + n, lambda: None)
-            else:  # private pages go: the mapping sees the file (or zeros) again
                 self.process._notify(self.addr + off, self.addr + off + n,
-                                     lambda: self.source.discard_pages(start, end))
+                                     lambda: self.mapped.set(first, last, False))
+            else:  # private pages go: the mapping sees the file (or zeros) again
+                def drop() -> None:
+                    self.mapped.set(first, last, False)
+                    self.source.discard_pages(start, end)
+
+                self.process._notify(self.addr + off, self.addr + off + n, drop)
         elif value in (mman.MADV_POPULATE_READ, mman.MADV_POPULATE_WRITE):
             write = value == mman.MADV_POPULATE_WRITE
             if self._permitted(off, n, PROT_WRITE if write else PROT_READ) < off + n:
@@ -480,10 +492,14 @@ class ModelMapping:
         self._policy_file().shared_policy.set(start, end, pol)
 
     def _nodes(self, start: int, end: int) -> Iterator[tuple[int, int]]:
-        """``(index, node)`` of the file pages [start, end) this mapping sees; -ENOENT for none."""
+        """``(index, node)`` of the file pages [start, end) this mapping has a host PTE for;
+        -ENOENT where it has none."""
         pool_of = self.process.pool
         for i in range(start, end):
             pfn = None
+            if not self.mapped.get(i - self.pgoff):
+                yield i, -errno.ENOENT
+                continue
             if hasattr(self.source, "overlay"):
                 hit = self.source.overlay.page_cache.lookup(i)  # type: ignore[attr-defined]
                 pfn = None if hit is None else hit[0]
@@ -759,6 +775,8 @@ class Process:
             a, b = max(start, m.pgoff), min(end, m.pgoff + npages)
             if a < b:
                 ranges.append((m.addr + (a - m.pgoff) * PS, m.addr + (b - m.pgoff) * PS))
+                if m.shared:  # unmap_mapping_range: the PTEs go (a private mapping's copies stay)
+                    m.mapped.set(a - m.pgoff, b - m.pgoff, False)
         subs = self.mmu_notifiers if ranges else []
         for n in subs:
             for a, b in ranges:

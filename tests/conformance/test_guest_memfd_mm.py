@@ -702,3 +702,36 @@ def test_wrong_types_raise_before_anything_changes(backend: Kvm) -> None:
     m.write(PAGE, b"w")
     assert m.get_mempolicy(0) == (mman.MPOL_DEFAULT, 0)
     m.close()
+
+
+def test_page_nodes_sees_this_mappings_ptes(backend: Kvm) -> None:
+    """move_pages walks the process's page tables: a page is reported only where this mapping
+    faulted it in; another mapping of the same file, MADV_DONTNEED, an fallocate'd page never
+    touched, and a hole punch all read -ENOENT.  (Checked against the kernel.)"""
+    with _gmem_vm(backend, MMAP | INIT_SHARED) as vm:
+        node0 = backend.numa_nodes()[0]
+        gmem = vm.create_guest_memfd(GMEM_SIZE, MMAP | INIT_SHARED)
+        a = backend.mmap(GMEM_SIZE, RW, mman.MAP_SHARED, gmem)
+        b = backend.mmap(GMEM_SIZE, RW, mman.MAP_SHARED, gmem)
+        a.fill(0, 2 * PAGE, 1)
+        assert a.page_nodes(0, 4) == [node0, node0, -errno.ENOENT, -errno.ENOENT]
+        assert b.page_nodes(0, 4) == [-errno.ENOENT] * 4
+        a.madvise(0, PAGE, mman.MADV_DONTNEED)
+        assert a.page_nodes(0, 2) == [-errno.ENOENT, node0]
+        gmem.allocate(3 * PAGE, PAGE)
+        assert a.page_nodes(3 * PAGE, 1) == [-errno.ENOENT]
+        b.read(PAGE, 1)
+        gmem.punch_hole(PAGE, PAGE)
+        assert b.page_nodes(0, 2) == [-errno.ENOENT] * 2
+        assert a.page_nodes(GMEM_SIZE, 1) == [-errno.EFAULT]
+        f = backend.memfd_create(2 * PAGE)
+        p = backend.mmap(2 * PAGE, RW, mman.MAP_PRIVATE, f)
+        p.read(0, 1)
+        p.write(PAGE, b"x")
+        assert p.page_nodes(0, 2) == [node0, node0]
+        p.madvise(0, 2 * PAGE, mman.MADV_DONTNEED)
+        assert p.page_nodes(0, 2) == [-errno.ENOENT] * 2
+        for m in (a, b, p):
+            m.close()
+        f.close()
+        gmem.close()
