@@ -344,11 +344,13 @@ class ModelMapping:
         limit = self._permitted(offset, length, PROT_READ)  # the kernel backend pins by vmsplice
         if limit < offset + length:
             raise GuestAccessFault("pin", limit, "SIGSEGV: page protection forbids the access")
-        with self.file.access_lock():
-            for _ in self._runs(offset, length, True, "mapping.pin"):
+        with self.source.access_lock():
+            # A private mapping's pin takes the pages it sees now (its copies, else the file's),
+            # as the kernel backend's vmsplice does: no copy-on-write for it.
+            for _ in self._runs(offset, length, self.shared, "mapping.pin"):
                 pass
             schedule_point("host: pin", self.file, start, end)
-            unpin = self.file.pin_pages(start, end)
+            unpin = self.source.pin_pages(start, end)
         try:
             yield
         finally:
@@ -455,11 +457,10 @@ class ModelMapping:
         """``mbind``: sanitize the mode, read the nodemask, check flags and alignment, build the
         policy (EINVAL on the way for each), EFAULT for a range past the mapping; then the
         mapped file's shared policy for the range is replaced (MPOL_DEFAULT removes it).  Pages
-        already allocated stay where they are: MPOL_MF_MOVE is not modelled (NotImplementedError).
-        MPOL_MF_STRICT alone is EIO, changing nothing, when a page of the range is on a node
-        outside the policy; the kernel looks at the pages this process has mapped, the model
-        (which keeps no host page tables) at the pages present in the file or the mapping's
-        copies."""
+        already allocated stay where they are unless MPOL_MF_MOVE asks to migrate the mapped
+        ones on other nodes (guest_memfd's cannot move).  MPOL_MF_STRICT alone is EIO, changing
+        nothing, when a mapped page of the range is on a node outside the mask; with MOVE it is
+        EIO (the policy set) when a page could not be moved."""
         from guestmem import mman
 
         off, n = u64(offset, "offset"), u64(length, "length")
@@ -480,16 +481,48 @@ class ModelMapping:
         pol = mman.mpol_new("mbind", base, mode_flags, nodes, self.process.online_nodes)
         if mman.past_mapping(off, n, self.length):
             raise KvmError(errno.EFAULT, "mbind", "range reaches past the mapping (unmapped memory)")
-        if fl & (mman.MPOL_MF_MOVE | mman.MPOL_MF_MOVE_ALL):
-            raise NotImplementedError("the model does not migrate pages (MPOL_MF_MOVE)")
         start, end = self.pgoff + off // PS, self.pgoff + (off + n) // PS
-        if fl & mman.MPOL_MF_STRICT and pol is not None:
-            misplaced = [i for i, node in self._nodes(start, end) if node >= 0 and not pol.nodes >> node & 1]
-        else:
-            misplaced = []
-        if misplaced:  # queue_pages_range fails before any policy is set (strictly_unmovable)
+        move = bool(fl & (mman.MPOL_MF_MOVE | mman.MPOL_MF_MOVE_ALL))
+        strict = bool(fl & mman.MPOL_MF_STRICT) and pol is not None
+        # queue_pages_range: the mapped pages on a node outside the requested mask.
+        misplaced = ([i for i, node in self._nodes(start, end) if node >= 0 and not nodes >> node & 1]
+                     if pol is not None and (strict or move) else [])
+        if misplaced and not move and strict:  # strictly_unmovable: EIO before any policy is set
             raise KvmError(errno.EIO, "mbind", "MPOL_MF_STRICT: pages already on other nodes")
         self._policy_file().shared_policy.set(start, end, pol)
+        failed = sum(not self._migrate(i, pol) for i in misplaced) if move else len(misplaced)
+        if failed and strict:
+            raise KvmError(errno.EIO, "mbind", f"MPOL_MF_STRICT: {failed} page(s) could not be moved")
+
+    def _migrate(self, index: int, pol: object) -> bool:
+        """``migrate_pages`` of the page at file ``index`` to where ``pol`` places a new page:
+        the mapping's own copy, or the shmem file's page (every mapping of it is invalidated
+        around the move).  guest_memfd pages cannot move (``kvm_gmem_migrate_folio`` refuses),
+        nor can pinned ones (EAGAIN); returns whether the page moved."""
+        from guestmem.model.mm.numa import policy_node
+
+        node = policy_node(pol, self.process.task_policy)  # type: ignore[arg-type]
+        overlay = getattr(self.source, "overlay", None)
+        if overlay is not None and overlay.cache.is_allocated(index):
+            cache, notify = overlay.cache, self.notify_pages
+        elif getattr(self.file, "kind", None) in ("anon", "memfd"):
+            cache = self.file.page_cache  # type: ignore[attr-defined]
+
+            def notify(s: int, e: int, act: Callable[[], None]) -> None:
+                self.process.invalidate_file_range(self.file, s, e, act, unmap=False)
+        else:
+            return False
+        moved: list[bool] = []
+
+        def move() -> None:
+            try:
+                cache.migrate(index, node)
+                moved.append(True)
+            except KvmError:
+                pass
+
+        notify(index, index + 1, move)
+        return bool(moved)
 
     def _nodes(self, start: int, end: int) -> Iterator[tuple[int, int]]:
         """``(index, node)`` of the file pages [start, end) this mapping has a host PTE for;
@@ -761,9 +794,11 @@ class Process:
             for n in subs:
                 n.invalidate_range_end(start, end)
 
-    def invalidate_file_range(self, file: object, start: int, end: int, action) -> None:
+    def invalidate_file_range(self, file: object, start: int, end: int, action, *,
+                              unmap: bool = True) -> None:
         """Run ``action`` (which removes pages [start, end) of ``file``) inside MMU-notifier
-        invalidations of every host virtual range that maps those pages."""
+        invalidations of every host virtual range that maps those pages.  ``unmap`` False: the
+        pages stay mapped in the host (a migration replaces the PTEs)."""
         ranges = []
         with self._lock:
             refs = [self._mappings.get(mid) for mid in self._by_file.get(id(file), ())]
@@ -775,7 +810,7 @@ class Process:
             a, b = max(start, m.pgoff), min(end, m.pgoff + npages)
             if a < b:
                 ranges.append((m.addr + (a - m.pgoff) * PS, m.addr + (b - m.pgoff) * PS))
-                if m.shared:  # unmap_mapping_range: the PTEs go (a private mapping's copies stay)
+                if m.shared and unmap:  # unmap_mapping_range: the PTEs go (private copies stay)
                     m.mapped.set(a - m.pgoff, b - m.pgoff, False)
         subs = self.mmu_notifiers if ranges else []
         for n in subs:

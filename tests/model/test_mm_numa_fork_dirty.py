@@ -160,6 +160,42 @@ def test_mbind_strict_refuses_misplaced_pages_and_changes_nothing() -> None:
     assert mem.get_mempolicy(0) == (mman.MPOL_DEFAULT, 0)
     mem.mbind(0, 2 * PAGE, mman.MPOL_BIND, 0b01, 64, mman.MPOL_MF_STRICT)
     assert mem.get_mempolicy(0) == (mman.MPOL_BIND, 0b01)
-    with pytest.raises(NotImplementedError):
-        mem.mbind(0, 2 * PAGE, mman.MPOL_BIND, 0b10, 64, mman.MPOL_MF_MOVE)
+    # guest_memfd pages cannot migrate: MOVE sets the policy, the pages stay; STRICT says EIO.
+    mem.mbind(0, 2 * PAGE, mman.MPOL_BIND, 0b10, 64, mman.MPOL_MF_MOVE)
+    assert mem.page_nodes(0, 2) == [0, 0] and mem.get_mempolicy(0) == (mman.MPOL_BIND, 0b10)
+    with pytest.raises(guestmem.KvmError) as exc:
+        mem.mbind(0, 2 * PAGE, mman.MPOL_BIND, 0b10, 64, mman.MPOL_MF_MOVE | mman.MPOL_MF_STRICT)
+    assert exc.value.errno == 5
+    kvm.close()
+
+
+def test_mbind_move_migrates_shmem_and_private_pages() -> None:
+    """MPOL_MF_MOVE moves mapped shmem pages (every mapping and a guest keep seeing the same
+    bytes) and a private mapping's copies; a pinned page cannot move (STRICT: EIO)."""
+    kvm = guestmem.open("model", numa_nodes=2)
+    vm = kvm.create_vm()
+    f = kvm.memfd_create(4 * PAGE)
+    shared = kvm.mmap(4 * PAGE, RW, mman.MAP_SHARED, f)
+    other = kvm.mmap(4 * PAGE, RW, mman.MAP_SHARED, f)
+    shared.write(0, b"abcd" * (PAGE // 2))
+    other.read(0, 1)
+    gpa = 1 << 32
+    vm.set_user_memory_region(1, 0, gpa, 4 * PAGE, shared.addr)
+    vcpu = vm.create_vcpu(0)
+    vcpu.load(Program([Write(gpa + PAGE, 4, 0x33)]))
+    vcpu.run()
+    assert shared.page_nodes(0, 2) == [0, 0]
+    shared.mbind(0, 2 * PAGE, mman.MPOL_BIND, 0b10, 64, mman.MPOL_MF_MOVE)
+    assert shared.page_nodes(0, 2) == [1, 1] and other.page_nodes(0, 1) == [1]
+    assert other.read(0, 8) == b"abcdabcd" and other.read(PAGE, 4) == b"\x33" * 4
+    vm.check_invariants()
+    private = kvm.mmap(2 * PAGE, RW, mman.MAP_PRIVATE, f)
+    private.write(0, b"mine")
+    with private.pin(0, PAGE):
+        with pytest.raises(guestmem.KvmError) as exc:
+            private.mbind(0, PAGE, mman.MPOL_BIND, 0b01, 64, mman.MPOL_MF_MOVE | mman.MPOL_MF_STRICT)
+        assert exc.value.errno == 5
+    private.mbind(0, PAGE, mman.MPOL_BIND, 0b01, 64, mman.MPOL_MF_MOVE | mman.MPOL_MF_STRICT)
+    assert private.page_nodes(0, 1) == [0] and private.read(0, 4) == b"mine"
+    vm.check_invariants()
     kvm.close()

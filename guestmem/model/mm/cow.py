@@ -73,7 +73,16 @@ class CowFile:
         self.notify(start, end, lambda: self.overlay.cache.remove(start, end))
 
     def pin_pages(self, start: int, end: int) -> Callable[[], None]:
-        return self.overlay.cache.pin(start, end)
+        """Pin what the mapping sees: its copies where it has them, else the file's pages."""
+        unpins: list[Callable[[], None]] = []
+        for s, e, pfn, _ in self.overlay.cache.lookup_range(start, end):
+            unpins.append(self.overlay.cache.pin(s, e) if pfn is not None else self.base.pin_pages(s, e))
+
+        def unpin() -> None:
+            for u in unpins:
+                u()
+
+        return unpin
 
     def discard_pages(self, start: int, end: int) -> None:
         self.drop_copies(start, end)

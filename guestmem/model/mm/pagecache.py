@@ -340,7 +340,7 @@ class PageCache:
             self._stats.merges += 1
             return True
 
-    def migrate(self, index: int) -> int:
+    def migrate(self, index: int, node: int | None = None) -> int:
         """Move the folio holding ``index`` to new frames, copying it; return the page's new pfn.
 
         ``ENOENT`` for a hole, ``EAGAIN`` if the folio is pinned, ``ENOMEM`` if no frames are free.
@@ -351,13 +351,14 @@ class PageCache:
                 raise KvmError(errno.ENOENT, "migrate_folio", f"no page at index {index:#x}")
             head, _, order = f
             end = head + (1 << order)
-            new = self._move_locked(head, end, list(self._delta.segments(head, end)), order)
+            new = self._move_locked(head, end, list(self._delta.segments(head, end)), order, node)
             return new + (index - head)
 
-    def _move_locked(self, start: int, end: int, segs: list[tuple[int, int, Any]], order: int) -> int:
+    def _move_locked(self, start: int, end: int, segs: list[tuple[int, int, Any]], order: int,
+                     node: int | None = None) -> int:
         if self._refs.any_match(start, end, _positive):
             raise KvmError(errno.EAGAIN, "migrate_folio", "folio has extra references")
-        new = self.pool.alloc(order)
+        new = self.pool.alloc_range(1 << order, order, node)[0][0]
         for s, e, d in segs:
             self.pool.copy(new + (s - start), s + d, e - s)
         for s, e, d in segs:
