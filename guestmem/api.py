@@ -296,7 +296,9 @@ class Mapping(Protocol):
         """``mbind``: set the NUMA policy of the range (guest_memfd and shmem keep it in the file:
         ``kvm_gmem_set_policy``).  ``nodemask`` is a bit mask (None: a NULL pointer) of
         ``maxnode`` bits.  EINVAL for an unknown mode or flags, a nodemask past MAX_NUMNODES, a
-        mode that needs nodes without any (or MPOL_DEFAULT with some), no online node."""
+        mode that needs nodes without any (or MPOL_DEFAULT with some), no online node.  Pages
+        already there stay unless ``flags`` has MPOL_MF_MOVE (guest_memfd pages never move);
+        MPOL_MF_STRICT reports pages left on other nodes with EIO (alone: before any change)."""
         ...
 
     def get_mempolicy(self, offset: int, flags: int = 0x2) -> tuple[int, int]:
