@@ -11,7 +11,6 @@ next entry.  A watchdog (:mod:`guestmem.linux.watchdog`) bounds each ``KVM_RUN``
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import mmap
 import os

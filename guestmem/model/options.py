@@ -29,6 +29,7 @@ _RANGES: dict[str, tuple[int, int]] = {
     "phys_bits": (36, 52),
     "pool_bytes": (1 << 30, 1 << 47),
     "max_vcpus": (1, 4096),
+    "numa_nodes": (1, 64),
 }
 
 
@@ -76,6 +77,10 @@ class ModelOptions:
     # Check invariant 7 (content modes) on every in-place conversion (a per-page plaintext digest
     # before and after); costs a hash of every allocated page converted.  For tests and fuzzing.
     check_content_modes: bool = False
+    # NUMA nodes of the simulated host (its frames split evenly among them, node 0 lowest; the
+    # CPUs are on node 0).  upstream guest_memfd honours mbind/set_mempolicy (7.2); the
+    # selftests that check placement need at least 2.
+    numa_nodes: int = 1
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> ModelOptions:
