@@ -224,6 +224,9 @@ class PageCache:
         at once, because everything that maps a frame is invalidated before the removal.
         """
         with self._lock:
+            if (end == start + 1 and self._delta.get(start) is None and not self._order.get(start)
+                    and not self._uptodate.get(start) and not self._refs.get(start)):
+                return 0  # one page that is a hole with nothing recorded: nothing to split or clear
             lo, hi = self.trim_edges(start, end)
             if lo >= hi:
                 return 0
@@ -394,10 +397,14 @@ class PageCache:
         a guest fault on one 4 KiB page (lazy accept) takes this path a million times."""
         with self._lock:
             d = self._delta.get(index)
-            if d is None:
-                self.populate(index, index + 1, 0, limit=limit)
-                d = self._delta.get(index)
-                assert d is not None
+            if d is None:  # populate(index, index + 1, 0) without its plan and run lists
+                if index < 0 or index >= MAX_INDEX:
+                    raise ValueError(f"index range [{index:#x}, {index + 1:#x}) out of bounds")
+                pfn = self.pool.alloc_range(1, 0)[0][0]
+                d = pfn - index
+                self._delta.set(index, index + 1, d)
+                self._nr += 1
+                self._stats.populated += 1
             if zero and not self._uptodate.get(index):
                 self.pool.zero(index + d, 1)
                 self._uptodate.set(index, index + 1, True)
