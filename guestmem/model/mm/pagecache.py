@@ -397,7 +397,8 @@ class PageCache:
         a guest fault on one 4 KiB page (lazy accept) takes this path a million times."""
         with self._lock:
             d = self._delta.get(index)
-            if d is None:  # populate(index, index + 1, 0) without its plan and run lists
+            fresh = d is None
+            if fresh:  # populate(index, index + 1, 0) without its plan and run lists
                 if index < 0 or index >= MAX_INDEX:
                     raise ValueError(f"index range [{index:#x}, {index + 1:#x}) out of bounds")
                 pfn = self.pool.alloc_range(1, 0)[0][0]
@@ -406,7 +407,10 @@ class PageCache:
                 self._nr += 1
                 self._stats.populated += 1
             if zero and not self._uptodate.get(index):
-                self.pool.zero(index + d, 1)
+                # A frame just taken from the pool already reads as zeros (free frames are punched
+                # or were never written) unless the pool poisons new frames: no second punch.
+                if not fresh or self.pool.poison is not None:
+                    self.pool.zero(index + d, 1)
                 self._uptodate.set(index, index + 1, True)
                 self._stats.zeroed += 1
             return index + d, self._order.get(index)
