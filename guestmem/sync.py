@@ -137,16 +137,26 @@ class NamedLock:
         return self
 
     def __enter__(self) -> None:
-        if _enter(self):
-            return
+        held = _held
+        st = held.stack
+        if st:  # _enter(), inlined: this is the most frequent acquisition of the model
+            if self in st:
+                held.again.append(self)
+                return
+            if st[-1].rank >= self.rank:
+                raise LockOrderError(f"taking {self.name} while holding {st[-1].name}")
         if _explorer is not None:
             _explorer.point(self._acquire_point, self._free, ())
         self._lock.acquire()
-        _held.stack.append(self)
+        st.append(self)
         self.owner = _get_ident()
 
     def __exit__(self, *exc: object) -> None:
-        if not _leave(self):
+        held = _held
+        st = held.stack
+        if not held.again and st[-1] is self:
+            st.pop()  # _leave()'s common case, inlined
+        elif not _leave(self):
             return
         self.owner = None
         self._lock.release()

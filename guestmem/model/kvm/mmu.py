@@ -55,6 +55,9 @@ class Mmu:
         self.in_progress = 0
         self.range_start = INVALID_GFN
         self.range_end = INVALID_GFN
+        # The last 4 KiB SPTE value installed, reused while it fits (pages allocated in order share
+        # one pfn - gfn delta): an equal frozen value, without building one per fault.
+        self._last_small: Spte | None = None
         self.stats = {"zapped_pages": 0, "zaps": 0, "installs": 0, "faults": 0, "retries": 0,
                       "hugepage_installs": 0}
 
@@ -126,6 +129,8 @@ class Mmu:
         if not self.vm.arch.mirrored_tdp:
             attr_filter = FILTER_ALL
         m = self.sptes[as_id]
+        if end == start + 1 and m.get(start) is None:
+            return False  # one gfn with nothing mapped (a 4 KiB conversion of an unmapped page)
         zapped = False
         for s, e, sp in list(m.segments(start, end)):
             if sp is None:
@@ -177,7 +182,11 @@ class Mmu:
         if not top:  # 4 KiB only (every order-0 folio): what place() does at order 0, no closure
             lo, hi = max(run_start, req_start), min(run_end, req_end)
             if lo < hi:
-                m.set(lo, hi, Spte(private, 0, delta, writable))
+                sp = self._last_small
+                if (sp is None or sp.delta != delta or sp.private != private
+                        or sp.writable != writable):
+                    sp = self._last_small = Spte(private, 0, delta, writable)
+                m.set(lo, hi, sp)
                 self.stats["installs"] += 1
             return
 
