@@ -67,6 +67,11 @@ class Outcome:
     error: str | None = None
 
 
+# The outcomes of a one-page conversion that worked: frozen, so one of each serves every fault.
+_PAGE_CHANGED = Outcome(True, 0, 1, 0, 0)
+_PAGE_UNCHANGED = Outcome(True, 0, 0, 1, 0)
+
+
 def _fail(msg: str, ret: int = -u.KVM_EINVAL) -> Outcome:
     return Outcome(False, ret, error=msg)
 
@@ -231,7 +236,8 @@ class ConversionManager:
                 self.stats["conversions"] += 1
         if changed:
             self.accounting.sample(_TO_PRIVATE if to_private else _TO_SHARED, tid, force=False)
-        return Outcome(True, 0, changed, unchanged, 0)
+            return _PAGE_CHANGED
+        return _PAGE_UNCHANGED
 
     def _refuse(self, msg: str) -> Outcome:
         self.stats["refused"] += 1
