@@ -532,6 +532,8 @@ class GmemFile(ModelFileOps, OpenFile):
         inode = self.inode
         if self.released or slot.gmem_file is not self:
             return [], errno.EFAULT
+        if end_gfn == gfn + 1 and not inode.folio_order:
+            return self._get_pfn_one(inode, slot, gfn, zero)
         req0, req1 = i0, i1 = slot.gfn_to_index(gfn), slot.gfn_to_index(end_gfn)
         if inode.folio_order:
             # A large folio is handed out whole (so it can be mapped huge): widen to folio
@@ -563,6 +565,23 @@ class GmemFile(ModelFileOps, OpenFile):
                 out.append((slot.index_to_gfn(s), slot.index_to_gfn(e), pfn, order))
             self.vm.arch.gmem_prepare(self, slot, out)
             return out, err
+
+    def _get_pfn_one(self, inode: GmemInode, slot: Memslot, gfn: int, zero: bool
+                     ) -> tuple[list[tuple[int, int, int, int]], int]:
+        """:meth:`get_pfn_range` for one gfn of an order-0 file (every 4 KiB lazy-accept fault):
+        the same checks in the same order, as point lookups instead of range scans."""
+        i = gfn - slot.base_gfn + slot.gmem_pgoff
+        with inode.invalidate_lock.read():
+            if self.bindings.get(i) is not slot:
+                return [], errno.EIO
+            if inode.hwpoison.get(i):
+                return [], EHWPOISON
+            pfn, order = inode.cache.get_page(i, zero=zero, limit=inode.npages)
+            if order and (slot.gmem_pgoff - slot.base_gfn) % (1 << order):
+                order = 0
+            out = [(gfn, gfn + 1, pfn, order)]
+            self.vm.arch.gmem_prepare(self, slot, out)
+            return out, 0
 
     def __repr__(self) -> str:
         return f"GmemFile(fd={self.fd}, size={self.inode.size:#x}, flags={self.inode.flags:#x})"

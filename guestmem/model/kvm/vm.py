@@ -18,6 +18,7 @@ from guestmem.errors import KvmError
 from guestmem.model.kvm import dirty_log
 from guestmem.model.kvm import mmu as mmu_mod
 from guestmem.model.kvm.arch import FLAVOURS, Flavour
+from guestmem.model.kvm.attributes import set_vm_memory_attributes
 from guestmem.model.kvm.guest_memfd import GmemFile, create_guest_memfd
 from guestmem.model.kvm.memslot import Memslot, Memslots
 from guestmem.ranges import RangeMap
@@ -396,8 +397,6 @@ class ModelVm:
 
     # --- memory attributes ------------------------------------------------------------------------
     def set_memory_attributes(self, address: int, size: int, attributes: int, flags: int = 0) -> None:
-        from guestmem.model.kvm.attributes import set_vm_memory_attributes
-
         address, size = u64(address, "address"), u64(size, "size")
         attributes, flags = u64(attributes, "attributes"), u64(flags, "flags")
         self._check_open("KVM_SET_MEMORY_ATTRIBUTES")

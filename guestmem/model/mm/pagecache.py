@@ -236,6 +236,9 @@ class PageCache:
         at once, because everything that maps a frame is invalidated before the removal.
         """
         with self._lock:
+            if (end == start + 1 and self._delta.get(start) is None and not self._order.get(start)
+                    and not self._uptodate.get(start) and not self._refs.get(start)):
+                return 0  # one page that is a hole with nothing recorded: nothing to split or clear
             lo, hi = self.trim_edges(start, end)
             if lo >= hi:
                 return 0
@@ -407,12 +410,20 @@ class PageCache:
         a guest fault on one 4 KiB page (lazy accept) takes this path a million times."""
         with self._lock:
             d = self._delta.get(index)
-            if d is None:
-                self.populate(index, index + 1, 0, limit=limit)
-                d = self._delta.get(index)
-                assert d is not None
+            fresh = d is None
+            if fresh:  # populate(index, index + 1, 0) without its plan and run lists
+                if index < 0 or index >= MAX_INDEX:
+                    raise ValueError(f"index range [{index:#x}, {index + 1:#x}) out of bounds")
+                pfn = self.pool.alloc_range(1, 0)[0][0]
+                d = pfn - index
+                self._delta.set(index, index + 1, d)
+                self._nr += 1
+                self._stats.populated += 1
             if zero and not self._uptodate.get(index):
-                self.pool.zero(index + d, 1)
+                # A frame just taken from the pool already reads as zeros (free frames are punched
+                # or were never written) unless the pool poisons new frames: no second punch.
+                if not fresh or self.pool.poison is not None:
+                    self.pool.zero(index + d, 1)
                 self._uptodate.set(index, index + 1, True)
                 self._stats.zeroed += 1
             return index + d, self._order.get(index)
