@@ -306,6 +306,55 @@ class Mapping(Protocol):
     def __enter__(self) -> Mapping: ...
     def __exit__(self, *exc: object) -> None: ...
 
+    # --- mm syscalls on the mapping (issue 11 §1b); guestmem.mman has the constants -------------
+    # Range calls take (offset, length) within the mapping: EBADF once unmapped, EINVAL for an
+    # unaligned offset, the length rounds up to pages, 0 does nothing, and a range reaching past
+    # the mapping is unmapped memory (ENOMEM; EFAULT for mbind), refused before anything changes.
+    # An access a protection forbids raises GuestAccessFault with ``signal == "SIGSEGV"``.
+
+    def mprotect(self, offset: int, length: int, prot: int) -> None:
+        """``mprotect``: EINVAL for bits outside PROT_READ|WRITE|EXEC."""
+        ...
+
+    def madvise(self, offset: int, length: int, advice: int) -> None:
+        """``madvise`` with MADV_NORMAL, WILLNEED, DONTNEED (shared: host PTEs go, contents stay;
+        private: the private copies go), REMOVE (punch the file: EACCES on a private file mapping,
+        EINVAL on private anonymous memory), POPULATE_READ/WRITE (fault in: EINVAL if the
+        protection forbids it, EFAULT where a CPU access would SIGBUS), HUGEPAGE, NOHUGEPAGE,
+        COLLAPSE (EINVAL on guest_memfd: it must not map past shared ranges huge).  Any other
+        advice is EINVAL."""
+        ...
+
+    def mbind(self, offset: int, length: int, mode: int, nodemask: int | None = None,
+              maxnode: int = 64, flags: int = 0) -> None:
+        """``mbind``: set the NUMA policy of the range (guest_memfd and shmem keep it in the file:
+        ``kvm_gmem_set_policy``).  ``nodemask`` is a bit mask (None: a NULL pointer) of
+        ``maxnode`` bits.  EINVAL for an unknown mode or flags, a nodemask past MAX_NUMNODES, a
+        mode that needs nodes without any (or MPOL_DEFAULT with some), no online node.  Pages
+        already there stay unless ``flags`` has MPOL_MF_MOVE (guest_memfd pages never move);
+        MPOL_MF_STRICT reports pages left on other nodes with EIO (alone: before any change)."""
+        ...
+
+    def get_mempolicy(self, offset: int, flags: int = 0x2) -> tuple[int, int]:
+        """``get_mempolicy(MPOL_F_ADDR)``: ``(mode, nodemask)`` of the page at ``offset``
+        (MPOL_DEFAULT, 0 when none was set); with MPOL_F_NODE too, ``(node the page is on,
+        nodemask)``, faulting it in (EFAULT where that faults)."""
+        ...
+
+    def page_nodes(self, offset: int, npages: int) -> list[int]:
+        """``move_pages(0, n, pages, NULL, status, 0)``: per page from ``offset``, its node, or
+        ``-ENOENT`` where none is present (nothing is faulted in), ``-EFAULT`` past the mapping."""
+        ...
+
+    def mmap_fixed(self, offset: int, length: int, prot: int, flags: int,
+                   fd: GuestMemfd | HostFile | int | None = None, file_offset: int = 0) -> Mapping:
+        """``mmap(addr + offset, length, prot, flags | MAP_FIXED, fd, file_offset)``: a new mapping
+        over part of this one (how a VMM aligns memory: reserve, then map fixed inside).  Accesses
+        through this mapping's range reach the new one; unmapping the new one leaves that part
+        unmapped (SIGSEGV) and unmapping this one unmaps both.  ValueError for a range not inside
+        this mapping or over another live MAP_FIXED piece."""
+        ...
+
 
 @runtime_checkable
 class HostFile(Protocol):
@@ -643,6 +692,15 @@ class Vm(Protocol):
         ``NotImplementedError`` (never a made-up errno)."""
         ...
 
+    def get_dirty_log(self, slot: int) -> bytes:
+        """``KVM_GET_DIRTY_LOG``: the dirty bitmap of memslot ``slot`` (``as_id << 16 | id``), one
+        bit per page (little-endian longs, ``ALIGN(npages, 64) / 8`` bytes), set where the guest
+        wrote since the last call; the log is cleared and re-armed behind it.  Only a slot with
+        ``KVM_MEM_LOG_DIRTY_PAGES`` logs (a guest_memfd slot cannot: EINVAL at creation).
+        EINVAL for an address space or id out of range, ENOENT for no slot or one that does not
+        log.  Host writes through a mapping are not logged."""
+        ...
+
 
 @runtime_checkable
 class Kvm(Protocol):
@@ -692,6 +750,56 @@ class Kvm(Protocol):
         decodes the bytes and calls the typed methods; an ioctl it does not implement raises
         ``NotImplementedError`` (never a made-up errno)."""
         ...
+
+    # --- host memory management (issue 11 §1b) -----------------------------------------------------
+    def mmap(self, length: int, prot: int = 3, flags: int = 0x01,
+             fd: GuestMemfd | HostFile | int | None = None, offset: int = 0) -> Mapping:
+        """``mmap(NULL, length, prot, flags, fd, offset)`` of a guest_memfd, a memfd (HostFile) or,
+        with ``fd`` None or MAP_ANONYMOUS, anonymous memory; MAP_SHARED or MAP_PRIVATE (copy on
+        write).  The kernel's checks in its order: EINVAL for an unaligned offset, EBADF for a
+        closed fd, EINVAL for length 0 or a bad mapping type, ENOMEM/EOVERFLOW for what cannot
+        fit, EOPNOTSUPP for unknown flags under MAP_SHARED_VALIDATE; then the file's mmap
+        (guest_memfd: ENODEV without GUEST_MEMFD_FLAG_MMAP, EINVAL unless MAP_SHARED).  Unknown
+        prot bits are ignored, as mmap does.  MAP_FIXED is :meth:`Mapping.mmap_fixed`
+        (ValueError here)."""
+        ...
+
+    def set_mempolicy(self, mode: int, nodemask: int | None = None, maxnode: int = 64) -> None:
+        """``set_mempolicy``: the calling task's NUMA policy, which a new page follows when its
+        file has none for it.  Errnos as :meth:`Mapping.mbind`'s policy checks."""
+        ...
+
+    def numa_nodes(self) -> list[int]:
+        """The NUMA nodes with memory (the model: ``ModelOptions.numa_nodes``)."""
+        ...
+
+    def fork(self) -> ForkedChild:
+        """``fork(2)``: a child with this process's fds and mappings (MAP_SHARED shared,
+        MAP_PRIVATE copy-on-write), acting on memory through :class:`ForkedChild`."""
+        ...
+
+
+@runtime_checkable
+class ForkedChild(Protocol):
+    """A forked child process of :meth:`Kvm.fork`.  It names memory with the parent's
+    :class:`Mapping` objects and acts on *its* mapping at the same address: a MAP_SHARED write
+    is seen by the parent (and a guest), a MAP_PRIVATE one only by the child.  Faults raise
+    :class:`guestmem.errors.GuestAccessFault` as in the parent; a mapping created after the fork
+    is not mapped in the child (SIGSEGV).  On the kernel backend it is a real process served
+    over a pipe (memory access only)."""
+
+    pid: int
+
+    def read(self, mapping: Mapping, offset: int, length: int) -> bytes: ...
+    def write(self, mapping: Mapping, offset: int, data: bytes) -> None: ...
+    def fill(self, mapping: Mapping, offset: int, length: int, byte: int) -> None: ...
+
+    def exit(self) -> None:
+        """The child exits (its mappings go; pages it shared stay).  Idempotent."""
+        ...
+
+    def __enter__(self) -> ForkedChild: ...
+    def __exit__(self, *exc: object) -> None: ...
 
 
 def iter_exits(vcpu: Vcpu, limit: int = 1_000_000) -> Iterator[Exit]:

@@ -43,7 +43,9 @@ class KvmError(OSError):
 
 
 class GuestAccessFault(KvmError):
-    """Host userspace touched guest_memfd memory it may not access (the kernel delivers SIGBUS).
+    """Host userspace touched memory it may not access: where C would take SIGBUS or SIGSEGV,
+    both backends raise this (errno EFAULT) instead, never crashing the interpreter; :attr:`signal`
+    says which signal it would have been.
 
     Raised by ``Mapping`` reads/writes on private pages, beyond the file size, or on a guest_memfd
     without host-shared pages.  ``offset`` is the faulting offset within the mapping.
@@ -52,6 +54,13 @@ class GuestAccessFault(KvmError):
     def __init__(self, operation: str, offset: int, message: str = "SIGBUS"):
         super().__init__(_errno.EFAULT, operation, message)
         self.offset = offset
+
+    @property
+    def signal(self) -> str:
+        """The signal a CPU access would have taken: ``"SIGSEGV"`` (no mapping, or a protection
+        the access lacks: PROT_NONE, a store to a read-only page) or ``"SIGBUS"`` (the mapped
+        file's fault handler refused: a private guest_memfd page, past the end of the file)."""
+        return "SIGSEGV" if self.message.startswith("SIGSEGV") else "SIGBUS"
 
 
 class CapabilityMissing(RuntimeError):

@@ -6,7 +6,7 @@ number of pages.  Adjacent ranges holding equal values are always merged (as the
 tree does for guest_memfd attributes), so a uniform 1 TiB guest is one entry.
 
 The intervals ``[start, end)`` are disjoint, non-empty, never hold ``default``, never touch an equal
-neighbour, and are kept sorted.  Indices not covered hold ``default``.  Two layouts, one behaviour:
+neighbour, and are kept sorted.  Indices not covered hold ``default``.  Three layouts, one behaviour:
 
 * **flat** (:class:`RangeMap`, up to ``2 * _LOAD`` intervals): three parallel sorted lists
   (starts, ends, values).  Lookups are one ``bisect``; edits splice the lists, whose memmove is
@@ -18,10 +18,21 @@ neighbour, and are kept sorted.  Indices not covered hold ``default``.  Two layo
   O(log n); an edit splices one chunk, so its memmove is bounded by the chunk size instead of by
   n (a flat list paid a memmove of the whole tail: 32 µs per single-page set at 200k intervals);
   an edit covering k intervals drops the chunks it covers whole: O(log n + k / _LOAD + _LOAD).
+* **native** (:class:`_NativeRangeMap`, past ``2 * _LOAD`` where the optional compiled core
+  ``guestmem._rangemap`` is built): the chunked layout again, in C, with the keys packed in int64
+  arrays.  At a million ranges the Python lists pay a cache and TLB miss per bisect probe (every
+  key is its own int object somewhere on the heap): 6-9 µs per random single-page set, against
+  1.1-1.6 µs here (``guestmem bench --only rangemap`` measures both in one run).  The core
+  applies the chunked layout's ``set`` rule to the letter (which value object a merge keeps, the
+  order values are compared with ``==``); it only takes keys that are exact ints within int64,
+  and a map given any other key moves to the Python chunked layout for good (``Unsupported`` is
+  raised before the core changes anything).  ``IMPLEMENTATION`` says which large layout this
+  process uses; without a compiler the Python one does everything.
 
-A map switches layout by reassigning ``__class__`` (both classes share one slot layout): flat to
-chunked when it grows past ``2 * _LOAD``, back to flat when it shrinks to one chunk of at most
-``_LOAD // 2``.  Callers see one type, :class:`RangeMap`, and cannot tell the layouts apart.
+A map switches layout by reassigning ``__class__`` (all classes share one slot layout): flat to
+native (or chunked) when it grows past ``2 * _LOAD``, back to flat when it shrinks below
+``_LOAD // 2`` (chunked: to one chunk that small).  Callers see one type, :class:`RangeMap`,
+and cannot tell the layouts apart.
 
 A generic ``sortedcontainers.SortedDict`` (start -> (end, value)) was measured against this in
 the same runs and is 2-7x slower per single-page set at 10k-1M intervals, 3-5x per point get: a
@@ -35,12 +46,28 @@ from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
+try:
+    from guestmem import _rangemap as _native  # type: ignore[attr-defined]
+except ImportError:  # not built (no compiler at install time): the Python chunked layout serves
+    _native = None
+
 V = TypeVar("V")
+
+# Which layout a large map takes in this process ("c-extension" or "python"); tests and the bench
+# set ``_native`` to None to run the Python one.
+IMPLEMENTATION = "c-extension" if _native is not None else "python"
 
 # Intervals per chunk: a flat map becomes chunked above 2 * _LOAD; chunks are cut into pieces of
 # _LOAD..2 * _LOAD and joined with a neighbour below _LOAD // 2.  512 balances the in-chunk
 # memmove (grows with it) against the length of _mins.  Tests lower it to exercise the chunking.
 _LOAD = 512
+
+# Intervals per chunk of the compiled core (never more than _LOAD, so tests that lower _LOAD
+# exercise its chunking too): its chunks are packed arrays, and at 1M ranges 128 measured faster
+# than 512 (an edit's memmove and the chunk's bisect touch fewer cache lines; ``mins`` stays small).
+_NATIVE_LOAD = 128
+
+_I64_MIN, _I64_MAX = -(1 << 63), (1 << 63) - 1
 
 
 class RangeMap(Generic[V]):
@@ -50,7 +77,8 @@ class RangeMap(Generic[V]):
     """
 
     # Flat layout: _starts/_ends/_values.  Chunked layout: _mins/_ss/_es/_vs/_len.
-    __slots__ = ("_ends", "_es", "_len", "_mins", "_ss", "_starts", "_values", "_vs", "default")
+    # Native layout: _core.
+    __slots__ = ("_core", "_ends", "_es", "_len", "_mins", "_ss", "_starts", "_values", "_vs", "default")
 
     def __init__(self, default: V) -> None:
         self.default: V = default
@@ -176,7 +204,22 @@ class RangeMap(Generic[V]):
         ends[lo:hi] = new_e
         values[lo:hi] = new_v
         if len(starts) > 2 * _LOAD:
-            self._to_chunked()
+            self._grow()
+
+    def _grow(self) -> None:
+        """Leave the flat layout: for the native one where it is built and takes these keys."""
+        if _native is not None:
+            core = _native.Core(self.default, min(_LOAD, _NATIVE_LOAD))
+            try:
+                core.load(self._starts, self._ends, self._values)
+            except _native.Unsupported:  # a key beyond int64 (or not an int): stay in Python
+                pass
+            else:
+                self._core = core
+                self._starts, self._ends, self._values = [], [], []
+                self.__class__ = _NativeRangeMap
+                return
+        self._to_chunked()
 
     def _to_chunked(self) -> None:
         """Switch to the chunked layout: cut the flat lists into chunks of ``_LOAD``."""
@@ -467,3 +510,124 @@ class _ChunkedRangeMap(RangeMap[V]):
                 assert prev_end <= s, (prev_end, s)
                 assert not (prev_end == s and prev_v == v), ("unmerged", s, v)
             prev_end, prev_v = e, v
+
+
+class _NativeRangeMap(RangeMap[V]):
+    """The native layout of a large :class:`RangeMap`: ``_core`` is a ``guestmem._rangemap.Core``.
+
+    Every method hands the work to the core; a key the core cannot hold (``Unsupported``, raised
+    before anything changed) moves the map to the Python chunked layout, which then answers.
+    """
+
+    __slots__ = ()
+
+    def __len__(self) -> int:
+        return len(self._core)
+
+    def get(self, index: int) -> V:
+        """The value at ``index``."""
+        try:
+            value: V = self._core.get(index)
+        except _native.Unsupported:
+            self._to_python()
+            return self.get(index)
+        return value
+
+    __getitem__ = get
+
+    def items(self) -> Iterator[tuple[int, int, V]]:
+        """The stored intervals, in order (default-valued gaps are not yielded)."""
+        it: Iterator[tuple[int, int, V]] = self._core.items()
+        return it
+
+    def segments(self, start: int, end: int) -> Iterator[tuple[int, int, V]]:
+        """Cover ``[start, end)`` exactly with maximal pieces ``(s, e, value)``, gaps as ``default``."""
+        try:
+            it: Iterator[tuple[int, int, V]] = self._core.segments(start, end)
+        except _native.Unsupported:
+            if type(start) is int and type(end) is int:
+                return self._segments_wide(start, end)
+            self._to_python()
+            return self.segments(start, end)
+        return it
+
+    def _segments_wide(self, start: int, end: int) -> Iterator[tuple[int, int, V]]:
+        """``segments`` for int bounds beyond int64: every stored key is within it, so the pieces
+        are the core's over the clamped bounds, with the default gaps at either end widened."""
+        if start >= end:
+            return
+        lo, hi = max(start, _I64_MIN), min(end, _I64_MAX)
+        default = self.default
+        if lo >= hi:
+            yield start, end, default
+            return
+        pieces = list(self._core.segments(lo, hi))
+        _, e0, v0 = pieces[0]
+        if start < lo:
+            if v0 is default:  # a gap (stored values never equal default): widen it
+                pieces[0] = (start, e0, v0)
+            else:
+                pieces.insert(0, (start, lo, default))
+        s1, _, v1 = pieces[-1]
+        if end > hi:
+            if v1 is default:
+                pieces[-1] = (s1, end, v1)
+            else:
+                pieces.append((hi, end, default))
+        yield from pieces
+
+    def set(self, start: int, end: int, value: V) -> None:
+        """Assign ``value`` to ``[start, end)`` (``default`` erases), merging equal neighbours."""
+        try:
+            n: int = self._core.set(start, end, value)
+        except _native.Unsupported:
+            self._to_python()
+            self.set(start, end, value)
+            return
+        if n < _LOAD // 2:
+            self._to_flat_from_native()
+
+    def _to_flat_from_native(self) -> None:
+        self._starts, self._ends, self._values = self._core.export()
+        del self._core
+        self.__class__ = RangeMap
+
+    def _to_python(self) -> None:
+        """Move to the Python chunked layout (a key the core cannot hold has arrived)."""
+        self._starts, self._ends, self._values = self._core.export()
+        del self._core
+        self.__class__ = RangeMap
+        self._to_chunked()
+
+    def clear(self) -> None:
+        """Forget every interval: all indices hold ``default`` (and the map is flat again)."""
+        del self._core
+        self._starts, self._ends, self._values = [], [], []
+        self.__class__ = RangeMap
+
+    def copy(self) -> RangeMap[V]:
+        """An independent map with the same intervals (values are shared, not copied)."""
+        other: RangeMap[V] = RangeMap(self.default)
+        other._core = self._core.copy()
+        other.__class__ = _NativeRangeMap
+        return other
+
+    def __reduce__(self) -> tuple[Callable[..., RangeMap[V]], tuple[object, ...]]:
+        """Pickle and ``copy.deepcopy`` through the intervals (the core itself is not picklable)."""
+        starts, ends, values = self._core.export()
+        return _rebuild, (self.default, starts, ends, values)
+
+    def check(self) -> None:
+        """Assert the representation invariants (the core's structure, then the intervals)."""
+        self._core.check()
+        assert len(self) == sum(1 for _ in self.items())
+        RangeMap.check(self)
+
+
+def _rebuild(default: V, starts: list[int], ends: list[int], values: list[V]) -> RangeMap[V]:
+    """A map holding these (sorted, merged) intervals: how a native map is unpickled."""
+    m: RangeMap[V] = RangeMap(default)
+    m._starts, m._ends, m._values = starts, ends, values
+    if len(starts) > 2 * _LOAD:
+        m._grow()
+    return m

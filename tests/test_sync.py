@@ -111,3 +111,51 @@ def test_mutex_excludes_other_threads() -> None:
     for t in threads:
         t.join(30)
     assert counter[0] == 8000
+
+
+def test_reentry_below_the_top_keeps_the_order_check() -> None:
+    """Re-entering a lower-ranked lock while a higher one is held is allowed, and does not let a
+    lock ranked in between be taken afterwards."""
+    slots, mmu = NamedLock("slots_lock"), NamedLock("mmu_lock")
+    sem = RwSem("filemap_invalidate_lock")
+    with slots(), mmu():
+        with slots():
+            with pytest.raises(LockOrderError), sem.write():
+                pass
+            assert slots.held() and mmu.held()
+        assert slots.held() and mmu.held()
+    assert not holds_locks()
+
+
+class _Recorder:
+    """A stand-in explorer: records every scheduling point and whether the lock could be taken."""
+
+    def __init__(self) -> None:
+        self.points: list[tuple[str, bool | None]] = []
+
+    def point(self, name: str, ready: object, info: tuple[object, ...]) -> None:
+        self.points.append((name, ready() if callable(ready) else None))
+
+
+def test_explorer_sees_every_outermost_acquire_and_release() -> None:
+    from guestmem import sync
+
+    slots, sem = NamedLock("slots_lock"), RwSem("filemap_invalidate_lock")
+    rec = _Recorder()
+    old = sync.set_explorer(rec)  # type: ignore[arg-type]
+    try:
+        with slots(), slots(), sem.read(), sem.write():
+            assert slots.owner == threading.get_ident()
+        with sem.write():
+            pass
+    finally:
+        sync.set_explorer(old)
+    assert rec.points == [
+        ("acquire slots_lock", True), ("acquire filemap_invalidate_lock (shared)", True),
+        ("release filemap_invalidate_lock (shared)", None), ("release slots_lock", None),
+        ("acquire filemap_invalidate_lock", True), ("release filemap_invalidate_lock", None)]
+    assert slots.owner is None and sem.writer is None
+    # With no explorer installed nothing is recorded.
+    with slots():
+        pass
+    assert len(rec.points) == 6

@@ -13,7 +13,8 @@ import ctypes
 import ctypes.util
 import mmap as _mmap
 import os
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from guestmem.errors import KvmError
 
@@ -33,6 +34,7 @@ try:
     from guestmem.linux import _fastioctl  # type: ignore[attr-defined]
 
     FAST_PATH = "c-extension"
+    _fastioctl.set_error_type(KvmError)
 except ImportError:  # not built (no compiler at install time): the ctypes path does the same
     _fastioctl = None
     FAST_PATH = "ctypes"
@@ -41,6 +43,16 @@ _mmap_fn = _libc.mmap
 _mmap_fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
                      ctypes.c_long]
 _mmap_fn.restype = ctypes.c_void_p
+
+_mprotect = _libc.mprotect
+_mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_mprotect.restype = ctypes.c_int
+
+_syscall = _libc.syscall
+_syscall.restype = ctypes.c_long
+
+# x86-64 system call numbers of the NUMA calls (libc has no wrappers; libnuma is not assumed).
+SYS_mbind, SYS_set_mempolicy, SYS_get_mempolicy, SYS_move_pages = 237, 238, 239, 279
 
 _munmap = _libc.munmap
 _munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
@@ -117,12 +129,94 @@ def ioctl_fast(fd: int, request: int, arg: int, name: str = "ioctl") -> int:
     return ret
 
 
+_Method = TypeVar("_Method", bound=Callable[..., int])
+
+
+def int_ioctl_method(request: int, name: str, takes_arg: bool = True) -> Callable[[_Method], _Method]:
+    """Decorate a backend method that issues one non-blocking integer ioctl on ``self.fd``.
+
+    With the compiled fast path the method becomes a ``_fastioctl.IntIoctlMethod``: the common call
+    (one exact int argument in ``[0, 2**64)``, or none when ``takes_arg`` is false, on an object
+    whose ``_open`` is True) issues ``ioctl(self.fd, request, arg)`` from C and raises
+    ``KvmError(errno, name)`` on failure; any other call runs the decorated Python method, so it
+    decides every argument rule and error.  Without the extension the Python method is returned
+    unchanged.  Only for methods whose whole effect is that one ioctl.
+    """
+
+    def wrap(method: _Method) -> _Method:
+        if _fastioctl is None:
+            return method
+        fast: _Method = _fastioctl.IntIoctlMethod(method, request, name, takes_arg)
+        return fast
+
+    return wrap
+
+
 def mmap(length: int, prot: int, flags: int, fd: int = -1, offset: int = 0, name: str = "mmap") -> int:
     """``mmap(NULL, length, prot, flags, fd, offset)``; returns the address."""
     addr = _mmap_fn(None, length, prot, flags, fd, offset)
     if addr is None or addr == MAP_FAILED:
         raise _fail(name)
     return int(addr)
+
+
+def mmap_fixed(addr: int, length: int, prot: int, flags: int, fd: int = -1, offset: int = 0) -> int:
+    """``mmap(addr, length, prot, flags | MAP_FIXED, fd, offset)``: replaces what is at ``addr``."""
+    ret = _mmap_fn(addr, length, prot, flags | 0x10, fd, offset)
+    if ret is None or ret == MAP_FAILED:
+        raise _fail("mmap")
+    return int(ret)
+
+
+def mprotect(addr: int, length: int, prot: int) -> None:
+    if _mprotect(addr, length, prot) < 0:
+        raise _fail("mprotect")
+
+
+def _nodemask_words(mask: int | None, maxnode: int) -> ctypes.Array | None:
+    if mask is None:
+        return None
+    words = max(1, min((maxnode + 63) // 64, 1024))
+    return (ctypes.c_ulong * words)(*[(mask >> (64 * i)) & (2**64 - 1) for i in range(words)])
+
+
+def mbind(addr: int, length: int, mode: int, nodemask: int | None, maxnode: int, flags: int) -> None:
+    buf = _nodemask_words(nodemask, maxnode)
+    ret = _syscall(ctypes.c_long(SYS_mbind), ctypes.c_ulong(addr), ctypes.c_ulong(length),
+                   ctypes.c_ulong(mode & (2**64 - 1)), buf, ctypes.c_ulong(maxnode),
+                   ctypes.c_uint(flags & 0xFFFFFFFF))
+    if ret < 0:
+        raise _fail("mbind")
+
+
+def set_mempolicy(mode: int, nodemask: int | None, maxnode: int) -> None:
+    buf = _nodemask_words(nodemask, maxnode)
+    ret = _syscall(ctypes.c_long(SYS_set_mempolicy), ctypes.c_int(mode), buf, ctypes.c_ulong(maxnode))
+    if ret < 0:
+        raise _fail("set_mempolicy")
+
+
+def get_mempolicy(addr: int, flags: int, maxnode: int = 1024) -> tuple[int, int]:
+    """``get_mempolicy(&mode, nodemask, maxnode, addr, flags)``: ``(mode or node, nodemask)``."""
+    mode = ctypes.c_int(0)
+    buf = _nodemask_words(0, maxnode)
+    ret = _syscall(ctypes.c_long(SYS_get_mempolicy), ctypes.byref(mode), buf, ctypes.c_ulong(maxnode),
+                   ctypes.c_ulong(addr), ctypes.c_ulong(flags))
+    if ret < 0:
+        raise _fail("get_mempolicy")
+    return mode.value, sum(int(w) << (64 * i) for i, w in enumerate(buf))
+
+
+def move_pages_status(addrs: list[int]) -> list[int]:
+    """``move_pages(0, n, pages, NULL, status, 0)``: each page's node or ``-errno``."""
+    n = len(addrs)
+    pages = (ctypes.c_void_p * max(n, 1))(*addrs)
+    status = (ctypes.c_int * max(n, 1))()
+    ret = _syscall(ctypes.c_long(SYS_move_pages), ctypes.c_int(0), ctypes.c_ulong(n), pages, None,
+                   status, ctypes.c_int(0))
+    if ret < 0:
+        raise _fail("move_pages")
+    return [int(status[i]) for i in range(n)]
 
 
 def munmap(addr: int, length: int) -> None:

@@ -23,18 +23,34 @@ import os
 import weakref
 from typing import Any
 
-from guestmem.args import as_bytes, mapping_range, pin_range, u8, u64
+from guestmem import mman
+from guestmem.args import as_bytes, mapping_range, pin_range, s32, s64, u8, u32, u64
 from guestmem.errors import GuestAccessFault, KvmError
 from guestmem.linux import _sys
 from guestmem.linux.fileops import KernelFileOps
+from guestmem.ranges import RangeMap
 from guestmem.uapi import PAGE_SIZE
 
 _CHUNK = 1 << 20  # fill source buffer size
+_CLOSED_FD = 0x7FFF_FFFF  # beyond any RLIMIT_NOFILE: never an open fd
 
 
 def _munmap_quiet(addr: int, length: int) -> None:
     with contextlib.suppress(KvmError):
         _sys.munmap(addr, length)
+
+
+def _placeholder_quiet(addr: int, length: int, parent: weakref.finalize) -> None:
+    """A MAP_FIXED piece goes: its range becomes a PROT_NONE placeholder while the parent lives
+    (never after: the parent's munmap freed the range, which may be someone else's by now)."""
+    if not parent.alive:
+        return
+    with contextlib.suppress(KvmError):
+        _sys.mmap_fixed(addr, length, 0, _sys.MAP_PRIVATE | _sys.MAP_ANONYMOUS | _sys.MAP_NORESERVE)
+
+
+# Every live mapping, so a forked child can find its copy of a mapping by address.
+_LIVE: weakref.WeakSet[KernelMapping] = weakref.WeakSet()
 
 
 class KernelMapping:
@@ -44,14 +60,27 @@ class KernelMapping:
     """
 
     def __init__(self, addr: int, length: int, *, fd: int | None = None, offset: int = 0,
-                 shared: bool = True, owner: Any = None) -> None:
+                 shared: bool = True, owner: Any = None, prot: int = 3,
+                 parent: KernelMapping | None = None) -> None:
         self.addr = addr
         self.length = length
         self.fd = fd
         self.offset = offset
         self.shared = shared
         self.owner = owner  # keeps a Python-side owner (e.g. the GuestMemfd object) reachable
-        self._finalizer = weakref.finalize(self, _munmap_quiet, addr, length)
+        # Our own record of each page's protection (what we asked mmap/mprotect for): it tells a
+        # refused access's SIGSEGV (protection) from its SIGBUS (the file refused the fault).
+        self.prot_map: RangeMap[int] = RangeMap(prot)
+        # MAP_FIXED mappings over parts of this one; a child's unmap leaves a PROT_NONE
+        # placeholder so that the parent's range stays reserved until the parent goes.
+        self.children: list[KernelMapping] = []
+        self.parent = parent
+        if parent is None:
+            self._finalizer = weakref.finalize(self, _munmap_quiet, addr, length)
+        else:
+            self._finalizer = weakref.finalize(self, _placeholder_quiet, addr, length,
+                                               parent._finalizer)
+        _LIVE.add(self)
 
     # -- construction -------------------------------------------------------------------------------
     @classmethod
@@ -94,9 +123,9 @@ class KernelMapping:
             try:
                 n = _sys.process_vm_readv(dst + done, self.addr + offset + done, length - done)
             except KvmError as err:
-                raise GuestAccessFault("read", offset + done, f"SIGBUS ({err.message})") from None
+                raise self._fault("read", offset + done, err.message) from None
             if n == 0:
-                raise GuestAccessFault("read", offset + done)
+                raise self._fault("read", offset + done, "")
             done += n
 
     def read(self, offset: int, length: int) -> bytes:
@@ -117,9 +146,9 @@ class KernelMapping:
                     reps = min((total - pos) // chunk, _sys.IOV_MAX)
                     n = _sys.process_vm_writev_repeat(self.addr + offset + pos, src, chunk, reps)
             except KvmError as err:
-                raise GuestAccessFault(op, offset + pos, f"SIGBUS ({err.message})") from None
+                raise self._fault(op, offset + pos, err.message) from None
             if n == 0:
-                raise GuestAccessFault(op, offset + pos)
+                raise self._fault(op, offset + pos, "")
             pos += n
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
@@ -143,6 +172,117 @@ class KernelMapping:
         if tail:
             self._write_from("fill", offset + full * chunk, ctypes.addressof(src), tail, 1)
 
+    def _fault(self, op: str, offset: int, detail: str, need: int | None = None) -> GuestAccessFault:
+        """The fault a CPU access at ``offset`` would take: SIGSEGV where our records say the page
+        is unmapped or lacks the permission (``need``: read for "read", else write), else SIGBUS
+        (the file's fault handler refused)."""
+        if need is None:
+            need = _sys.PROT_READ if op == "read" else _sys.PROT_WRITE
+        target, sub = self, offset
+        for c in self.children:
+            lo = c.addr - self.addr
+            if lo <= offset < lo + -(-c.length // PAGE_SIZE) * PAGE_SIZE:
+                if c.closed:
+                    return GuestAccessFault(op, offset, "SIGSEGV: address not mapped")
+                target, sub = c, offset - lo
+        if not target.prot_map.get(sub // PAGE_SIZE) & need:
+            return GuestAccessFault(op, offset, "SIGSEGV: page protection forbids the access")
+        return GuestAccessFault(op, offset, f"SIGBUS ({detail})" if detail else "SIGBUS")
+
+    def _range(self, op: str, offset: object, length: object, past_errno: int) -> tuple[int, int]:
+        off, n = mman.mbind_range(op, offset, length, self.length, self.closed)
+        if n and mman.past_mapping(off, n, self.length):
+            raise KvmError(past_errno, op, "range reaches past the mapping (unmapped memory)")
+        return off, n
+
+    def mprotect(self, offset: int, length: int, prot: int) -> None:
+        off, n = u64(offset, "offset"), u64(length, "length")
+        value = mman.check_prot("mprotect", prot)
+        off, n = self._range("mprotect", off, n, errno.ENOMEM)
+        if not n:
+            return
+        _sys.mprotect(self.addr + off, n, value)
+        first, last = off // PAGE_SIZE, (off + n) // PAGE_SIZE
+        for c in self.children:
+            lo = (c.addr - self.addr) // PAGE_SIZE
+            a, b = max(first, lo), min(last, lo + -(-c.length // PAGE_SIZE))
+            if a < b and not c.closed:
+                c.prot_map.set(a - lo, b - lo, value)
+        self.prot_map.set(first, last, value)
+
+    def madvise(self, offset: int, length: int, advice: int) -> None:
+        off, n = u64(offset, "offset"), u64(length, "length")
+        value = mman.check_advice(advice)
+        off, n = self._range("madvise", off, n, errno.ENOMEM)
+        if n:
+            _sys.madvise(self.addr + off, n, value)
+
+    def mbind(self, offset: int, length: int, mode: int, nodemask: int | None = None, maxnode: int = 64,
+              flags: int = 0) -> None:
+        off, n = u64(offset, "offset"), u64(length, "length")
+        base, mode_flags = mman.sanitize_mode("mbind", mode)
+        mask = mman.nodemask_value(nodemask)
+        maxn = u64(maxnode, "maxnode")
+        mman.get_nodes("mbind", mask, maxn)
+        fl = u64(flags, "flags")
+        if fl & ~mman.MPOL_MF_VALID:
+            raise KvmError(errno.EINVAL, "mbind", f"invalid flags {fl:#x}")
+        if self.closed:
+            raise KvmError(errno.EBADF, "mbind", "mapping is closed")
+        if off % PAGE_SIZE:
+            raise KvmError(errno.EINVAL, "mbind", "address must be page aligned")
+        rounded = -(-n // PAGE_SIZE) * PAGE_SIZE
+        if off + rounded >= 1 << 64:
+            raise KvmError(errno.EINVAL, "mbind", "range wraps")
+        if not rounded:
+            return
+        nodes = mman.get_nodes("mbind", mask, maxn)
+        mman.mpol_new("mbind", base, mode_flags, nodes, online_node_mask())
+        if mman.past_mapping(off, rounded, self.length):
+            raise KvmError(errno.EFAULT, "mbind", "range reaches past the mapping (unmapped memory)")
+        _sys.mbind(self.addr + off, n, base | mode_flags, mask, maxn, fl)
+
+    def get_mempolicy(self, offset: int, flags: int = mman.MPOL_F_ADDR) -> tuple[int, int]:
+        off, fl = u64(offset, "offset"), u64(flags, "flags")
+        if fl & ~(mman.MPOL_F_NODE | mman.MPOL_F_ADDR | mman.MPOL_F_MEMS_ALLOWED):
+            raise KvmError(errno.EINVAL, "get_mempolicy", f"invalid flags {fl:#x}")
+        if fl & mman.MPOL_F_MEMS_ALLOWED or not fl & mman.MPOL_F_ADDR:
+            raise KvmError(errno.EINVAL, "get_mempolicy", "a mapping's policy is asked with MPOL_F_ADDR")
+        if self.closed:
+            raise KvmError(errno.EBADF, "get_mempolicy", "mapping is closed")
+        if off >= -(-self.length // PAGE_SIZE) * PAGE_SIZE:
+            raise KvmError(errno.EFAULT, "get_mempolicy", "address not mapped")
+        return _sys.get_mempolicy(self.addr + off, fl)
+
+    def page_nodes(self, offset: int, npages: int) -> list[int]:
+        off, count = u64(offset, "offset"), u64(npages, "npages")
+        if self.closed:
+            raise KvmError(errno.EBADF, "move_pages", "mapping is closed")
+        limit = -(-self.length // PAGE_SIZE) * PAGE_SIZE
+        addrs = [self.addr + off + k * PAGE_SIZE for k in range(count)]
+        inside = [a for a in addrs if a - self.addr < limit]
+        status = _sys.move_pages_status(inside) if inside else []
+        return status + [-errno.EFAULT] * (count - len(inside))
+
+    def mmap_fixed(self, offset: int, length: int, prot: int, flags: int, fd: object = None,
+                   file_offset: int = 0) -> KernelMapping:
+        """``mmap(self.addr + offset, ..., flags | MAP_FIXED, fd, file_offset)``."""
+        off, n = u64(offset, "offset"), u64(length, "length")
+        if self.closed:
+            raise KvmError(errno.EBADF, "mmap", "mapping is closed")
+        if off % PAGE_SIZE:
+            raise KvmError(errno.EINVAL, "mmap", "MAP_FIXED address must be page aligned")
+        if n == 0 or mman.past_mapping(off, n, self.length):
+            raise ValueError("mmap_fixed must replace a non-empty part of this mapping")
+        end = off + -(-n // PAGE_SIZE) * PAGE_SIZE
+        for c in self.children:
+            lo = c.addr - self.addr
+            if not c.closed and lo < end and off < lo + c.length:
+                raise ValueError("mmap_fixed over another live MAP_FIXED mapping")
+        child = map_request(n, prot, flags, fd, file_offset, fixed=self.addr + off, parent=self)
+        self.children.append(child)
+        return child
+
     def discard(self, offset: int, length: int) -> None:
         """``madvise(MADV_REMOVE)`` on ``[offset, offset+length)``: free the pages (they read as zero
         afterwards).  On a guest_memfd mapping the kernel punches a hole in the file; the kernel's
@@ -163,6 +303,8 @@ class KernelMapping:
 
     # -- lifetime -----------------------------------------------------------------------------------
     def close(self) -> None:
+        for c in self.children:  # the parent's munmap takes MAP_FIXED pieces with it
+            c._finalizer.detach()
         self._finalizer()
 
     def __enter__(self) -> KernelMapping:
@@ -174,6 +316,51 @@ class KernelMapping:
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"addr={self.addr:#x}"
         return f"KernelMapping({state}, length={self.length:#x}, fd={self.fd})"
+
+
+def online_node_mask() -> int:
+    """The host's nodes with memory, as a mask (``/sys/devices/system/node/has_memory``)."""
+    return sum(1 << n for n in host_numa_nodes())
+
+
+def host_numa_nodes() -> list[int]:
+    for name in ("has_memory", "online"):
+        try:
+            with open(f"/sys/devices/system/node/{name}") as f:
+                return mman.parse_node_list(f.read())
+        except OSError:
+            continue
+    return [0]
+
+
+def map_request(length: object, prot: object, flags: object, fd: object, offset: object,
+                fixed: int | None = None, parent: KernelMapping | None = None) -> KernelMapping:
+    """``mmap(2)`` for :meth:`guestmem.api.Kvm.mmap` and :meth:`KernelMapping.mmap_fixed`:
+    the kernel answers; MAP_FIXED only through ``fixed`` (an address this process owns)."""
+    length_, off = u64(length, "length"), s64(offset, "offset")
+    prot_ = s32(prot, "prot") & (mman.PROT_READ | mman.PROT_WRITE | mman.PROT_EXEC)
+    flags_ = u32(flags, "flags")
+    if fd is not None and not isinstance(fd, int):
+        obj = fd
+        fd = getattr(obj, "fd", None)
+        if not isinstance(fd, int):
+            raise TypeError("fd must be a GuestMemfd, a HostFile, an int or None")
+        if getattr(obj, "closed", False):
+            fd = _CLOSED_FD  # a closed object's number may be reused: let the kernel say EBADF
+    if flags_ & (mman.MAP_FIXED | mman.MAP_FIXED_NOREPLACE) and fixed is None:
+        raise ValueError("MAP_FIXED is Mapping.mmap_fixed (over part of a mapping this "
+                         "interface owns), never an arbitrary address")
+    anon = fd is None or bool(flags_ & mman.MAP_ANONYMOUS)
+    if anon:
+        flags_ |= mman.MAP_ANONYMOUS
+        fd = -1
+    if fixed is None:
+        addr = _sys.mmap(length_, prot_, flags_, fd, off)  # type: ignore[arg-type]
+    else:
+        addr = _sys.mmap_fixed(fixed, length_, prot_, flags_, fd, off)  # type: ignore[arg-type]
+    shared = flags_ & mman.MAP_TYPE in (mman.MAP_SHARED, mman.MAP_SHARED_VALIDATE)
+    return KernelMapping(addr, length_, fd=None if anon else fd, offset=off, shared=shared,  # type: ignore[arg-type]
+                         prot=prot_, parent=parent)
 
 
 def _close_fds(fds: list[int]) -> None:
@@ -228,8 +415,8 @@ class KernelPin:
                         if err.errno == 11:  # EAGAIN: this pipe is full, open another
                             break
                         if err.errno == 14:  # EFAULT: the pages cannot be faulted in
-                            raise GuestAccessFault("pin", self.offset + self.pinned,
-                                                   f"SIGBUS ({err.message})") from None
+                            raise self.mapping._fault("pin", self.offset + self.pinned, err.message,
+                                                      _sys.PROT_READ) from None
                         raise
                     if n == 0:
                         break
@@ -285,6 +472,10 @@ class KernelHostFile(KernelFileOps):
             self.close()
             raise KvmError(err.errno or 0, "ftruncate") from None
         self.size = size
+
+    @property
+    def closed(self) -> bool:
+        return not self._finalizer.alive
 
     def close(self) -> None:
         self._finalizer()

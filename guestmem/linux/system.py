@@ -56,10 +56,12 @@ class KernelKvm:
             raise KvmError(errno.EBADF, op, "/dev/kvm is closed")
         return self.fd
 
+    @_sys.int_ioctl_method(u.KVM_GET_API_VERSION, "KVM_GET_API_VERSION", takes_arg=False)
     def api_version(self) -> int:
         return _sys.ioctl_fast(self._fd("KVM_GET_API_VERSION"), u.KVM_GET_API_VERSION, 0,
                                "KVM_GET_API_VERSION")
 
+    @_sys.int_ioctl_method(_CHECK_EXTENSION, "KVM_CHECK_EXTENSION")
     def check_extension(self, cap: int) -> int:
         # Inlined (argument rule, open check, ioctl, errno): a capability probe is a ~0.3 us
         # ioctl, and each Python call layered on it would cost as much again.
@@ -81,6 +83,36 @@ class KernelKvm:
         size = u64(size, "size")
         self._fd("mmap")
         return KernelMapping.anonymous(size)
+
+    # -- host memory management (mmap, NUMA policy, fork) ---------------------------------------------
+    def mmap(self, length: int, prot: int = 3, flags: int = 0x01, fd: object = None,
+             offset: int = 0) -> KernelMapping:
+        """``mmap(NULL, length, prot, flags, fd, offset)``; the kernel answers."""
+        from guestmem.linux.memory import map_request
+
+        self._fd("mmap")
+        return map_request(length, prot, flags, fd, offset)
+
+    def set_mempolicy(self, mode: int, nodemask: int | None = None, maxnode: int = 64) -> None:
+        """``set_mempolicy`` of this process (every thread allocating from now on)."""
+        from guestmem import mman
+        from guestmem.args import s32
+
+        mode, maxnode = s32(mode, "mode"), u64(maxnode, "maxnode")
+        nodemask = mman.nodemask_value(nodemask)
+        self._fd("set_mempolicy")
+        _sys.set_mempolicy(mode, nodemask, maxnode)
+
+    def numa_nodes(self) -> list[int]:
+        from guestmem.linux.memory import host_numa_nodes
+
+        return host_numa_nodes()
+
+    def fork(self):  # -> KernelChild
+        from guestmem.linux.fork import KernelChild
+
+        self._fd("fork")
+        return KernelChild()
 
     def memfd_create(self, size: int, flags: int = fa.MFD_CLOEXEC) -> KernelHostFile:
         size, flags = s64(size, "size"), fa.check_memfd_flags(flags)

@@ -61,6 +61,9 @@ class KernelVm:
         self._vcpus: list[weakref.ref[KernelVcpu]] = []
         self._loader: list[Loader] = []  # 0 or 1 element, shared with the finalizer
         self._hypercall_exit_enabled = False
+        # Pages per memslot (by the uAPI slot number), from our successful region calls: what
+        # sizes KVM_GET_DIRTY_LOG's bitmap (the kernel copies that many bits into our buffer).
+        self._slot_pages: dict[int, int] = {}
         self._open = True  # False once close() ran: read on every ioctl, so a plain attribute
         self._finalizer = weakref.finalize(self, _close_vm, fd, self._vcpus, self._loader)
 
@@ -74,6 +77,7 @@ class KernelVm:
         return self.fd
 
     # -- capabilities -------------------------------------------------------------------------------
+    @_sys.int_ioctl_method(_CHECK_EXTENSION, "KVM_CHECK_EXTENSION")
     def check_extension(self, cap: int) -> int:
         # Inlined (argument rule, open check, ioctl, errno): a capability probe is a ~0.3 us
         # ioctl, and each Python call layered on it would cost as much again.
@@ -116,6 +120,7 @@ class KernelVm:
                                             memory_size=memory_size, userspace_addr=userspace_addr)
         _sys.ioctl(self._fd("KVM_SET_USER_MEMORY_REGION"), u.KVM_SET_USER_MEMORY_REGION, arg,
                    "KVM_SET_USER_MEMORY_REGION")
+        self._record_slot(slot, memory_size)
 
     def set_user_memory_region2(self, slot: int, flags: int, guest_phys_addr: int, memory_size: int,
                                 userspace_addr: int, guest_memfd: GuestMemfd | int | None = None,
@@ -140,6 +145,22 @@ class KernelVm:
                                              guest_memfd=gfd & 0xFFFF_FFFF)
         _sys.ioctl(self._fd("KVM_SET_USER_MEMORY_REGION2"), u.KVM_SET_USER_MEMORY_REGION2, arg,
                    "KVM_SET_USER_MEMORY_REGION2")
+        self._record_slot(slot, memory_size)
+
+    def _record_slot(self, slot: int, memory_size: int) -> None:
+        if memory_size:
+            self._slot_pages[slot] = memory_size // u.PAGE_SIZE
+        else:
+            self._slot_pages.pop(slot, None)
+
+    def get_dirty_log(self, slot: int) -> bytes:
+        """``KVM_GET_DIRTY_LOG``: the slot's dirty bitmap (cleared behind it).  A slot this object
+        never created is asked with a NULL bitmap, so the kernel answers (ENOENT, EINVAL) without
+        writing anywhere."""
+        from guestmem.linux.dirty_log import get_dirty_log
+
+        slot = u32(slot, "slot")
+        return get_dirty_log(self._fd("KVM_GET_DIRTY_LOG"), slot, self._slot_pages.get(slot))
 
     def set_memory_attributes(self, address: int, size: int, attributes: int, flags: int = 0) -> None:
         address, size = u64(address, "address"), u64(size, "size")

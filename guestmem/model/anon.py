@@ -35,6 +35,16 @@ class ShmemBacking(ModelFileOps, OpenFile):
         self.kind = kind
         self.folio_order = folio_order
         self.cache = PageCache(pool)
+        # shmem's shared policy (shmem_set_policy): mbind on a mapping of this file lands here.
+        from guestmem.model.mm.numa import SharedPolicy
+
+        self.shared_policy = SharedPolicy(lambda: process.task_policy)
+        if pool.nodes > 1:
+            self.cache.placement = self.shared_policy.placement
+
+    @property
+    def page_cache(self) -> PageCache:
+        return self.cache
 
     @property
     def npages(self) -> int:
@@ -80,7 +90,8 @@ class ShmemBacking(ModelFileOps, OpenFile):
         """Hook for the owner (the system unregisters the file here)."""
 
     # --- HostFile ---------------------------------------------------------------------------------
-    def mmap(self, length: int | None = None, offset: int = 0) -> ModelMapping:
+    def mmap(self, length: int | None = None, offset: int = 0, *, prot: int = 3,
+             shared: bool = True) -> ModelMapping:
         length = self.size if length is None else u64(length, "length")
         offset = s64(offset, "offset")
         self.process.run_deferred()
@@ -88,4 +99,6 @@ class ShmemBacking(ModelFileOps, OpenFile):
             raise KvmError(errno.EBADF, "mmap", "file is closed")
         if offset % PS or offset < 0:
             raise KvmError(errno.EINVAL, "mmap", "offset must be page aligned")
-        return self.process.mmap(self, length, offset // PS)
+        if shared:
+            return self.process.mmap(self, length, offset // PS, prot=prot)
+        return self.process.map_request(length, prot, 0x02, self.fd, offset)

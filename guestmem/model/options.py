@@ -30,6 +30,7 @@ _RANGES: dict[str, tuple[int, int]] = {
     "phys_bits": (36, 52),
     "pool_bytes": (1 << 30, 1 << 47),
     "max_vcpus": (1, 4096),
+    "numa_nodes": (1, 64),
 }
 
 
@@ -77,6 +78,10 @@ class ModelOptions:
     # Check invariant 7 (content modes) on every in-place conversion (a per-page plaintext digest
     # before and after); costs a hash of every allocated page converted.  For tests and fuzzing.
     check_content_modes: bool = False
+    # NUMA nodes of the simulated host (its frames split evenly among them, node 0 lowest; the
+    # CPUs are on node 0).  upstream guest_memfd honours mbind/set_mempolicy (7.2); the
+    # selftests that check placement need at least 2.
+    numa_nodes: int = 1
     # The vCPU: "ops" interprets the guest op language directly (the fast path); "x86" runs the
     # x86-64 machine code guest/x86.py compiles from it on a Unicorn CPU whose every memory access
     # goes through this model's SPTEs (the referee; guestmem/model/kvm/x86/).

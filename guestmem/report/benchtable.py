@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from rich.markup import escape
 from rich.table import Table
 
 _SPREAD = {"median", "min", "max"}
@@ -38,6 +39,8 @@ def fmt_value(name: str, v: float) -> tuple[str, str]:
                 return f"{v / scale:.3g}", unit
     if name.endswith("_us"):
         return f"{v:.3g}", "µs"
+    if name.endswith("_ns"):
+        return f"{v:.4g}", "ns"
     if name.endswith("_ms"):
         return f"{v:.3g}", "ms"
     if name.endswith("bytes") or name == "size":
@@ -101,5 +104,5 @@ def make_table(result: dict[str, Any]) -> Table:
     for col, just in columns:
         table.add_column(col, justify=just)  # type: ignore[arg-type]
     for r in rows(result):
-        table.add_row(*r)
+        table.add_row(*(escape(cell) for cell in r))  # labels like "[vm KVM_...]" are not markup
     return table

@@ -67,6 +67,11 @@ class Outcome:
     error: str | None = None
 
 
+# The outcomes of a one-page conversion that worked: frozen, so one of each serves every fault.
+_PAGE_CHANGED = Outcome(True, 0, 1, 0, 0)
+_PAGE_UNCHANGED = Outcome(True, 0, 0, 1, 0)
+
+
 def _fail(msg: str, ret: int = -u.KVM_EINVAL) -> Outcome:
     return Outcome(False, ret, error=msg)
 
@@ -168,6 +173,10 @@ class ConversionManager:
     def _convert(self, gpa: int, size: int, to_private: bool, origin: str, tid: int, granule: int) -> Outcome:
         self.stats["requests"] += 1
         self.stats[f"requests_{origin}"] += 1
+        if size == PAGE and granule == PAGE and gpa % PAGE == 0 and 0 <= gpa <= (1 << 64) - PAGE:
+            i = self.layout.region_at(gpa)
+            if i is not None and (not to_private or self.strategy.private_memory):
+                return self._convert_page(self.regions[i], gpa, to_private, tid)
         if size <= 0 or gpa < 0 or gpa % granule or size % granule or gpa + size > 1 << 64:
             return self._refuse(f"range [{gpa:#x}, +{size:#x}) is not aligned to its {granule >> 10} KiB "
                                 "page size (or is empty)")
@@ -207,6 +216,28 @@ class ConversionManager:
             # second measurement while one is under way).
             self.accounting.sample(_TO_PRIVATE if to_private else _TO_SHARED, tid, force=False)
         return Outcome(True, 0, changed, unchanged, hole_bytes)
+
+    def _convert_page(self, region: RegionBacking, gpa: int, to_private: bool, tid: int) -> Outcome:
+        """:meth:`_convert` for one 4 KiB page inside a RAM region (every memory fault): the same
+        steps, counters and outcome, without the piece and run lists."""
+        changed = unchanged = 0
+        with self._lock:
+            if self.tracker.is_private(gpa // PAGE) == to_private:
+                unchanged = 1
+            else:
+                err = self._convert_run(region, gpa, PAGE, to_private, tid)
+                if err is not None:
+                    self.stats["errors"] += 1
+                    return Outcome(False, -u.KVM_EINVAL, 0, 0, 0, err)
+                changed = 1
+            self.stats["pages_to_private" if to_private else "pages_to_shared"] += changed
+            self.stats["pages_unchanged"] += unchanged
+            if changed:
+                self.stats["conversions"] += 1
+        if changed:
+            self.accounting.sample(_TO_PRIVATE if to_private else _TO_SHARED, tid, force=False)
+            return _PAGE_CHANGED
+        return _PAGE_UNCHANGED
 
     def _refuse(self, msg: str) -> Outcome:
         self.stats["refused"] += 1
@@ -281,6 +312,15 @@ class ConversionManager:
                                    reason=blocker)
             return
         s, e = gpa // PAGE, (gpa + size) // PAGE
+        if e == s + 1 and not self.trace.enabled:  # one page: one pin lookup, no run lists
+            if self.tracker.pinned(s):
+                self.tracker.deferred_discard.set(s, e, True)
+                self.stats["shared_discards_deferred"] += 1
+            else:
+                region.discard_shared(gpa, PAGE)
+                self.tracker.dropped(s, e, st.SHARED_POP)
+                self.stats["shared_discards"] += 1
+            return
         for a, b in self.tracker.pinned_runs(s, e):
             self.tracker.deferred_discard.set(a, b, True)
             self.stats["shared_discards_deferred"] += 1

@@ -107,6 +107,11 @@ class PageTracker:
             if delta < 0:
                 self.pins.check()
 
+    def pinned(self, gfn: int) -> bool:
+        """Whether page ``gfn`` is pinned for DMA."""
+        with self._lock:
+            return self.pins.get(gfn) > 0
+
     def pinned_runs(self, start: int, end: int) -> list[tuple[int, int]]:
         with self._lock:
             if end == start + 1:

@@ -10,8 +10,8 @@ write, MAP_PRIVATE, mmap without MMAP, unaligned fallocate); the errnos asserted
 the kernel sources (fs/read_write.c, fs/open.c, virt/kvm/guest_memfd.c) and were confirmed on a
 6.18 host.
 
-Not ported (not expressible through guestmem.api): ``mbind``, ``numa_allocation`` (NUMA policy)
-and ``collapse`` (MADV_HUGEPAGE/MADV_COLLAPSE/MADV_DONTNEED).
+``mbind``, ``numa_allocation`` and ``collapse`` (NUMA policy and madvise) are in
+``test_guest_memfd_mm.py``; ``tests/conformance/UPSTREAM.md`` maps every upstream test to its port.
 """
 
 from __future__ import annotations

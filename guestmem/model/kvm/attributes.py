@@ -40,7 +40,8 @@ def set_vm_memory_attributes(vm: ModelVm, address: int, size: int, attributes: i
         raise KvmError(errno.EINVAL, OP, "address and size must be page aligned")
     start, end = address // PS, (address + size) // PS
     with vm.slots_lock():
-        if vm.attributes.all_equal(start, end, attributes):
+        if (vm.attributes.get(start) == attributes if end == start + 1
+                else vm.attributes.all_equal(start, end, attributes)):
             return
         apply_vm_attributes(vm, start, end, attributes)
     vm.system.stats["conversions"] += 1
@@ -48,6 +49,12 @@ def set_vm_memory_attributes(vm: ModelVm, address: int, size: int, attributes: i
 
 def _intersecting_slots(vm: ModelVm, start: int, end: int) -> list[tuple[Memslot, int, int]]:
     out = []
+    if end == start + 1:  # one gfn: one lookup per address space
+        for ms in vm.memslots:
+            slot = ms.lookup(start)
+            if slot is not None:
+                out.append((slot, start, end))
+        return out
     for ms in vm.memslots:
         for s, e, slot in ms.in_range(start, end):
             if slot is not None:

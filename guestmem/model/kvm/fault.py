@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 from guestmem import uapi as u
 from guestmem.api import ExitMemoryFault
 from guestmem.errors import KvmError
+from guestmem.model.kvm import dirty_log
 from guestmem.model.kvm import mmu as mmu_mod
 from guestmem.model.process import HostFault
 from guestmem.sync import schedule_point
@@ -55,8 +56,10 @@ def page_fault(vm: ModelVm, gfn: int, end: int, access: Access, write: bool, as_
     mmu = vm.mmu
     mmu.stats["faults"] += 1
     vm.arch.check_fault_allowed()
+    read_only: set[int] = set()
     for _ in range(MAX_RETRIES):
         seq = mmu.seq
+        read_only.clear()
         is_private = vm.arch.fault_is_private(gfn, access)
         if is_private != vm.mem_is_private(gfn):
             return memory_fault(gfn, is_private)
@@ -64,6 +67,9 @@ def page_fault(vm: ModelVm, gfn: int, end: int, access: Access, write: bool, as_
         if slot is None:
             return memory_fault(gfn, True) if is_private else Emulate(gfn)
         stop = min(end, slot.end_gfn, vm.attribute_run_end(gfn, end))
+        logging = slot.dirty_bitmap is not None
+        if logging and write:
+            stop = gfn + 1  # a logging slot takes one write fault per page: each is logged
         # Upstream's window: mmu_seq is snapshotted and the attribute read; anything may change
         # before mmu_lock is taken, which is what the recheck under mmu_lock is for.
         schedule_point("fault: mmu_seq read", gfn, seq, is_private)
@@ -91,7 +97,7 @@ def page_fault(vm: ModelVm, gfn: int, end: int, access: Access, write: bool, as_
             if not runs:
                 return memory_fault(gfn, is_private, err or errno.EFAULT)
         else:
-            runs = host_runs(vm, slot, gfn, stop, write)
+            runs = host_runs(vm, slot, gfn, stop, write, read_only)
         covered = gfn
         for s, e, _, _ in sorted(runs):
             if s <= covered < e:
@@ -101,10 +107,13 @@ def page_fault(vm: ModelVm, gfn: int, end: int, access: Access, write: bool, as_
         with vm.mmu_lock():
             stale = mmu.retry(seq, gfn, covered)
             if not stale:
-                top = mmu_mod.max_order_for(vm, is_private)
-                writable = not slot.readonly
+                top = 0 if logging else mmu_mod.max_order_for(vm, is_private)
+                # While logging, a read maps write-protected so the first write faults.
+                writable = not slot.readonly and (write or not logging) and gfn not in read_only
                 for s, e, pfn, order in runs:
                     mmu.install(slot, gfn, covered, s, e, pfn, order, is_private, writable, top)
+                if logging and write:
+                    dirty_log.mark_dirty(slot, gfn, covered)
         if not stale:
             return covered
         # RET_PF_RETRY: back into the guest, which faults again; let the invalidation finish.
@@ -113,9 +122,13 @@ def page_fault(vm: ModelVm, gfn: int, end: int, access: Access, write: bool, as_
     raise KvmError(errno.EIO, "KVM_RUN", f"fault at gfn {gfn:#x} retried {MAX_RETRIES} times")
 
 
-def host_runs(vm: ModelVm, slot: Memslot, gfn: int, stop: int, write: bool
-              ) -> list[tuple[int, int, int, int]]:
-    """Resolve gfns through ``userspace_addr`` (``hva_to_pfn``/GUP): runs ``(s, e, pfn, order)``."""
+def host_runs(vm: ModelVm, slot: Memslot, gfn: int, stop: int, write: bool,
+              read_only: set[int] | None = None) -> list[tuple[int, int, int, int]]:
+    """Resolve gfns through ``userspace_addr`` (``hva_to_pfn``/GUP): runs ``(s, e, pfn, order)``.
+    ``gfn`` is added to ``read_only`` when the host maps the pages read-only (a read-only
+    protection, or a MAP_PRIVATE page not yet copied): KVM then maps them write-protected."""
+    if read_only is None:
+        read_only = set()
     hva = slot.gfn_to_hva(gfn)
     hit = vm.system.process.resolve(hva)
     if hit is None:
@@ -123,12 +136,19 @@ def host_runs(vm: ModelVm, slot: Memslot, gfn: int, stop: int, write: bool
     mapping, off = hit
     first = mapping.pgoff + off // PS
     n = min(stop - gfn, (mapping.length - off + PS - 1) // PS)
+    n, host_writable = mapping.gup_range(off - off % PS, n, write)
+    if n == 0:  # GUP refuses (PROT_NONE, or a write to a read-only mapping): KVM_RUN fails
+        raise KvmError(errno.EFAULT, "KVM_RUN", f"gfn {gfn:#x}: the host mapping at {hva:#x} "
+                       f"does not allow this {'write' if write else 'read'}")
+    if not host_writable:
+        read_only.add(gfn)
     try:
-        folio_runs = getattr(mapping.file, "folio_runs", None)
+        source = mapping.source  # MAP_PRIVATE: the copy-on-write view, not the file
+        folio_runs = getattr(source, "folio_runs", None)
         if folio_runs is not None:
             raw = folio_runs(first, first + n)
         else:
-            raw = [(s, e, pfn, 0) for s, e, pfn in mapping.file.host_fault(first, first + n, write)]
+            raw = [(s, e, pfn, 0) for s, e, pfn in source.host_fault(first, first + n, write)]
     except HostFault:
         raise KvmError(errno.EFAULT, "KVM_RUN", f"gfn {gfn:#x}: host access to {hva:#x} faults") from None
     base = gfn - first

@@ -36,6 +36,8 @@ if TYPE_CHECKING:
     from guestmem.model.kvm.memslot import Memslot
     from guestmem.model.kvm.system import ModelKvm
     from guestmem.model.kvm.vm import ModelVm
+    from guestmem.model.mm.numa import SharedPolicy
+    from guestmem.model.mm.pagecache import PageCache
 
 PS = u.PAGE_SIZE
 ALL = 1 << (63 - u.PAGE_SHIFT)  # "-1ul": past the last index a file can have
@@ -69,6 +71,13 @@ class GmemInode:
         self._files: list[weakref.ref[GmemFile]] = []  # the files (views) of this inode, not owned
         self.freed = False
         self.arch_invalidate = None  # set by the owning VM's flavour (kvm_arch_gmem_invalidate)
+        # gmem_inode.policy (upstream 7.2, CONFIG_NUMA): mbind on a mapping sets it
+        # (kvm_gmem_set_policy); kvm_gmem_get_folio allocates by it.
+        from guestmem.model.mm.numa import SharedPolicy
+
+        self.shared_policy = SharedPolicy(lambda: system.process.task_policy)
+        if system.pool.nodes > 1:
+            self.cache.placement = self.shared_policy.placement
         system.register_file(self)
 
     @property
@@ -328,7 +337,16 @@ class GmemFile(ModelFileOps, OpenFile):
         self._check_open("fstat")
         return self.inode.size, PS, self.inode.ino
 
-    def mmap(self, length: int | None = None, offset: int = 0, *, shared: bool = True) -> ModelMapping:
+    @property
+    def page_cache(self) -> PageCache:
+        return self.inode.cache
+
+    @property
+    def shared_policy(self) -> SharedPolicy:
+        return self.inode.shared_policy
+
+    def mmap(self, length: int | None = None, offset: int = 0, *, shared: bool = True,
+             prot: int = 3) -> ModelMapping:
         length = self.inode.size if length is None else u64(length, "length")
         offset = s64(offset, "offset")
         if not isinstance(shared, bool):
@@ -345,7 +363,7 @@ class GmemFile(ModelFileOps, OpenFile):
             raise KvmError(errno.ENODEV, "mmap", "guest_memfd created without GUEST_MEMFD_FLAG_MMAP")
         if not shared:
             raise KvmError(errno.EINVAL, "mmap", "guest_memfd mappings must be MAP_SHARED")
-        return self.system.process.mmap(self, length, offset // PS)
+        return self.system.process.mmap(self, length, offset // PS, prot=prot)
 
     def set_memory_attributes2(self, offset: int, size: int, attributes: int, flags: int = 0,
                                reserved: Sequence[int] = ()) -> None:
@@ -514,6 +532,8 @@ class GmemFile(ModelFileOps, OpenFile):
         inode = self.inode
         if self.released or slot.gmem_file is not self:
             return [], errno.EFAULT
+        if end_gfn == gfn + 1 and not inode.folio_order:
+            return self._get_pfn_one(inode, slot, gfn, zero)
         req0, req1 = i0, i1 = slot.gfn_to_index(gfn), slot.gfn_to_index(end_gfn)
         if inode.folio_order:
             # A large folio is handed out whole (so it can be mapped huge): widen to folio
@@ -545,6 +565,23 @@ class GmemFile(ModelFileOps, OpenFile):
                 out.append((slot.index_to_gfn(s), slot.index_to_gfn(e), pfn, order))
             self.vm.arch.gmem_prepare(self, slot, out)
             return out, err
+
+    def _get_pfn_one(self, inode: GmemInode, slot: Memslot, gfn: int, zero: bool
+                     ) -> tuple[list[tuple[int, int, int, int]], int]:
+        """:meth:`get_pfn_range` for one gfn of an order-0 file (every 4 KiB lazy-accept fault):
+        the same checks in the same order, as point lookups instead of range scans."""
+        i = gfn - slot.base_gfn + slot.gmem_pgoff
+        with inode.invalidate_lock.read():
+            if self.bindings.get(i) is not slot:
+                return [], errno.EIO
+            if inode.hwpoison.get(i):
+                return [], EHWPOISON
+            pfn, order = inode.cache.get_page(i, zero=zero, limit=inode.npages)
+            if order and (slot.gmem_pgoff - slot.base_gfn) % (1 << order):
+                order = 0
+            out = [(gfn, gfn + 1, pfn, order)]
+            self.vm.arch.gmem_prepare(self, slot, out)
+            return out, 0
 
     def __repr__(self) -> str:
         return f"GmemFile(fd={self.fd}, size={self.inode.size:#x}, flags={self.inode.flags:#x})"

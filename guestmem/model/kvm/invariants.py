@@ -44,6 +44,10 @@ def _backing_pfns(vm: ModelVm, slot: Memslot, sp: Spte, s: int, e: int
         _fail(1, f"shared SPTE at gfn {s:#x} maps an unmapped host address")
     assert hit is not None
     mapping, off = hit
+    if hasattr(mapping.source, "overlay"):  # MAP_PRIVATE: its copies, else the file's pages
+        first = mapping.pgoff + off // PS
+        pieces = mapping.source.lookup_range(first, first + (e - s))
+        return [(a - first + s, b - first + s, pfn, o) for a, b, pfn, o in pieces]
     cache = getattr(mapping.file, "cache", None)
     if cache is None:
         inode = getattr(mapping.file, "inode", None)
@@ -75,6 +79,12 @@ def check_vm(vm: ModelVm, quiescent: bool = True) -> None:
         for slot in ms:
             for mixed in slot.lpage_mixed.values():
                 mixed.check()
+    # 8: no guest write goes unlogged in a dirty-logging slot.
+    from guestmem.model.kvm import dirty_log
+
+    unlogged = dirty_log.check(vm)
+    if unlogged:
+        _fail(8, unlogged)
     if mmu.cpu_view is not None:  # 1 and 2 for the x86 CPUs' TLBs and plaintext twin
         from guestmem.model.kvm.x86.cpu import check_cpu_view
 

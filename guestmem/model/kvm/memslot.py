@@ -39,6 +39,9 @@ class Memslot:
     # Per hugepage level: RangeMap over hugepage index (gfn >> order) -> True when MIXED
     # (attributes not uniform across it).  Upstream keeps this in lpage_info.disallow_lpage bit 31.
     lpage_mixed: dict[int, RangeMap[bool]] = field(default_factory=dict)
+    # KVM_MEM_LOG_DIRTY_PAGES: page (gfn - base_gfn) -> dirty since the last KVM_GET_DIRTY_LOG;
+    # None when the slot does not log (guestmem.model.kvm.dirty_log).
+    dirty_bitmap: RangeMap[bool] | None = None
 
     @property
     def gmem_file(self) -> GmemFile | None:

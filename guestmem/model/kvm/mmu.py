@@ -55,6 +55,9 @@ class Mmu:
         self.in_progress = 0
         self.range_start = INVALID_GFN
         self.range_end = INVALID_GFN
+        # The last 4 KiB SPTE value installed, reused while it fits (pages allocated in order share
+        # one pfn - gfn delta): an equal frozen value, without building one per fault.
+        self._last_small: Spte | None = None
         self.stats = {"zapped_pages": 0, "zaps": 0, "installs": 0, "faults": 0, "retries": 0,
                       "hugepage_installs": 0}
         # The x86 CPUs' view of these SPTEs (guestmem.model.kvm.x86.X86Machine), told of every zap
@@ -129,6 +132,8 @@ class Mmu:
         if not self.vm.arch.mirrored_tdp:
             attr_filter = FILTER_ALL
         m = self.sptes[as_id]
+        if end == start + 1 and m.get(start) is None:
+            return False  # one gfn with nothing mapped (a 4 KiB conversion of an unmapped page)
         zapped = False
         removed: list[tuple[int, int, Spte]] = []
         for s, e, sp in list(m.segments(start, end)):
@@ -184,6 +189,16 @@ class Mmu:
         m = self.sptes[slot.as_id]
         delta = pfn - run_start
         top = min(folio_order, max_order)
+        if not top:  # 4 KiB only (every order-0 folio): what place() does at order 0, no closure
+            lo, hi = max(run_start, req_start), min(run_end, req_end)
+            if lo < hi:
+                sp = self._last_small
+                if (sp is None or sp.delta != delta or sp.private != private
+                        or sp.writable != writable):
+                    sp = self._last_small = Spte(private, 0, delta, writable)
+                m.set(lo, hi, sp)
+                self.stats["installs"] += 1
+            return
 
         def place(a: int, b: int, order_cap: int) -> None:
             # [a, b) is aligned to 2^order_cap (or a sub-range at order 0).
@@ -274,36 +289,39 @@ def post_set_attributes(vm: ModelVm, slot: Memslot, start: int, end: int, attrs:
         gfn = start >> order << order
         if gfn != start or gfn + size > end:
             if gfn >= slot.base_gfn and gfn + size <= slot.end_gfn:
-                mixed.set(gfn >> order, (gfn >> order) + 1,
-                          not hugepage_has_attrs(vm, slot, gfn, order, attrs))
+                _set_mixed(mixed, gfn >> order, not hugepage_has_attrs(vm, slot, gfn, order, attrs))
             gfn += size
         full_end = gfn + ((end - gfn) // size) * size if end > gfn else gfn
         if full_end > gfn:
             mixed.set(gfn >> order, full_end >> order, False)
             gfn = full_end
         if gfn < end and gfn + size <= slot.end_gfn:
-            mixed.set(gfn >> order, (gfn >> order) + 1,
-                      not hugepage_has_attrs(vm, slot, gfn, order, attrs))
+            _set_mixed(mixed, gfn >> order, not hugepage_has_attrs(vm, slot, gfn, order, attrs))
+
+
+def _set_mixed(mixed: RangeMap[bool], hp: int, value: bool) -> None:
+    """Record one hugepage's MIXED bit, touching the map only when it changes (a 4 KiB
+    conversion recomputes its head hugepage every time; it rarely flips)."""
+    if mixed.get(hp) != value:
+        mixed.set(hp, hp + 1, value)
 
 
 def pre_set_attributes_range_add(vm: ModelVm, slot: Memslot, start: int, end: int) -> None:
     """``kvm_arch_pre_set_memory_attributes``' head/tail rule: a straddling hugepage that could be
     mapped huge right now joins the invalidation, so no hugepage is installed mid-change."""
+    base, slot_end = slot.base_gfn, slot.base_gfn + slot.npages
     for order in (9, 18):
         size = 1 << order
         mixed = slot.lpage_mixed.get(order)
-
-        def is_mixed(g: int, _m: RangeMap[bool] | None = mixed, _o: int = order) -> bool:
-            return bool(_m is not None and _m.get(g >> _o))
-
         hs = start >> order << order
         te = (end - 1) >> order << order
-        if ((hs != start or hs + size > end) and hs >= slot.base_gfn
-                and hs + size <= slot.end_gfn and not is_mixed(hs)):
+        if ((hs != start or hs + size > end) and hs >= base and hs + size <= slot_end
+                and not (mixed is not None and mixed.get(hs >> order))):
             vm.mmu.range_add(hs, hs + size)
         if te == hs:
             continue
-        if te + size > end and te + size <= slot.end_gfn and not is_mixed(te):
+        if (te + size > end and te + size <= slot_end
+                and not (mixed is not None and mixed.get(te >> order))):
             vm.mmu.range_add(te, te + size)
 
 

@@ -15,14 +15,14 @@ from collections import Counter
 
 from guestmem import fileabi as fa
 from guestmem import uapi as u
-from guestmem.args import s64, u64
+from guestmem.args import s64, u32, u64
 from guestmem.errors import KvmError
 from guestmem.model.anon import ShmemBacking
 from guestmem.model.kvm.arch import FLAVOURS
 from guestmem.model.kvm.vm import KVM_EXIT_HYPERCALL_VALID_MASK, ModelVm
 from guestmem.model.mm.frames import FramePool
 from guestmem.model.options import ModelOptions
-from guestmem.model.process import ModelMapping, Process, check_mmap_length
+from guestmem.model.process import PS, ModelMapping, Process, check_mmap_length
 
 
 class ModelKvm:
@@ -33,8 +33,11 @@ class ModelKvm:
 
     def __init__(self, options: ModelOptions | None = None) -> None:
         self.options = options or ModelOptions()
-        self.pool = FramePool(self.options.pool_bytes)
+        self.pool = FramePool(self.options.pool_bytes, nodes=self.options.numa_nodes)
         self.process = Process()
+        self.process.pool = self.pool
+        self.process.online_nodes = (1 << self.options.numa_nodes) - 1
+        self.process.system = self
         self.fd = self.process.install(self)
         self.vms: weakref.WeakSet[ModelVm] = weakref.WeakSet()
         self.stats: Counter[str] = Counter()
@@ -111,6 +114,144 @@ class ModelKvm:
         from guestmem.model.kvm.rawioctl import system_ioctl
 
         return system_ioctl(self, request, arg)
+
+    # --- host memory management (mmap, NUMA policy, fork) ---------------------------------------------
+    def mmap(self, length: int, prot: int = 3, flags: int = 0x01, fd: object = None,
+             offset: int = 0) -> ModelMapping:
+        """``mmap(NULL, length, prot, flags, fd, offset)`` (see :meth:`guestmem.api.Kvm.mmap`)."""
+        self._check_open("mmap")
+        return self.map_into(self.process, length, prot, flags, fd, offset, None)
+
+    def map_into(self, process: Process, length: object, prot: object, flags: object, fd: object,
+                 offset: object, fixed: int | None) -> ModelMapping:
+        """``do_mmap`` in ``process``: the checks in the kernel's order, then the file's mmap."""
+        from guestmem import mman
+        from guestmem.args import s32
+        from guestmem.model.kvm.guest_memfd import GmemFile
+
+        length, off = u64(length, "length"), s64(offset, "offset")
+        prot = s32(prot, "prot") & (mman.PROT_READ | mman.PROT_WRITE | mman.PROT_EXEC)
+        flags = u32(flags, "flags")
+        if fd is not None and not isinstance(fd, int):
+            fd = getattr(fd, "fd", None)
+            if not isinstance(fd, int):
+                raise TypeError("fd must be a GuestMemfd, a HostFile, an int or None")
+        if flags & (mman.MAP_FIXED | mman.MAP_FIXED_NOREPLACE) and fixed is None:
+            raise ValueError("MAP_FIXED is Mapping.mmap_fixed (over part of a mapping this "
+                             "interface owns), never an arbitrary address")
+        if off % PS:  # the syscall entry checks the offset first
+            raise KvmError(errno.EINVAL, "mmap", "offset must be page aligned")
+        process.run_deferred()
+        anon = fd is None or bool(flags & mman.MAP_ANONYMOUS)
+        file = None
+        if not anon:
+            file = process.fget(fd)  # type: ignore[arg-type]
+            if file is None:
+                raise KvmError(errno.EBADF, "mmap", f"fd {fd} is not open")
+        if off < 0:
+            raise KvmError(errno.EOVERFLOW, "mmap", "offset beyond MAX_LFS_FILESIZE")
+        check_mmap_length(length, 0 if anon else off // PS)
+        kind = flags & mman.MAP_TYPE
+        shared = kind in (mman.MAP_SHARED, mman.MAP_SHARED_VALIDATE)
+        if anon:
+            if kind not in (mman.MAP_SHARED, mman.MAP_PRIVATE):
+                raise KvmError(errno.EINVAL, "mmap", f"mapping type {kind:#x}")
+            backing = ShmemBacking(self.pool, process, length, "anon",
+                                   self.options.anon_folio_order if shared else 0)
+            self.register_file(backing)
+            backing.on_release = lambda: self.unregister_file(backing)  # type: ignore[method-assign]
+            return process.mmap(backing, length, 0, prot=prot, shared=shared, fixed=fixed)
+        if kind not in (mman.MAP_SHARED, mman.MAP_PRIVATE, mman.MAP_SHARED_VALIDATE):
+            raise KvmError(errno.EINVAL, "mmap", f"mapping type {kind:#x}")
+        known = mman.LEGACY_MAP_MASK
+        if kind == mman.MAP_SHARED_VALIDATE and flags & ~known:
+            raise KvmError(errno.EOPNOTSUPP, "mmap", f"unknown flags {flags & ~known:#x}")
+        if isinstance(file, GmemFile):
+            file._check_open("mmap")
+            if not file.inode.mmap_supported:
+                raise KvmError(errno.ENODEV, "mmap", "guest_memfd created without GUEST_MEMFD_FLAG_MMAP")
+            if not shared:
+                raise KvmError(errno.EINVAL, "mmap", "guest_memfd mappings must be MAP_SHARED")
+            return process.mmap(file, length, off // PS, prot=prot, fixed=fixed)
+        if isinstance(file, ShmemBacking):
+            if shared:
+                return process.mmap(file, length, off // PS, prot=prot, fixed=fixed)
+            return self._map_private_file(process, file, length, off, prot, fixed)
+        raise KvmError(errno.ENODEV, "mmap", f"fd {fd} cannot be mapped")
+
+    def _map_private_file(self, process: Process, file: ShmemBacking, length: int, off: int,
+                          prot: int, fixed: int | None) -> ModelMapping:
+        from guestmem.model.mm.cow import CowFile
+
+        overlay = self._share_policy(self._new_overlay(process, length + off), file)
+        return process.mmap(file, length, off // PS, prot=prot, shared=False,
+                            source=CowFile(file, overlay), fixed=fixed)
+
+    def _new_overlay(self, process: Process, size: int) -> ShmemBacking:
+        overlay = ShmemBacking(self.pool, process, -(-size // PS) * PS, "anon")
+        self.register_file(overlay)
+        overlay.on_release = lambda: self.unregister_file(overlay)  # type: ignore[method-assign]
+        overlay.get_file()
+        return overlay
+
+    def _share_policy(self, overlay: ShmemBacking, file: ShmemBacking) -> ShmemBacking:
+        """A private mapping of a shmem file allocates its copies by the file's shared policy,
+        and its mbind sets that policy (shmem's set_policy/get_policy serve every mapping)."""
+        overlay.shared_policy = file.shared_policy
+        if overlay.cache.placement is not None:
+            overlay.cache.placement = file.shared_policy.placement
+        return overlay
+
+    def private_copy(self, m: ModelMapping):  # -> MappableFile
+        """fork(2) of a MAP_PRIVATE mapping: the child's own copy of the parent's private pages
+        (a new anonymous file, or a copy-on-write view with copied copies), holding its refs."""
+        from guestmem.model.mm.cow import CowFile
+
+        src = m.source
+        old = src.overlay if isinstance(src, CowFile) else src
+        new = self._new_overlay(m.process, old.size) if isinstance(src, CowFile) else None
+        if new is None:
+            new = ShmemBacking(self.pool, m.process, old.size, "anon")
+            self.register_file(new)
+            new.on_release = lambda: self.unregister_file(new)  # type: ignore[method-assign]
+            new.get_file()
+        if isinstance(src, CowFile):
+            self._share_policy(new, src.base)  # type: ignore[arg-type]
+        else:
+            new.shared_policy.ranges = old.shared_policy.ranges.copy()
+        for s, e, pfn, _ in old.cache.lookup_range(0, old.cache.end_index()):
+            if pfn is None:
+                continue
+            new.cache.populate(s, e, 0)
+            for a, b, dst, _ in new.cache.lookup_range(s, e):
+                if dst is not None:
+                    self.pool.copy(dst, pfn + (a - s), b - a)
+            new.cache.mark_uptodate(s, e)
+        if isinstance(src, CowFile):
+            src.base.get_file()
+            return CowFile(src.base, new)
+        return new
+
+    def set_mempolicy(self, mode: int, nodemask: int | None = None, maxnode: int = 64) -> None:
+        """``set_mempolicy``: the task's policy, which allocations with no file policy follow."""
+        from guestmem import mman
+
+        base, flags = mman.sanitize_mode("set_mempolicy", mode)
+        nodes = mman.get_nodes("set_mempolicy", nodemask, maxnode)
+        self._check_open("set_mempolicy")
+        pol = mman.mpol_new("set_mempolicy", base, flags, nodes, self.process.online_nodes)
+        self.process.task_policy.policy = pol
+
+    def numa_nodes(self) -> list[int]:
+        """The nodes with memory (``/sys/devices/system/node/online``)."""
+        return list(range(self.options.numa_nodes))
+
+    def fork(self):  # -> ModelChild
+        """fork(2) of the host process: a child sharing MAP_SHARED memory, copying MAP_PRIVATE."""
+        from guestmem.model.fork import ModelChild
+
+        self._check_open("fork")
+        return ModelChild(self.process.fork(), self.process)
 
     def close(self) -> None:
         if not self.closed:

@@ -15,8 +15,10 @@ from typing import TYPE_CHECKING
 from guestmem import uapi as u
 from guestmem.args import as_bytes, u32, u64
 from guestmem.errors import KvmError
+from guestmem.model.kvm import dirty_log
 from guestmem.model.kvm import mmu as mmu_mod
 from guestmem.model.kvm.arch import FLAVOURS, Flavour
+from guestmem.model.kvm.attributes import set_vm_memory_attributes
 from guestmem.model.kvm.guest_memfd import GmemFile, create_guest_memfd
 from guestmem.model.kvm.memslot import Memslot, Memslots
 from guestmem.ranges import RangeMap
@@ -295,12 +297,17 @@ class ModelVm:
                         or (flags ^ old.flags) & u.KVM_MEM_READONLY):
                     raise KvmError(errno.EINVAL, op, "only the GPA or dirty-logging of a slot may change")
                 if base_gfn == old.base_gfn:
+                    before = old.flags
                     old.flags = (old.flags & ~0xFFFF) | flags  # FLAGS_ONLY (or a no-op)
+                    dirty_log.slot_flags_set(self, old, before)
                     return
                 if slots.overlaps(sid, base_gfn, base_gfn + npages):
                     raise KvmError(errno.EEXIST, op, "memslot overlaps another")
                 self._check_max_gfn(op, base_gfn, npages)
+                before = old.flags
+                old.flags = (old.flags & ~0xFFFF) | flags
                 self._move_slot(old, base_gfn)
+                dirty_log.slot_flags_set(self, old, before & ~u.KVM_MEM_LOG_DIRTY_PAGES)
                 return
             if slots.overlaps(sid, base_gfn, base_gfn + npages):
                 raise KvmError(errno.EEXIST, op, "memslot overlaps another")
@@ -316,6 +323,7 @@ class ModelVm:
                     gfile.unbind(new)
                 raise
             mmu_mod.init_memslot_lpage(self, new)
+            dirty_log.slot_flags_set(self, new, 0)  # the bitmap exists before the slot is visible
             with self.mmu_lock():
                 slots.insert(new)
             self.mmu_pages_sized = True
@@ -380,10 +388,15 @@ class ModelVm:
     def slot_for(self, gfn: int, as_id: int = 0) -> Memslot | None:
         return self.memslots[as_id].lookup(gfn)
 
+    def get_dirty_log(self, slot: int) -> bytes:
+        """``KVM_GET_DIRTY_LOG`` (see :mod:`guestmem.model.kvm.dirty_log`)."""
+        slot = u32(slot, "slot")
+        self._check_open("KVM_GET_DIRTY_LOG")
+        with self.slots_lock():
+            return dirty_log.get_dirty_log(self, slot)
+
     # --- memory attributes ------------------------------------------------------------------------
     def set_memory_attributes(self, address: int, size: int, attributes: int, flags: int = 0) -> None:
-        from guestmem.model.kvm.attributes import set_vm_memory_attributes
-
         address, size = u64(address, "address"), u64(size, "size")
         attributes, flags = u64(attributes, "attributes"), u64(flags, "flags")
         self._check_open("KVM_SET_MEMORY_ATTRIBUTES")

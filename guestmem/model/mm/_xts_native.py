@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from guestmem.uapi import PAGE_SHIFT
+
 _SOURCE = r"""
 #include <stddef.h>
 #include <stdint.h>
@@ -90,8 +92,6 @@ class _Context:
             raise RuntimeError("EVP_CipherInit_ex(aes-256-xts) failed")
 
     def pages(self, pfn: int, src: np.ndarray, dst: np.ndarray, npages: int) -> None:
-        from guestmem.uapi import PAGE_SHIFT
-
         rc = self._lib.gm_pages(self._ctx, ctypes.c_uint64(pfn), src.ctypes.data, dst.ctypes.data,
                                 ctypes.c_size_t(npages), PAGE_SHIFT)
         if rc != 0:

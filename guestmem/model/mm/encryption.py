@@ -109,6 +109,7 @@ class _Workspace:
 
 
 _workspace = threading.local()
+_ONE_PAGE_FILLS: dict[int, np.ndarray] = {}  # byte -> one read-only page full of it
 
 
 def _get_workspace(k: int) -> _Workspace:
@@ -186,6 +187,14 @@ class EncryptionEngine:
         """``dst`` (whole pages from ``pfn``) = the encryption of pages full of ``byte``: a guest's
         page-aligned store of a pattern, without a plaintext copy of the range."""
         n = dst.size // PAGE_SIZE
+        if n == 1:  # one page (a TDX accept, a 4 KiB store): a kept page of the byte, never written
+            page = _ONE_PAGE_FILLS.get(byte)
+            if page is None:
+                page = np.full(PAGE_SIZE, byte, dtype=np.uint8)
+                page.flags.writeable = False
+                _ONE_PAGE_FILLS[byte] = page
+            self.encrypt_into(pfn, page, dst)
+            return
         plain = np.full(min(n, CHUNK_PAGES) * PAGE_SIZE, byte, dtype=np.uint8)
         for i in range(0, n, CHUNK_PAGES):
             m = min(CHUNK_PAGES, n - i)

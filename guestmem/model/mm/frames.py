@@ -76,6 +76,7 @@ class FramePool:
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         poison: int | None = None,
         name: str = "guestmem-frames",
+        nodes: int = 1,
     ) -> None:
         if not _is_pow2(chunk_bytes) or chunk_bytes < PAGE_SIZE:
             raise ValueError("chunk_bytes must be a power of two of at least one page")
@@ -87,6 +88,12 @@ class FramePool:
         self.capacity_pages: int = capacity_bytes >> PAGE_SHIFT
         self.chunk_pages: int = chunk_bytes >> PAGE_SHIFT
         self.max_order: int = self.chunk_pages.bit_length() - 1
+        # NUMA: the pfns split into ``nodes`` equal contiguous ranges, node 0 lowest (as firmware
+        # describes each node's physical memory range), so a frame's node is a function of its pfn.
+        if nodes < 1 or self.capacity_pages // nodes < self.chunk_pages:
+            raise ValueError(f"cannot split {self.capacity_pages} frames into {nodes} nodes")
+        self.nodes = nodes
+        self.node_pages = self.capacity_pages // nodes // self.chunk_pages * self.chunk_pages
         self.poison = poison
         self._fd = os.memfd_create(name, os.MFD_CLOEXEC)
         self._finalizer = weakref.finalize(self, os.close, self._fd)
@@ -110,12 +117,17 @@ class FramePool:
         """Allocate one naturally aligned folio of ``2**order`` frames; return its base pfn."""
         return self.alloc_range(1 << order, order)[0][0]
 
-    def alloc_range(self, npages: int, order: int = 0) -> list[tuple[int, int]]:
+    def node_of(self, pfn: int) -> int:
+        """The NUMA node whose memory holds frame ``pfn``."""
+        return min(pfn // self.node_pages, self.nodes - 1)
+
+    def alloc_range(self, npages: int, order: int = 0, node: int | None = None) -> list[tuple[int, int]]:
         """Allocate ``npages`` frames as order-``order`` folios; return runs ``(base_pfn, npages)``.
 
         Runs are maximal physically contiguous stretches (a fresh pool answers one run); every run
         starts and ends on a ``2**order`` boundary, so each aligned block inside is one folio.
-        All or nothing: on ``ENOMEM`` nothing is allocated.
+        All or nothing: on ``ENOMEM`` nothing is allocated.  ``node`` (None: any) restricts the
+        frames to that NUMA node's range, as ``__alloc_pages`` with a bound node does.
         """
         self.check_order(order)
         size = 1 << order
@@ -125,15 +137,16 @@ class FramePool:
             return []
         with self._lock:
             self._check_open()
-            runs = self._find(npages, order) if npages <= self._nfree else None
+            runs = (self._find(npages, order, node) if npages <= self._nfree else None)
             if runs is None:
                 self._stats.alloc_failures += 1
                 raise KvmError(errno.ENOMEM, "alloc_folio", f"no {npages} frames of order {order}")
             for base, n in runs:
                 self._free.set(base, base + n, False)
             self._nfree -= npages
-            base, n = runs[-1]
-            self._hint[order] = base + n
+            if node is None:
+                base, n = runs[-1]
+                self._hint[order] = base + n
             st = self._stats
             st.alloc_calls += 1
             st.allocated_total += npages
@@ -144,13 +157,20 @@ class FramePool:
                 self.fill(base, n, self.poison)
         return runs
 
-    def _find(self, npages: int, order: int) -> list[tuple[int, int]] | None:
-        """First-fit runs of aligned blocks from the order's hint; None if they do not suffice."""
+    def _find(self, npages: int, order: int, node: int | None = None) -> list[tuple[int, int]] | None:
+        """First-fit runs of aligned blocks from the order's hint (within ``node``'s frames when
+        given); None if they do not suffice."""
         size = 1 << order
         mask = size - 1
         runs: list[tuple[int, int]] = []
         remaining = npages
-        for s, e, free in self._free.segments(self._hint[order], self.capacity_pages):
+        lo, hi = self._hint[order], self.capacity_pages
+        if node is not None:
+            if not 0 <= node < self.nodes:
+                return None
+            lo = max(lo, node * self.node_pages)
+            hi = self.capacity_pages if node == self.nodes - 1 else (node + 1) * self.node_pages
+        for s, e, free in self._free.segments(lo, hi):
             if not free:
                 continue
             a = (s + mask) & ~mask

@@ -83,6 +83,10 @@ class PageCache:
         self._nr = 0
         self._lock = threading.RLock()
         self._stats = CacheStats()
+        # NUMA placement (None: anywhere, the fast path): ``placement(start, end)`` answers pieces
+        # ``(s, e, node)`` saying which node new pages of ``[start, end)`` come from (the file's
+        # memory policy, as ``__filemap_get_folio_mpol`` passes it to the allocator).
+        self.placement: Callable[[int, int], list[tuple[int, int, int | None]]] | None = None
 
     # --- lookups --------------------------------------------------------------------------------
     @property
@@ -195,7 +199,15 @@ class PageCache:
             done: list[tuple[int, list[tuple[int, int]], int]] = []
             try:
                 for index, npages, o in plan:
-                    done.append((index, self.pool.alloc_range(npages, o), o))
+                    if self.placement is None:
+                        done.append((index, self.pool.alloc_range(npages, o), o))
+                        continue
+                    for s, e, node in self.placement(index, index + npages):
+                        if o:  # a large folio comes from one node: its head's
+                            s, e = index, index + npages
+                        done.append((s, self.pool.alloc_range(e - s, o, node), o))
+                        if o:
+                            break
             except KvmError:
                 for _, runs, _ in done:
                     for pfn, n in runs:
@@ -224,6 +236,9 @@ class PageCache:
         at once, because everything that maps a frame is invalidated before the removal.
         """
         with self._lock:
+            if (end == start + 1 and self._delta.get(start) is None and not self._order.get(start)
+                    and not self._uptodate.get(start) and not self._refs.get(start)):
+                return 0  # one page that is a hole with nothing recorded: nothing to split or clear
             lo, hi = self.trim_edges(start, end)
             if lo >= hi:
                 return 0
@@ -328,7 +343,7 @@ class PageCache:
             self._stats.merges += 1
             return True
 
-    def migrate(self, index: int) -> int:
+    def migrate(self, index: int, node: int | None = None) -> int:
         """Move the folio holding ``index`` to new frames, copying it; return the page's new pfn.
 
         ``ENOENT`` for a hole, ``EAGAIN`` if the folio is pinned, ``ENOMEM`` if no frames are free.
@@ -339,13 +354,14 @@ class PageCache:
                 raise KvmError(errno.ENOENT, "migrate_folio", f"no page at index {index:#x}")
             head, _, order = f
             end = head + (1 << order)
-            new = self._move_locked(head, end, list(self._delta.segments(head, end)), order)
+            new = self._move_locked(head, end, list(self._delta.segments(head, end)), order, node)
             return new + (index - head)
 
-    def _move_locked(self, start: int, end: int, segs: list[tuple[int, int, Any]], order: int) -> int:
+    def _move_locked(self, start: int, end: int, segs: list[tuple[int, int, Any]], order: int,
+                     node: int | None = None) -> int:
         if self._refs.any_match(start, end, _positive):
             raise KvmError(errno.EAGAIN, "migrate_folio", "folio has extra references")
-        new = self.pool.alloc(order)
+        new = self.pool.alloc_range(1 << order, order, node)[0][0]
         for s, e, d in segs:
             self.pool.copy(new + (s - start), s + d, e - s)
         for s, e, d in segs:
@@ -394,12 +410,20 @@ class PageCache:
         a guest fault on one 4 KiB page (lazy accept) takes this path a million times."""
         with self._lock:
             d = self._delta.get(index)
-            if d is None:
-                self.populate(index, index + 1, 0, limit=limit)
-                d = self._delta.get(index)
-                assert d is not None
+            fresh = d is None
+            if fresh:  # populate(index, index + 1, 0) without its plan and run lists
+                if index < 0 or index >= MAX_INDEX:
+                    raise ValueError(f"index range [{index:#x}, {index + 1:#x}) out of bounds")
+                pfn = self.pool.alloc_range(1, 0)[0][0]
+                d = pfn - index
+                self._delta.set(index, index + 1, d)
+                self._nr += 1
+                self._stats.populated += 1
             if zero and not self._uptodate.get(index):
-                self.pool.zero(index + d, 1)
+                # A frame just taken from the pool already reads as zeros (free frames are punched
+                # or were never written) unless the pool poisons new frames: no second punch.
+                if not fresh or self.pool.poison is not None:
+                    self.pool.zero(index + d, 1)
                 self._uptodate.set(index, index + 1, True)
                 self._stats.zeroed += 1
             return index + d, self._order.get(index)

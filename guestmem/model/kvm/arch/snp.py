@@ -77,6 +77,11 @@ class SnpFlavour(EncryptedFlavour):
         return pfn  # the RMP's validated bit is per frame
 
     def gmem_prepare(self, gmem: GmemFile, slot: Memslot, runs: list[tuple[int, int, int, int]]) -> None:
+        if len(runs) == 1 and runs[0][1] == runs[0][0] + 1:  # one gfn (a 4 KiB fault)
+            s, _, pfn, _ = runs[0]
+            if self.vm.mem_is_private(s):
+                self.rmp.assign(pfn, 1)
+            return
         for s, e, pfn, _ in runs:
             g = s
             while g < e:

@@ -1,0 +1,226 @@
+"""Host memory-management uAPI: ``mmap``/``mprotect``/``madvise`` and NUMA memory policy.
+
+A guest_memfd, a memfd and anonymous memory are ordinary kernel objects that a VMM (and
+upstream's selftests) touches with ordinary syscalls.  This module holds their constants (from
+``include/uapi/asm-generic/mman*.h`` and ``include/uapi/linux/mempolicy.h``) and the argument
+checks both backends apply *before* anything changes, in the kernel's order, so the model and
+the kernel backend refuse the same calls with the same errno.  The kernel backend still asks the
+kernel for everything past these checks.
+"""
+
+from __future__ import annotations
+
+import errno
+from dataclasses import dataclass
+
+from guestmem.args import s32, u64
+from guestmem.errors import KvmError
+from guestmem.uapi import PAGE_SIZE
+
+PS = PAGE_SIZE
+
+# --- mmap / mprotect ----------------------------------------------------------------------------
+PROT_NONE = 0x0
+PROT_READ = 0x1
+PROT_WRITE = 0x2
+PROT_EXEC = 0x4
+PROT_GROWSDOWN = 0x01000000
+PROT_GROWSUP = 0x02000000
+
+MAP_SHARED = 0x01
+MAP_PRIVATE = 0x02
+MAP_SHARED_VALIDATE = 0x03
+MAP_TYPE = 0x0F
+MAP_FIXED = 0x10
+MAP_ANONYMOUS = 0x20
+MAP_NORESERVE = 0x4000
+MAP_POPULATE = 0x8000
+MAP_FIXED_NOREPLACE = 0x100000
+MAP_SYNC = 0x80000
+# What MAP_SHARED_VALIDATE accepts on an ordinary file (mm/mmap.c LEGACY_MAP_MASK, plus the
+# MAP_HUGE_* size bits 26..31, which this x86-64 host takes too): anything else is EOPNOTSUPP.
+LEGACY_MAP_MASK = (0x01 | 0x02 | 0x10 | 0x20 | 0x800 | 0x1000 | 0x100 | 0x2000 | 0x4000 | 0x8000
+                   | 0x10000 | 0x20000 | 0x40000 | (0x3F << 26))
+
+# --- madvise --------------------------------------------------------------------------------------
+MADV_NORMAL = 0
+MADV_RANDOM = 1
+MADV_SEQUENTIAL = 2
+MADV_WILLNEED = 3
+MADV_DONTNEED = 4
+MADV_FREE = 8
+MADV_REMOVE = 9
+MADV_DONTFORK = 10
+MADV_DOFORK = 11
+MADV_HUGEPAGE = 14
+MADV_NOHUGEPAGE = 15
+MADV_POPULATE_READ = 22
+MADV_POPULATE_WRITE = 23
+MADV_COLLAPSE = 25
+
+# The advices this interface implements on both backends (anything else: EINVAL on the model;
+# the kernel backend passes it through).
+MADV_SUPPORTED = frozenset({MADV_NORMAL, MADV_DONTNEED, MADV_REMOVE, MADV_HUGEPAGE,
+                            MADV_NOHUGEPAGE, MADV_POPULATE_READ, MADV_POPULATE_WRITE,
+                            MADV_COLLAPSE, MADV_WILLNEED})
+
+# --- NUMA memory policy -----------------------------------------------------------------------------
+MPOL_DEFAULT = 0
+MPOL_PREFERRED = 1
+MPOL_BIND = 2
+MPOL_INTERLEAVE = 3
+MPOL_LOCAL = 4
+MPOL_PREFERRED_MANY = 5
+MPOL_WEIGHTED_INTERLEAVE = 6
+MPOL_MAX = 7
+
+MPOL_F_STATIC_NODES = 1 << 15
+MPOL_F_RELATIVE_NODES = 1 << 14
+MPOL_F_NUMA_BALANCING = 1 << 13
+MPOL_MODE_FLAGS = MPOL_F_STATIC_NODES | MPOL_F_RELATIVE_NODES | MPOL_F_NUMA_BALANCING
+
+# get_mempolicy flags
+MPOL_F_NODE = 1 << 0
+MPOL_F_ADDR = 1 << 1
+MPOL_F_MEMS_ALLOWED = 1 << 2
+
+# mbind flags
+MPOL_MF_STRICT = 1 << 0
+MPOL_MF_MOVE = 1 << 1
+MPOL_MF_MOVE_ALL = 1 << 2
+MPOL_MF_VALID = MPOL_MF_STRICT | MPOL_MF_MOVE | MPOL_MF_MOVE_ALL
+
+# CONFIG_NODES_SHIFT=10 (x86-64 distribution kernels): nodemask bits past this must be zero.
+MAX_NUMNODES = 1024
+BITS_PER_LONG = 64
+
+
+@dataclass(frozen=True)
+class MemPolicy:
+    """A memory policy as the kernel stores it: mode, mode flags, nodes (a bit mask)."""
+
+    mode: int
+    flags: int = 0
+    nodes: int = 0
+
+
+def mbind_range(op: str, offset: object, length: object, size: int, closed: bool) -> tuple[int, int]:
+    """The page range ``[offset, offset+length)`` of a range call (mprotect/madvise/mbind) on a
+    mapping of ``size`` bytes: ``size_t`` arguments; EBADF once unmapped; EINVAL for an unaligned
+    offset or a wrap; the length rounds up to pages.  Returns ``(offset, rounded_length)``; the
+    caller decides the errno for a range reaching past the mapping (it is unmapped memory)."""
+    off, n = u64(offset, "offset"), u64(length, "length")
+    if closed:
+        raise KvmError(errno.EBADF, op, "mapping is closed")
+    if off % PS:
+        raise KvmError(errno.EINVAL, op, "address must be page aligned")
+    n = -(-n // PS) * PS
+    if off + n >= 1 << 64:
+        raise KvmError(errno.EINVAL, op, "range wraps")
+    return off, n
+
+
+def past_mapping(offset: int, length: int, size: int) -> bool:
+    """True when ``[offset, offset+length)`` reaches past a mapping of ``size`` bytes (whole pages)."""
+    return offset + length > -(-size // PS) * PS
+
+
+def check_prot(op: str, prot: object) -> int:
+    """``mmap``/``mprotect`` protection bits: EINVAL for bits outside READ|WRITE|EXEC (GROWSDOWN and
+    GROWSUP only mean something to stack mappings; this interface refuses them like junk)."""
+    value = s32(prot, "prot")
+    if value & ~(PROT_READ | PROT_WRITE | PROT_EXEC):
+        raise KvmError(errno.EINVAL, op, f"invalid protection bits {value:#x}")
+    return value
+
+
+def check_advice(advice: object) -> int:
+    value = s32(advice, "advice")
+    if value not in MADV_SUPPORTED:
+        raise KvmError(errno.EINVAL, "madvise", f"unsupported advice {value}")
+    return value
+
+
+def get_nodes(op: str, nodemask: object, maxnode: object) -> int:
+    """``get_nodes``: the nodes of a user nodemask of ``maxnode`` bits (the kernel reads
+    ``maxnode - 1`` of them; ``nodemask`` None is a NULL pointer: no nodes); EINVAL for more
+    than a page of bits or a set bit past ``MAX_NUMNODES``."""
+    maxnode = u64(maxnode, "maxnode")
+    mask = nodemask_value(nodemask)
+    maxnode = (maxnode - 1) % (1 << 64)
+    if maxnode == 0 or mask is None:  # None is a NULL nodemask pointer
+        return 0
+    if maxnode > PS * 8:
+        raise KvmError(errno.EINVAL, op, f"maxnode {maxnode + 1} exceeds a page of bits")
+    mask &= (1 << maxnode) - 1
+    if mask >> MAX_NUMNODES:
+        raise KvmError(errno.EINVAL, op, "nodemask has nodes past MAX_NUMNODES")
+    return mask
+
+
+def nodemask_value(nodemask: object) -> int | None:
+    """A nodemask argument: None (a NULL pointer) or a non-negative int bit mask of any width."""
+    if nodemask is None:
+        return None
+    if isinstance(nodemask, bool) or not isinstance(nodemask, int):
+        raise TypeError(f"nodemask must be an int bit mask or None, not {type(nodemask).__name__}")
+    if nodemask < 0:
+        raise OverflowError("nodemask must not be negative")
+    return nodemask
+
+
+def sanitize_mode(op: str, mode: object) -> tuple[int, int]:
+    """``sanitize_mpol_flags``: split ``mode`` into (mode, mode flags); EINVAL for an unknown mode,
+    unknown flags, STATIC together with RELATIVE, or NUMA_BALANCING outside BIND/PREFERRED_MANY."""
+    value = s32(mode, "mode")
+    flags = value & MPOL_MODE_FLAGS
+    base = value & ~MPOL_MODE_FLAGS
+    if base < 0 or base >= MPOL_MAX:
+        raise KvmError(errno.EINVAL, op, f"unknown policy mode {value}")
+    if flags & MPOL_F_STATIC_NODES and flags & MPOL_F_RELATIVE_NODES:
+        raise KvmError(errno.EINVAL, op, "MPOL_F_STATIC_NODES with MPOL_F_RELATIVE_NODES")
+    if flags & MPOL_F_NUMA_BALANCING and base not in (MPOL_BIND, MPOL_PREFERRED_MANY):
+        raise KvmError(errno.EINVAL, op, "MPOL_F_NUMA_BALANCING needs MPOL_BIND")
+    return base, flags
+
+
+def mpol_new(op: str, mode: int, flags: int, nodes: int, online: int) -> MemPolicy | None:
+    """``mpol_new`` + ``mpol_set_nodemask``: the policy, or None for MPOL_DEFAULT.  ``online`` is
+    the mask of nodes with memory; requested nodes outside it are dropped, and a policy left with
+    no node is EINVAL."""
+    if mode == MPOL_DEFAULT:
+        if nodes:
+            raise KvmError(errno.EINVAL, op, "MPOL_DEFAULT takes no nodes")
+        return None
+    if mode == MPOL_PREFERRED and not nodes:
+        if flags & (MPOL_F_STATIC_NODES | MPOL_F_RELATIVE_NODES):
+            raise KvmError(errno.EINVAL, op, "empty MPOL_PREFERRED with static/relative nodes")
+        mode = MPOL_LOCAL
+    elif mode == MPOL_LOCAL:
+        if nodes or flags & (MPOL_F_STATIC_NODES | MPOL_F_RELATIVE_NODES):
+            raise KvmError(errno.EINVAL, op, "MPOL_LOCAL takes no nodes")
+    elif not nodes:
+        raise KvmError(errno.EINVAL, op, "empty nodemask")
+    if mode == MPOL_LOCAL:
+        return MemPolicy(MPOL_LOCAL, flags, 0)
+    usable = nodes & online
+    if not usable:
+        raise KvmError(errno.EINVAL, op, "no requested node has memory")
+    if mode == MPOL_PREFERRED:
+        usable &= -usable  # preferred keeps its first node
+    return MemPolicy(mode, flags, usable)
+
+
+def nodes_of(mask: int) -> list[int]:
+    return [n for n in range(mask.bit_length()) if mask >> n & 1]
+
+
+def parse_node_list(text: str) -> list[int]:
+    """``/sys/devices/system/node/online`` syntax: ``0``, ``0-3``, ``0,2-3``."""
+    out: list[int] = []
+    for part in text.strip().split(","):
+        if not part:
+            continue
+        lo, _, hi = part.partition("-")
+        out.extend(range(int(lo), int(hi or lo) + 1))
+    return out
