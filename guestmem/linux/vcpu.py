@@ -260,7 +260,7 @@ class KernelVcpu:
             message = f"op {index}: {op!r} returned {found}, expected {expected}"
         else:
             expected, found = int(regs.r9), int(regs.r10)
-            message = f"op {index}: {op!r}"
+            message = f"op {index}: {op!r}" if self.image is None else f"{self.image.name}: check {index}"
         return ExitGuestAssert(gpa=int(regs.r8), expected=expected, found=found, op_index=index,
                                message=message)
 
