@@ -93,6 +93,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="a model switch (repeatable), e.g. attributes=gmem, gmem_folio_order=9, "
                    "inplace_revision=v8, tdp_mmu=false (see guestmem/model/options.py); it overrides "
                    "the scenario's [model] table")
+    p.add_argument("--cpu", choices=("ops", "x86"), default=None,
+                   help="the guest CPU on the model: ops (the op interpreter) or x86 (guest code on the "
+                   "model's x86-64 CPU); default: the scenario's cpu (the kernel backend always runs x86)")
     cliargs.add_max_resident(p)
 
 
@@ -222,7 +225,8 @@ def _run_from_args(args: argparse.Namespace, console: Console, *, snapshots: boo
                             memory=memory, progress=progress, snapshots=snapshots,
                             timeout_s=args.timeout, device=getattr(args, "device", None),
                             max_resident=limit, model=dict(getattr(args, "model", None) or []) or None,
-                            trace=snapshots or bool(getattr(args, "trace", None)))
+                            trace=snapshots or bool(getattr(args, "trace", None)),
+                            cpu=getattr(args, "cpu", None))
 
 
 def _stopped_at_bound(cmd: str, report: ScenarioReport) -> int | None:
