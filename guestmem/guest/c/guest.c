@@ -7,9 +7,9 @@
  *     TDX-like if CPUID leaf 0x21 carries the "IntelTDX    " signature (as Linux's tdx_early_init
  *     checks; TDCALL itself would be #UD on a CPU without TDX), then TDG.VP.INFO gives the GPA width
  *     and so the shared bit; otherwise plain (no private memory: no C-bit, no accept, no conversion);
- *  2. builds its own 4-level page tables (the loader window as the loader mapped it, 2 MiB pages;
- *     its data and bounce pages with 4 KiB pages, private = C-bit set / shared bit clear) and loads
- *     CR3;
+ *  2. builds its own 4-level page tables (the loader window, which holds its code, stack and
+ *     tables, as shared memory with 2 MiB pages; its data and bounce pages with 4 KiB pages,
+ *     private = C-bit set / shared bit clear) and loads CR3;
  *  3. writes a pattern over its private data pages, accepting each page on first use (PVALIDATE or
  *     TDG.MEM.PAGE.ACCEPT) -- lazily, the way Linux accepts unaccepted memory as it allocates it;
  *  4. shares one bounce page with a virtual device (SNP: PVALIDATE rescind, page-state change to
@@ -129,16 +129,15 @@ static void detect_flavour(void)
         }
     }
     if (flavour == FLAVOUR_PLAIN) {
-        cpuid(0, 0, &a, &b, &c, &d);
-        if (a >= 0x21) {
-            cpuid(0x21, 0, &a, &b, &c, &d);
-            /* "IntelTDX    " in ebx, edx, ecx */
-            if (b == 0x65746e49u && d == 0x5844546cu && c == 0x20202020u) {
-                u64 rcx = 0, status = tdcall(TDG_VP_INFO, 0, &rcx, 0);
-                expect(CHECK_TDINFO, 0, 0, status);
-                flavour = FLAVOUR_TDX;
-                shared_bits = 1ull << ((rcx & 0x3f) - 1);
-            }
+        /* "IntelTDX    " in ebx, edx, ecx of leaf 0x21, read without checking the maximum leaf
+         * (as Linux does): beyond it AMD answers zeros and Intel the highest leaf, neither of which
+         * can carry the signature. */
+        cpuid(0x21, 0, &a, &b, &c, &d);
+        if (b == 0x65746e49u && d == 0x5844546cu && c == 0x20202020u) {
+            u64 rcx = 0, status = tdcall(TDG_VP_INFO, 0, &rcx, 0);
+            expect(CHECK_TDINFO, 0, 0, status);
+            flavour = FLAVOUR_TDX;
+            shared_bits = 1ull << ((rcx & 0x3f) - 1);
         }
     }
     addr_mask = phys_bits_mask & ~(PAGE - 1) & ~private_bits & ~shared_bits;
@@ -173,13 +172,13 @@ static u64 *table_of(u64 *entry)
     u64 e = *entry, *t;
     if (!(e & PTE_P)) {
         t = new_table();
-        *entry = (u64)t | PTE_P | PTE_W;
+        *entry = (u64)t | shared_bits | PTE_P | PTE_W;
     } else if (e & PTE_PS) {
         u64 base = e & addr_mask & ~((2ull << 20) - 1), bits = e & ~addr_mask & ~PTE_PS & ~(PAGE - 1);
         t = new_table();
         for (int i = 0; i < 512; i++)
             t[i] = (base + i * PAGE) | bits | PTE_P | PTE_W;
-        *entry = (u64)t | PTE_P | PTE_W;
+        *entry = (u64)t | shared_bits | PTE_P | PTE_W;
     }
     return (u64 *)(*entry & addr_mask);
 }
@@ -206,16 +205,17 @@ static void build_page_tables(void)
     u64 first = params.data_gpa, n = params.data_pages;
 
     pml4 = new_table();
-    /* The loader window's 1 GiB (3-4 GiB) as the loader maps it: identity, 2 MiB pages, no C-bit
-     * or shared bit, so the code, stack and these tables stay where they were. */
+    /* The loader window's 1 GiB (3-4 GiB): identity, 2 MiB pages, as the shared memory it is (an
+     * ordinary memslot, no guest_memfd): SNP without the C-bit, TDX with the shared bit.  The
+     * tables live there too, so the entries pointing at them and CR3 are shared the same way. */
     pdpt = table_of(&pml4[(LOADER_GPA >> 39) & 511]);
     pd = table_of(&pdpt[(LOADER_GPA >> 30) & 511]);
     for (u64 i = 0; i < 512; i++)
-        pd[i] = ((LOADER_GPA & ~((1ull << 30) - 1)) + (i << 21)) | PTE_P | PTE_W | PTE_PS;
+        pd[i] = ((LOADER_GPA & ~((1ull << 30) - 1)) + (i << 21)) | shared_bits | PTE_P | PTE_W | PTE_PS;
     for (u64 p = 0; p < n; p++)
         map_page(first + p * PAGE, 1, 0);
     map_page(params.bounce_gpa, 1, 0);
-    write_cr3((u64)pml4);
+    write_cr3((u64)pml4 | shared_bits);
     puts_("paging: ");
     puthex(pool_used);
     puts_(" tables\n");
