@@ -56,14 +56,16 @@ def _model_unavailable() -> str | None:
     return f"model backend unavailable: {reason}" if reason else None
 
 
-@pytest.fixture(params=["model", pytest.param("kernel", marks=pytest.mark.kernel)])
+@pytest.fixture(params=["model", "model-x86", pytest.param("kernel", marks=pytest.mark.kernel)])
 def backend(request: pytest.FixtureRequest) -> Iterator[Kvm]:
-    """An open ``Kvm`` of the parametrized backend; closed after the test."""
+    """An open ``Kvm`` of the parametrized backend; closed after the test.  ``model-x86`` is the
+    model with its x86-64 vCPU (``cpu="x86"``): the compiled guest programs the kernel backend
+    runs, executed on Unicorn through the model's MMU."""
     name: str = request.param
-    reason = _model_unavailable() if name == "model" else _kernel_unavailable()
+    reason = _model_unavailable() if name.startswith("model") else _kernel_unavailable()
     if reason:
         pytest.skip(reason)
-    kvm = guestmem.open(name)
+    kvm = guestmem.open("model", cpu="x86") if name == "model-x86" else guestmem.open(name)
     try:
         yield kvm
     finally:

@@ -18,6 +18,7 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "inplace_revision": ("v5", "v8"),
     "gmem_folio_order": (0, 9, 18),
     "anon_folio_order": (0, 9, 18),
+    "cpu": ("ops", "x86"),
 }
 _RANGES: dict[str, tuple[int, int]] = {
     "phys_bits": (36, 52),
@@ -63,6 +64,10 @@ class ModelOptions:
     # Check invariant 7 (content modes) on every in-place conversion (a per-page plaintext digest
     # before and after); costs a hash of every allocated page converted.  For tests and fuzzing.
     check_content_modes: bool = False
+    # The vCPU: "ops" interprets the guest op language directly (the fast path); "x86" runs the
+    # x86-64 machine code guest/x86.py compiles from it on a Unicorn CPU whose every memory access
+    # goes through this model's SPTEs (the referee; guestmem/model/kvm/x86/).
+    cpu: Literal["ops", "x86"] = "ops"
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> ModelOptions:

@@ -75,6 +75,10 @@ def check_vm(vm: ModelVm, quiescent: bool = True) -> None:
         for slot in ms:
             for mixed in slot.lpage_mixed.values():
                 mixed.check()
+    if mmu.cpu_view is not None:  # 1 and 2 for the x86 CPUs' TLBs and plaintext twin
+        from guestmem.model.kvm.x86.cpu import check_cpu_view
+
+        check_cpu_view(vm)
     if quiescent:
         check_system(vm.system)
 

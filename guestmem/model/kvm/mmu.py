@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from guestmem import uapi as u
 from guestmem.ranges import RangeMap
@@ -57,6 +57,9 @@ class Mmu:
         self.range_end = INVALID_GFN
         self.stats = {"zapped_pages": 0, "zaps": 0, "installs": 0, "faults": 0, "retries": 0,
                       "hugepage_installs": 0}
+        # The x86 CPUs' view of these SPTEs (guestmem.model.kvm.x86.X86Machine), told of every zap
+        # so that no CPU keeps a translation the SPTEs no longer give; None with the op vCPU.
+        self.cpu_view: Any = None
 
     # --- invalidation protocol -----------------------------------------------------------------
     def invalidate_begin(self) -> None:
@@ -127,6 +130,7 @@ class Mmu:
             attr_filter = FILTER_ALL
         m = self.sptes[as_id]
         zapped = False
+        removed: list[tuple[int, int, Spte]] = []
         for s, e, sp in list(m.segments(start, end)):
             if sp is None:
                 continue
@@ -149,18 +153,24 @@ class Mmu:
             for ws, we, wsp in list(m.segments(s2, e2)):
                 if wsp == sp:
                     m.set(ws, we, None)
+                    removed.append((ws, we, sp))
                     self.stats["zapped_pages"] += we - ws
                     if sp.private:
                         self.vm.arch.private_zapped(ws, we)
             zapped = True
         if zapped:
             self.stats["zaps"] += 1
+        if removed and self.cpu_view is not None:
+            self.cpu_view.zapped(as_id, removed)
         return zapped
 
     def zap_all(self) -> None:
         with self.vm.mmu_lock():
-            for m in self.sptes:
+            for as_id, m in enumerate(self.sptes):
+                removed = [(s, e, sp) for s, e, sp in m.items() if sp is not None]
                 m.clear()
+                if removed and self.cpu_view is not None:
+                    self.cpu_view.zapped(as_id, removed)
 
     # --- installation -----------------------------------------------------------------------------
     def install(self, slot: Memslot, req_start: int, req_end: int, run_start: int, run_end: int,

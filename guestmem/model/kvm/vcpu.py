@@ -30,6 +30,7 @@ from guestmem.model.kvm.fault import Emulate, page_fault
 
 if TYPE_CHECKING:
     from guestmem.model.kvm.vm import ModelVm
+    from guestmem.model.kvm.x86 import X86Cpu
 
 PS = u.PAGE_SIZE
 U64 = (1 << 64) - 1
@@ -49,6 +50,8 @@ class ModelVcpu:
         self._pending: Exit | None = None  # a hypercall or MMIO exit awaiting completion
         self._running = threading.Lock()
         self.stats = {"exits": 0, "faults": 0, "bytes_written": 0, "bytes_verified": 0}
+        # With ModelOptions.cpu == "x86": the x86-64 CPU that runs the compiled program instead.
+        self.cpu: X86Cpu | None = None
 
     # --- Vcpu -----------------------------------------------------------------------------------
     def load(self, program: Program) -> None:
@@ -56,6 +59,12 @@ class ModelVcpu:
             raise TypeError(f"program must be a guestmem.guest.Program, not {type(program).__name__}")
         if self.closed:
             raise KvmError(errno.EBADF, "load", "vCPU is closed")
+        if self.vm.system.options.cpu == "x86":
+            if self.cpu is None:
+                from guestmem.model.kvm.x86 import X86Cpu
+
+                self.cpu = X86Cpu(self.vm, self.id)
+            self.cpu.load_program(program)
         self.program = program
         self.pc = 0
         self.progress = 0
@@ -64,6 +73,8 @@ class ModelVcpu:
 
     def close(self) -> None:
         self.closed = True
+        if self.cpu is not None:
+            self.cpu.close()
 
     def run(self) -> Exit:
         self.vm.system.process.run_deferred()
@@ -76,7 +87,7 @@ class ModelVcpu:
         if not self._running.acquire(blocking=False):
             raise KvmError(errno.EBUSY, "KVM_RUN", "vCPU is already running on another thread")
         try:
-            ex = self._run()
+            ex = self._run() if self.cpu is None else self.cpu.run()
         finally:
             self._running.release()
         self.stats["exits"] += 1
