@@ -189,8 +189,11 @@ class ModelVcpu:
         return None
 
     def _assert_hypercall(self, op: MapGpaRange, ret: int) -> ExitGuestAssert:
-        return ExitGuestAssert(op.gpa, op.expect_ret or 0, ret & U64, self.pc - 1,
-                               f"MAP_GPA_RANGE returned {ret & U64:#x}, expected {op.expect_ret}")
+        # The return code as the kernel backend (and the x86 vCPU) report it: RAX read as signed.
+        found = ret & U64
+        found = found - (1 << 64) if found >> 63 else found
+        return ExitGuestAssert(op.gpa, op.expect_ret or 0, found, self.pc - 1,
+                               f"MAP_GPA_RANGE returned {found}, expected {op.expect_ret}")
 
     def _access(self, op: Write | Verify | Touch, mmio_done: ExitMmio | None) -> Exit | None:
         """Carry out a Write, Touch or Verify from its saved progress; return an exit or None."""

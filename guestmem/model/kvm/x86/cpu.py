@@ -36,6 +36,7 @@ from guestmem.api import (
 )
 from guestmem.guest import x86
 from guestmem.model.kvm.fault import Emulate, page_fault
+from guestmem.model.kvm.x86 import loader as loader_mod
 from guestmem.model.kvm.x86.loader import LOADER_GPA, ModelLoader
 from guestmem.ranges import RangeMap
 
@@ -51,7 +52,7 @@ PLAIN_BASE = 1 << 49  # ... of the plaintext twin of frame 0 (encrypted flavours
 MMIO_PADDR = 1 << 50  # the one-page window an MMIO instruction is single-stepped through
 PHYS_BITS = 40  # the guest's MAXPHYADDR (Unicorn's default CPU)
 SNP_C_BIT = 39  # CPUID 0x8000001F EBX[5:0]: guest RAM below 512 GiB
-TDX_GPAW = 40  # TDG.VP.INFO GPAW; the shared bit is GPAW-1 = 39 (real TDX: 48 or 52)
+TDX_GPAW = loader_mod.TDX_GPAW  # TDG.VP.INFO GPAW = 40; shared bit 39 (real TDX: 48 or 52)
 RUN_COUNT = 1 << 62  # instruction budget per entry: makes every hook's emu_stop precise
 MSR_EFER = 0xC000_0080
 _PTE_P, _PTE_RW, _PTE_PS = 1, 2, 0x80
@@ -68,7 +69,6 @@ class Stats:
     faults: int = 0
     shootdowns: int = 0
     tlb_flushes: int = 0
-    instructions: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
@@ -189,8 +189,12 @@ class X86Cpu:
         self._mmio: _MmioStep | None = None
         self._chunks: set[int] = set()
         self._plain_chunks: set[int] = set()
-        # gfn -> (pfn delta, private) for every gfn the TLB may hold a translation of.
-        self.tlb: RangeMap[tuple[int, bool] | None] = RangeMap(None)
+        # gfn -> (pfn delta, private) for every gfn the TLB may hold a translation of, or whose
+        # page the walk cache below holds; both are emptied by every TLB flush.
+        self.tlb: dict[int, tuple[int, bool]] = {}
+        # Guest-physical page-table pages the walk has read since the last flush: (pa page) ->
+        # their qwords as the CPU sees them (the frame, or its plaintext twin).
+        self._table_cache: dict[int, np.ndarray] = {}
         self.stats = Stats()
         self.exits: dict[str, int] = {}
         self.compiled: x86.CompiledProgram | None = None
@@ -224,7 +228,7 @@ class X86Cpu:
         with self.uc_lock:
             uc.ctl_flush_tb()  # the window's bytes changed under any translated blocks
             self._flush_tlb()
-            uc.reg_write(X.UC_X86_REG_CR3, LOADER_GPA + x86.PML4_OFFSET)
+            uc.reg_write(X.UC_X86_REG_CR3, (LOADER_GPA | loader.alias) + x86.PML4_OFFSET)
             uc.reg_write(X.UC_X86_REG_CR4, x86.CR4_PAE)
             uc.reg_write(X.UC_X86_REG_MSR, (MSR_EFER, x86.EFER_LME | x86.EFER_LMA))
             uc.reg_write(X.UC_X86_REG_CR0, x86.CR0_PE | x86.CR0_MP | x86.CR0_ET | x86.CR0_NE
@@ -239,6 +243,14 @@ class X86Cpu:
             uc.reg_write(X.UC_X86_REG_RIP, entry)
         self._pending = None
         self._mmio = None
+
+    def load_bytes(self, code: bytes) -> int:
+        """Load hand-assembled 64-bit ``code`` into this vCPU's code region of the loader window
+        and start there; returns its GPA (= linear address under the identity map)."""
+        base = self.machine.get_loader().code_region(self.id, len(code))
+        self.compiled, self.program = None, None
+        self.load_code(base, bytes(code), base)
+        return base
 
     def load_program(self, program: Any) -> None:
         """Compile a guest Program exactly as the kernel backend does and load it."""
@@ -262,7 +274,15 @@ class X86Cpu:
     def _flush_tlb(self) -> None:
         self.uc.ctl(uc_mod.UC_CTL_TLB_FLUSH, uc_mod.UC_CTL_IO_WRITE)
         self.tlb.clear()
+        self._table_cache.clear()
         self.stats.tlb_flushes += 1
+
+    def tlb_holds(self, start: int, end: int) -> bool:
+        """Whether the TLB (or the walk cache) may hold a translation of any gfn in [start, end)."""
+        tlb = self.tlb
+        if end - start <= len(tlb):
+            return any(g in tlb for g in range(start, end))
+        return any(start <= g < end for g in tlb)
 
     def shootdown(self, runs: list[tuple[int, int, Spte]]) -> None:
         """Called by a zap with ``mmu_lock`` held (any thread): get this CPU out of guest mode and
@@ -271,7 +291,7 @@ class X86Cpu:
             self._kicked = True
             self.uc.emu_stop()
         try:
-            if any(self.tlb.any_match(s, e, lambda v: v is not None) for s, e, _ in runs):
+            if any(self.tlb_holds(s, e) for s, e, _ in runs):
                 self._flush_tlb()
                 self.stats.shootdowns += 1
         finally:
@@ -303,7 +323,7 @@ class X86Cpu:
         held), or raise _Stop with the event that must be handled outside guest mode."""
         sp = self._usable_spte(gfn, access, write)
         if sp is None:
-            raise _Stop(("fault", gfn, access, write))
+            raise _Stop(("fault", gfn, access, write, None))
         pfn = gfn + sp.delta
         arch = self.vm.arch
         twin = self.machine.twin
@@ -322,12 +342,15 @@ class X86Cpu:
         return POOL_BASE + pfn * PS, sp
 
     def _read_pa_qword(self, pa: int) -> int:
-        gfn, access = self._decode_pa(pa & _ADDR_MASK)
-        base, sp = self._page(gfn, access, False)
-        self.tlb.set(gfn, gfn + 1, (sp.delta, sp.private))
-        page = self._host_page(base)
-        off = pa & 0xFF8
-        return int.from_bytes(page[off : off + 8].tobytes(), "little")
+        key = pa & _ADDR_MASK
+        table = self._table_cache.get(key)
+        if table is None:
+            gfn, access = self._decode_pa(key)
+            base, sp = self._page(gfn, access, False)
+            self.tlb[gfn] = (sp.delta, sp.private)
+            table = self._host_page(base).view(np.uint64)
+            self._table_cache[key] = table
+        return int(table[(pa & 0xFFF) >> 3])
 
     def _host_page(self, base: int) -> np.ndarray:
         if base >= PLAIN_BASE:
@@ -382,9 +405,10 @@ class X86Cpu:
                     return True
                 base, sp = self._page(gfn, kind, write)
             except _Stop as stop:
-                self._event = stop.args[0]
+                ev = stop.args[0]
+                self._event = (*ev[:4], vaddr) if ev[0] == "fault" else ev
                 return False
-            self.tlb.set(gfn, gfn + 1, (sp.delta, sp.private))
+            self.tlb[gfn] = (sp.delta, sp.private)
         entry.paddr = base + (vaddr & 0xFFF)
         entry.perms = uc_mod.UC_PROT_READ | uc_mod.UC_PROT_EXEC | (
             uc_mod.UC_PROT_WRITE if sp.writable else 0)
@@ -483,7 +507,7 @@ class X86Cpu:
             self._plain_chunks.add(ev[1])
             return None
         if kind == "fault":
-            return self._fault(ev[1], ev[2], ev[3])
+            return self._fault(ev[1], ev[2], ev[3], ev[4])
         if kind == "exception":
             return ExitShutdown()
         if kind == "out":
@@ -505,16 +529,54 @@ class X86Cpu:
             self.uc.mem_map_ptr(POOL_BASE + c * span, span, uc_mod.UC_PROT_ALL, addr)
         self._chunks.add(c)
 
-    def _fault(self, gfn: int, access: Access, write: bool) -> Exit | None:
-        """An EPT/NPT violation: the model's fault path for one gfn."""
+    def _fault(self, gfn: int, access: Access, write: bool, vaddr: int | None = None) -> Exit | None:
+        """An EPT/NPT violation: the model's fault path from ``gfn``.  One page, as KVM maps; but
+        when a ``rep`` string instruction faults, the rest of the range it is walking (RCX
+        elements from RDI/RSI, as far as the guest maps it contiguously, at most 2 MiB) is faulted
+        in at once -- what the op interpreter does for the op the instruction came from."""
         self.stats.faults += 1
-        res = page_fault(self.vm, gfn, gfn + 1, access, write)
+        end = gfn + 1
+        if vaddr is not None:
+            end = gfn + self._string_extent(gfn, vaddr, write)
+        res = page_fault(self.vm, gfn, end, access, write)
         if isinstance(res, int):
             return None
         if isinstance(res, Emulate):
             return self._mmio_exit(gfn)
         assert isinstance(res, ExitMemoryFault)
         return res
+
+    def _string_extent(self, gfn: int, vaddr: int, write: bool) -> int:
+        """How many pages from ``vaddr``'s the faulting ``rep`` string instruction is still going
+        to touch, contiguous in guest-physical memory (1 for any other instruction)."""
+        with self.uc_lock:
+            rip, rcx, rdi, rsi, flags = (int(self.uc.reg_read(r)) for r in (
+                X.UC_X86_REG_RIP, X.UC_X86_REG_RCX, X.UC_X86_REG_RDI, X.UC_X86_REG_RSI,
+                X.UC_X86_REG_RFLAGS))
+        code = self.read_virt(rip, 3)
+        if len(code) < 2 or code[0] not in (0xF2, 0xF3) or flags & (1 << 10):
+            return 1
+        rex, op = (code[1], code[2]) if 0x40 <= code[1] <= 0x4F and len(code) == 3 else (0, code[1])
+        if op not in (0xA4, 0xA5, 0xA6, 0xA7, 0xAA, 0xAB, 0xAE, 0xAF):
+            return 1
+        size = 1 if op % 2 == 0 else (8 if rex & 8 else 4)
+        left = 0
+        for start in (rdi, rsi):
+            if start <= vaddr < start + rcx * size:
+                left = start + rcx * size - vaddr
+        pages = min(512, ((vaddr & 0xFFF) + left + PS - 1) // PS)
+        if pages <= 1:
+            return 1
+        n = 0
+        with self.vm.mmu_lock(), self.uc_lock:
+            try:
+                kind = self._decode_pa(self._walk(vaddr & ~0xFFF, write))[1]
+                while n < pages and self._decode_pa(
+                        self._walk((vaddr & ~0xFFF) + n * PS, write)) == (gfn + n, kind):
+                    n += 1
+            except _Stop:
+                pass  # the walk itself needs a fault further on: stop there
+        return max(1, n)
 
     # --- port I/O and the guest-program doorbells ------------------------------------------------
     def _port_out(self, port: int, size: int, value: int) -> Exit:
@@ -638,13 +700,11 @@ def check_cpu_view(vm: ModelVm) -> None:
         return
     sptes = vm.mmu.sptes[0]
     for cpu in view.cpus:
-        for s, e, v in cpu.tlb.items():
-            if v is None:
-                continue
-            for a, b, sp in sptes.segments(s, e):
-                if sp is None or (sp.delta, sp.private) != v:
-                    raise InvariantError(f"invariant 1: vCPU {cpu.id}'s TLB may translate gfns "
-                                         f"[{a:#x}, {b:#x}) which no present SPTE maps that way")
+        for gfn, v in list(cpu.tlb.items()):
+            sp = sptes.get(gfn)
+            if sp is None or (sp.delta, sp.private) != v:
+                raise InvariantError(f"invariant 1: vCPU {cpu.id}'s TLB may translate gfn {gfn:#x}, "
+                                     "which no present SPTE maps that way")
     if view.twin is not None:
         mapped: RangeMap[bool] = RangeMap(False)
         for s, e, sp in sptes.items():

@@ -10,6 +10,12 @@ it goes through the model's SPTEs like any other memory (instruction fetches and
 fault it in), and a user memslot overlapping it makes ``load()`` fail with ``EEXIST`` as on the
 kernel.  The constants are the kernel backend's (a test checks they agree); the model does not
 import the kernel backend.
+
+On a TDX-like VM the window is reached with the shared GPA bit set (CR3, the table pointers and
+the window's own 2 MiB entries carry it), because the window is ordinary memory without a
+guest_memfd and a private access to it would be a memory fault; everything else in the identity
+map is private, as a TD's memory is.  (A real TD executes only from private memory; the window is
+the model's stand-in for firmware-loaded code, so this departure is on purpose.)
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ if TYPE_CHECKING:
     from guestmem.model.kvm.vm import ModelVm
     from guestmem.model.process import ModelMapping
 
+TDX_GPAW = 40  # as guestmem.model.kvm.x86.cpu.TDX_GPAW
 LOADER_SLOT = u.KVM_USER_MEM_SLOTS - 1
 LOADER_GPA = 0xFF00_0000
 LOADER_SIZE = 16 << 20
@@ -36,6 +43,8 @@ class ModelLoader:
 
     def __init__(self, vm: ModelVm) -> None:
         self.vm = vm
+        # The GPA bits through which the CPU reaches the window (TDX: the shared bit).
+        self.alias = 1 << (TDX_GPAW - 1) if vm.arch.name == "tdx" else 0
         self.memory: ModelMapping = vm.system.mmap_anonymous(LOADER_SIZE)
         try:
             vm.set_user_memory_region(LOADER_SLOT, 0, LOADER_GPA, LOADER_SIZE, self.memory.addr)
@@ -47,10 +56,12 @@ class ModelLoader:
         self._regions: dict[int, tuple[int, int]] = {}  # vcpu id -> (offset, size)
 
     def _write_tables(self) -> None:
-        for offset, entries in x86.page_table_entries(LOADER_GPA).items():
+        for offset, entries in x86.page_table_entries(LOADER_GPA | self.alias).items():
             self.memory.write(offset, np.asarray(entries, dtype=np.uint64).tobytes())
         index = np.arange(x86.PD_PAGES * 512, dtype=np.uint64)
         pds = (index << np.uint64(21)) | np.uint64(x86.pd_entry(0))
+        first = LOADER_GPA >> 21
+        pds[first : first + LOADER_SIZE // (2 << 20)] |= np.uint64(self.alias)
         self.memory.write(x86.PD_OFFSET, pds.tobytes())
         self.memory.write(x86.GDT_OFFSET, x86.gdt_bytes(LOADER_GPA))
 
