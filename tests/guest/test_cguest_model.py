@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 import guestmem
-from guestmem.api import Exit, ExitGuestAssert, ExitHalt, ExitIo
+from guestmem.api import Exit, ExitGuestAssert, ExitHalt, ExitIo, ExitSync
 from guestmem.guest import cbuild
 from guestmem.guest.cdevice import CGuestHost
 from guestmem.vmm.exits import Action
@@ -53,7 +53,7 @@ def _run(flavour: str, image: Any, *, write: Callable[[CGuestHost], Any] | None 
         ex = vcpu.run()
         exits[ex.name] += 1
         m.vm.check_invariants()  # type: ignore[attr-defined]
-        if isinstance(ex, ExitIo) and host.handle(ex):
+        if isinstance(ex, ExitIo | ExitSync) and host.handle(ex):
             continue
         if isinstance(ex, ExitGuestAssert):
             return m, host, ex, exits
