@@ -115,7 +115,7 @@ def test_c_guest_scenarios_on_the_kernel(name: str) -> None:
     except cbuild.CGuestBuildError as exc:
         pytest.skip(str(exc))
     try:
-        report = run_scenario(load(name), backend="kernel", snapshots=True)
+        report = run_scenario(load(name), backend="kernel", snapshots=True, memory=2 << 20)
     except CapabilityMissing as exc:
         pytest.skip(f"kernel backend: {exc}")
     assert report.ok, report.error
@@ -126,3 +126,21 @@ def test_c_guest_scenarios_on_the_kernel(name: str) -> None:
     assert [m.title for m in report.phase_maps] == [
         "after phase 1: paging", "after phase 2: accepted", "after phase 3: shared", "after phase 4: device",
         "after phase 5: private"]
+
+
+@pytest.mark.parametrize("name, flavour", [("c-guest-snp", "snp"), ("c-guest-tdx", "tdx")])
+def test_c_guest_scenarios_on_the_model(name: str, flavour: str) -> None:
+    try:
+        cbuild.build()
+    except cbuild.CGuestBuildError as exc:
+        pytest.skip(str(exc))
+    report = run_scenario(load(name), snapshots=True, memory=4 << 20)
+    assert report.ok, report.error
+    assert report.flavour == flavour and report.extra["guest"]["flavour"] == flavour
+    # lazy accept: one memory fault per data page (a quarter of RAM), then the bounce page shared
+    # and taken back with a hypercall each
+    assert report.exits_by_reason["memoryfault"] >= (1 << 20) // 4096
+    assert report.exits_by_reason["hypercall"] == 2
+    device, private = report.phase_maps[3], report.phase_maps[4]
+    assert sum(c.shared_resident for c in device.cells) == 1  # pages: the bounce page
+    assert sum(c.shared_resident for c in private.cells) == 0
