@@ -55,7 +55,7 @@ def load_image(cpu: X86Cpu, image: GuestImage) -> None:
 
 
 def _install_msr_hooks(cpu: X86Cpu, image: GuestImage) -> None:
-    uc = cpu.uc
+    uc: Any = cpu.uc
     with cpu.uc_lock:
         for handle in getattr(cpu, "msr_hooks", ()):
             uc.hook_del(handle)
