@@ -114,28 +114,6 @@ class NamedLock:
     def held(self) -> bool:
         return self in _stack()
 
-    @contextmanager
-    def try_hold(self) -> Iterator[bool]:
-        """Take the lock only if it is free right now; yields whether it was taken.  For a
-        context that must never block on it (the x86 vCPU's TLB-fill hook, which runs while a
-        zap holding this lock may be waiting for that vCPU to leave guest mode)."""
-        if self.held():
-            yield True
-            return
-        if _stack() and any(h.rank >= self.rank for h in _stack()):
-            raise LockOrderError(f"taking {self.name} while holding {_stack()[-1].name}")
-        if not self._lock.acquire(blocking=False):
-            yield False
-            return
-        _stack().append(self)
-        self.owner = threading.get_ident()
-        try:
-            yield True
-        finally:
-            self.owner = None
-            _stack().remove(self)
-            self._lock.release()
-
 
 class RwSem:
     """A reader/writer semaphore (``read()`` shared, ``write()`` exclusive), writer-preferring.

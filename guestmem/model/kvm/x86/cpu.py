@@ -13,6 +13,7 @@ So the lock order is ``mmu_lock`` -> ``uc_lock`` everywhere and a zap can always
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import threading
 from dataclasses import dataclass
@@ -48,6 +49,7 @@ if TYPE_CHECKING:
 
 PS = u.PAGE_SIZE
 U64 = (1 << 64) - 1
+_uc_reg_read = uc_mod.unicorn_py3.unicorn.uclib.uc_reg_read
 POOL_BASE = 1 << 48  # Unicorn-physical address of frame 0 of the frame pool
 PLAIN_BASE = 1 << 49  # ... of the plaintext twin of frame 0 (encrypted flavours)
 MMIO_PADDR = 1 << 50  # the one-page window an MMIO instruction is single-stepped through
@@ -184,6 +186,10 @@ class X86Cpu:
         self.uc = uc_mod.Uc(uc_mod.UC_ARCH_X86, uc_mod.UC_MODE_64)
         self.uc.ctl_set_tlb_mode(uc_mod.UC_TLB_VIRTUAL)
         self.uc_lock = threading.RLock()
+        # Shootdowns waiting for this CPU to leave guest mode: the vCPU does not re-enter while
+        # any is pending, so a kicked CPU cannot win uc_lock back before the zap that kicked it.
+        self._shootdown_cv = threading.Condition(threading.Lock())
+        self._shootdowns_waiting = 0
         self._kicked = False
         self._event: tuple[Any, ...] | None = None
         self._pending: Exit | None = None
@@ -277,8 +283,8 @@ class X86Cpu:
     # --- TLB ------------------------------------------------------------------------------------
     def _flush_tlb(self) -> None:
         self.uc.ctl(uc_mod.UC_CTL_TLB_FLUSH, uc_mod.UC_CTL_IO_WRITE)
-        self.tlb.clear()
-        self._table_cache.clear()
+        self.tlb = {}  # rebound, not cleared: a zap may be reading the old one under mmu_lock
+        self._table_cache = {}
         self.stats.tlb_flushes += 1
 
     def tlb_holds(self, start: int, end: int) -> bool:
@@ -286,20 +292,35 @@ class X86Cpu:
         tlb = self.tlb
         if end - start <= len(tlb):
             return any(g in tlb for g in range(start, end))
-        return any(start <= g < end for g in tlb)
+        return any(start <= g < end for g in list(tlb))
 
     def shootdown(self, runs: list[tuple[int, int, Spte]]) -> None:
-        """Called by a zap with ``mmu_lock`` held (any thread): get this CPU out of guest mode and
-        flush its TLB if it may hold any of the zapped gfns."""
-        while not self.uc_lock.acquire(timeout=0.0005):
-            self._kicked = True
-            self.uc.emu_stop()
+        """Called by a zap with ``mmu_lock`` held (any thread): if this CPU's TLB may hold any of
+        the zapped gfns, get it out of guest mode and flush its TLB before the zap goes on.
+
+        No kick is needed otherwise: ``self.tlb`` is only added to inside a fill holding
+        ``mmu_lock``, before the engine gets the translation, so under ``mmu_lock`` it is a
+        superset of what the engine's TLB can hold."""
+        if not any(self.tlb_holds(s, e) for s, e, _ in runs):
+            return
+        if self.uc_lock.acquire(blocking=False):
+            waited = False
+        else:
+            with self._shootdown_cv:
+                self._shootdowns_waiting += 1
+            waited = True
+            while not self.uc_lock.acquire(timeout=0.0005):
+                self._kicked = True
+                self.uc.emu_stop()
         try:
-            if any(self.tlb_holds(s, e) for s, e, _ in runs):
-                self._flush_tlb()
-                self.stats.shootdowns += 1
+            self._flush_tlb()
+            self.stats.shootdowns += 1
         finally:
             self.uc_lock.release()
+            if waited:
+                with self._shootdown_cv:
+                    self._shootdowns_waiting -= 1
+                    self._shootdown_cv.notify_all()
 
     # --- guest-physical decoding ------------------------------------------------------------------
     def _decode_pa(self, pa: int) -> tuple[int, Access]:
@@ -365,8 +386,9 @@ class X86Cpu:
     def _walk(self, va: int, write: bool) -> int:
         """The guest's 4-level page walk for ``va``: the guest-physical address (with the C-bit or
         shared bit as the leaf entry holds it).  Raises _Stop on a fault."""
-        cr3 = int(self.uc.reg_read(X.UC_X86_REG_CR3))
-        table = cr3 & _ADDR_MASK
+        cr3 = ctypes.c_uint64()
+        _uc_reg_read(self.uc._uch, X.UC_X86_REG_CR3, ctypes.byref(cr3))  # the binding's is 30x slower
+        table = cr3.value & _ADDR_MASK
         writable = True
         for level, shift in ((4, 39), (3, 30), (2, 21), (1, 12)):
             idx = (va >> shift) & 511
@@ -395,10 +417,14 @@ class X86Cpu:
             return False
         self.stats.fills += 1
         write = access == uc_mod.UC_MEM_WRITE
-        with self.vm.mmu_lock.try_hold() as held:
-            if not held:
-                self._event = ("retry",)
-                return False
+        # mmu_lock, tried and never waited for (see the module docstring).  The raw lock: nothing
+        # called under it here asserts ownership, and the named lock's bookkeeping doubled the
+        # cost of a fill.
+        raw = self.vm.mmu_lock._lock
+        if not raw.acquire(blocking=False):
+            self._event = ("retry",)
+            return False
+        try:
             try:
                 pa = self._walk(vaddr, write)
                 gfn, kind = self._decode_pa(pa)
@@ -413,6 +439,8 @@ class X86Cpu:
                 self._event = (*ev[:4], vaddr) if ev[0] == "fault" else ev
                 return False
             self.tlb[gfn] = (sp.delta, sp.private)
+        finally:
+            raw.release()
         entry.paddr = base + (vaddr & 0xFFF)
         entry.perms = uc_mod.UC_PROT_READ | uc_mod.UC_PROT_EXEC | (
             uc_mod.UC_PROT_WRITE if sp.writable else 0)
@@ -459,6 +487,9 @@ class X86Cpu:
 
     # --- the run loop ---------------------------------------------------------------------------
     def _enter(self, count: int = RUN_COUNT) -> None:
+        with self._shootdown_cv:
+            while self._shootdowns_waiting:
+                self._shootdown_cv.wait()
         with self.uc_lock:
             self._event = None
             self._kicked = False
