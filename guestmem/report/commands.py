@@ -396,9 +396,7 @@ C_GUEST_PART = ("c-guest-snp", 8 << 20)  # the C guest on the model's x86 CPU: s
 def _c_guest_step(console: Console) -> dict[str, Any]:
     """The freestanding C guest as an SNP-like guest on the model's x86 CPU: its map after the
     device round trips (the bounce page shared), and what it reported.  Skipped (said so) when gcc
-    is missing."""
-    from guestmem.guest.cbuild import CGuestBuildError
-
+    is missing (or the model cannot run it)."""
     console.rule("[bold]a guest written in C runs on the model's x86 CPU (SNP-like)")
     console.print("Compiled with gcc, it finds its C-bit in CPUID, builds its own page tables, PVALIDATEs "
                   "each data page on first use, shares one page with a device (GHCB page-state change), "
@@ -406,7 +404,7 @@ def _c_guest_step(console: Console) -> dict[str, Any]:
     try:
         name, memory = C_GUEST_PART
         report = run_scenario(load(name), backend="model", memory=memory, snapshots=True)
-    except CGuestBuildError as exc:
+    except CapabilityMissing as exc:  # no gcc to build the guest
         console.print(f"[yellow]skipped:[/] {exc}")
         return {"skipped": str(exc)}
     shared = [m for m in report.phase_maps if m.title.endswith(": device")]

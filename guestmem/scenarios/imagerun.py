@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 from guestmem.api import ExitIo, ExitSync, Kvm, Vcpu
+from guestmem.errors import CapabilityMissing
 from guestmem.guest import cbuild
 from guestmem.guest.cdevice import CGuestHost
 from guestmem.scenarios.plan import Plan
@@ -51,7 +52,10 @@ def run_image(scn: Scenario, plan: Plan, kvm: Kvm, machine: Machine, notes: list
     from guestmem.scenarios.run import finish_report
 
     params = guest_params(scn, plan)
-    image = cbuild.c_guest_image(params)
+    try:
+        image = cbuild.c_guest_image(params)
+    except cbuild.CGuestBuildError as exc:  # no gcc: the host lacks what builds the guest
+        raise CapabilityMissing("a C compiler to build the C guest", str(exc)) from None
     machine.create_vcpus(1)
     machine.load({0: image})
     cell = auto_cell_size(plan.memory)

@@ -144,3 +144,10 @@ def test_c_guest_scenarios_on_the_model(name: str, flavour: str) -> None:
     device, private = report.phase_maps[3], report.phase_maps[4]
     assert sum(c.shared_resident for c in device.cells) == 1  # pages: the bounce page
     assert sum(c.shared_resident for c in private.cells) == 0
+
+
+def test_without_a_compiler_the_run_names_it(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    monkeypatch.setenv("CC", "no-such-cc-guestmem")
+    monkeypatch.setenv("GUESTMEM_CACHE", str(tmp_path))
+    with pytest.raises(CapabilityMissing, match=r"C compiler.*'no-such-cc-guestmem' is not on PATH"):
+        run_scenario(load("c-guest-snp"), memory=2 << 20)
