@@ -17,12 +17,20 @@ __version__ = "0.1.0"
 BACKENDS = ("model", "kernel")
 
 
-def open(backend: str = "model", **options: Any) -> Kvm:
+def open(backend: str = "model", *, like: str | None = None, **options: Any) -> Kvm:
     """Open a backend by name: ``"model"`` (default) or ``"kernel"``.
 
     Options are the model's switches (its equivalent of kernel module parameters); the kernel
-    backend accepts only ``path`` (default ``/dev/kvm``).
+    backend accepts only ``path`` (default ``/dev/kvm``).  ``like="host"`` opens the model as a
+    twin of the running kernel (:mod:`guestmem.host_probe`): its switches are probed from
+    ``/dev/kvm`` (or ``path``), and any other switch given here is applied on top.
     """
+    if like is not None:
+        if backend != "model" or like != "host":
+            raise ValueError(f"like={like!r} is only for the model, and only 'host' is known")
+        from guestmem.host_probe import open_twin
+
+        return open_twin(options.pop("path", "/dev/kvm"), **options)
     if backend == "model":
         from guestmem.model import open_model
 

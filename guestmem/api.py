@@ -220,6 +220,40 @@ class ExitGuestAssert(Exit):
                 f"found {self.found:#04x}" + (f" ({self.message})" if self.message else ""))
 
 
+@dataclass(frozen=True)
+class FileStat:
+    """What ``fstat(2)`` says about a file: the fields both backends can answer the same way.
+
+    ``st_blocks`` counts 512-byte blocks the inode accounts for (shmem: every allocated page;
+    guest_memfd: never anything, the kernel does not account its pages to the inode)."""
+
+    st_mode: int
+    st_size: int
+    st_blocks: int
+    st_blksize: int
+    st_nlink: int
+    st_ino: int
+
+
+@dataclass(frozen=True)
+class FsStat:
+    """What ``fstatfs(2)`` says about a file's filesystem (``struct statfs``): ``f_type`` is the
+    superblock magic (``TMPFS_MAGIC`` for a memfd; for a guest_memfd ``ANON_INODE_FS_MAGIC`` up to
+    6.18, ``GUEST_MEMFD_MAGIC`` once guest_memfd has its own filesystem)."""
+
+    f_type: int
+    f_bsize: int
+    f_blocks: int
+    f_namelen: int
+    f_frsize: int
+    f_flags: int
+
+
+RawIoctlResult = tuple[int, bytes]
+"""What :meth:`ioctl` returns: the kernel's return value, and the argument buffer as the call left
+it (``b""`` when the argument was an integer)."""
+
+
 # --- resources --------------------------------------------------------------------------------------
 
 
@@ -282,6 +316,71 @@ class HostFile(Protocol):
 
     def close(self) -> None:
         """``close(2)``."""
+        ...
+
+    def read(self, length: int, offset: int | None = None) -> bytes:
+        """``read(2)`` at the file position (which advances), or ``pread(2)`` at ``offset``: up to
+        the end of the file; holes read as zeros.  ``length`` is clamped to MAX_RW_COUNT."""
+        ...
+
+    def write(self, data: bytes, offset: int | None = None) -> int:
+        """``write(2)``/``pwrite(2)``: grows the file; with O_APPEND both write at its end."""
+        ...
+
+    # --- ordinary file system calls (issue 11 §1; guestmem/model/fileops.py, linux/fileops.py) ---
+    def fcntl(self, cmd: int, arg: int = 0) -> int:
+        """``fcntl(2)``: F_GETFD/F_SETFD (per fd), F_GETFL/F_SETFL (per open file, shared with a
+        :meth:`dup`; O_DIRECT is EINVAL on both files here, FASYNC is dropped), F_ADD_SEALS/
+        F_GET_SEALS (guest_memfd: EINVAL; this memfd carries F_SEAL_SEAL: EPERM).  EINVAL for an
+        unknown command; F_DUPFD* is a ValueError (use :meth:`dup`)."""
+        ...
+
+    def lseek(self, offset: int, whence: int) -> int:
+        """``lseek(2)``: EINVAL for a whence past SEEK_HOLE, then guest_memfd: ESPIPE; a memfd
+        seeks (SEEK_DATA/SEEK_HOLE over up-to-date pages, ENXIO at or past the end)."""
+        ...
+
+    def dup(self) -> HostFile:
+        """``dup(2)``: another object, another fd, the same open file (offset and flags shared;
+        close-on-exec clear); the file lives until every fd and mapping is gone."""
+        ...
+
+    def reopen(self, flags: int) -> HostFile:
+        """``open("/proc/self/fd/N", flags)``: a new open file description (own offset and flags) of
+        the same inode.  A memfd opened this way can do O_DIRECT (``shmem_file_open`` sets
+        FMODE_CAN_ODIRECT; tmpfs asks no alignment); a guest_memfd cannot be opened (ENXIO).  Flags:
+        an access mode, O_DIRECT, O_APPEND, O_NONBLOCK, O_NOATIME, O_CLOEXEC (ValueError else)."""
+        ...
+
+    def fstat(self) -> FileStat:
+        """``fstat(2)`` (mode, size, 512-byte blocks allocated, block size, links, inode)."""
+        ...
+
+    def fstatfs(self) -> FsStat:
+        """``fstatfs(2)``: ``f_type`` is the filesystem magic."""
+        ...
+
+    def fsync(self) -> None:
+        """``fsync(2)`` (guest_memfd has none: EINVAL; shmem: nothing to do)."""
+        ...
+
+    def fdatasync(self) -> None:
+        """``fdatasync(2)``, as :meth:`fsync`."""
+        ...
+
+    def fchmod(self, mode: int) -> None:
+        """``fchmod(2)``: guest_memfd refuses every attribute change (EINVAL)."""
+        ...
+
+    def sendfile(self, in_file: GuestMemfd | HostFile | int, offset: int | None, count: int) -> int:
+        """``sendfile(self, in_file, offset or NULL, count)``: copy from ``in_file`` (at ``offset``,
+        else at its file position, which advances) to this file's position.  Returns the bytes
+        copied.  guest_memfd can be neither end (EINVAL; ESPIPE when it is the source and an
+        offset is given); EINVAL when this file is O_APPEND."""
+        ...
+
+    def ioctl(self, request: int, arg: bytes | int = 0) -> tuple[int, bytes]:
+        """The raw escape hatch: ``ioctl(fd, request, arg)`` (see :meth:`Kvm.ioctl`)."""
         ...
 
 
@@ -358,6 +457,62 @@ class GuestMemfd(Protocol):
     def __enter__(self) -> GuestMemfd: ...
     def __exit__(self, *exc: object) -> None: ...
 
+    # --- ordinary file system calls (issue 11 §1; guestmem/model/fileops.py, linux/fileops.py) ---
+    def fcntl(self, cmd: int, arg: int = 0) -> int:
+        """``fcntl(2)``: F_GETFD/F_SETFD (per fd), F_GETFL/F_SETFL (per open file, shared with a
+        :meth:`dup`; O_DIRECT is EINVAL on both files here, FASYNC is dropped), F_ADD_SEALS/
+        F_GET_SEALS (guest_memfd: EINVAL; this memfd carries F_SEAL_SEAL: EPERM).  EINVAL for an
+        unknown command; F_DUPFD* is a ValueError (use :meth:`dup`)."""
+        ...
+
+    def lseek(self, offset: int, whence: int) -> int:
+        """``lseek(2)``: EINVAL for a whence past SEEK_HOLE, then guest_memfd: ESPIPE; a memfd
+        seeks (SEEK_DATA/SEEK_HOLE over up-to-date pages, ENXIO at or past the end)."""
+        ...
+
+    def dup(self) -> GuestMemfd:
+        """``dup(2)``: another object, another fd, the same open file (offset and flags shared;
+        close-on-exec clear); the file lives until every fd and mapping is gone."""
+        ...
+
+    def reopen(self, flags: int) -> GuestMemfd:
+        """``open("/proc/self/fd/N", flags)``: a new open file description (own offset and flags) of
+        the same inode.  A memfd opened this way can do O_DIRECT (``shmem_file_open`` sets
+        FMODE_CAN_ODIRECT; tmpfs asks no alignment); a guest_memfd cannot be opened (ENXIO).  Flags:
+        an access mode, O_DIRECT, O_APPEND, O_NONBLOCK, O_NOATIME, O_CLOEXEC (ValueError else)."""
+        ...
+
+    def fstat(self) -> FileStat:
+        """``fstat(2)`` (mode, size, 512-byte blocks allocated, block size, links, inode)."""
+        ...
+
+    def fstatfs(self) -> FsStat:
+        """``fstatfs(2)``: ``f_type`` is the filesystem magic."""
+        ...
+
+    def fsync(self) -> None:
+        """``fsync(2)`` (guest_memfd has none: EINVAL; shmem: nothing to do)."""
+        ...
+
+    def fdatasync(self) -> None:
+        """``fdatasync(2)``, as :meth:`fsync`."""
+        ...
+
+    def fchmod(self, mode: int) -> None:
+        """``fchmod(2)``: guest_memfd refuses every attribute change (EINVAL)."""
+        ...
+
+    def sendfile(self, in_file: GuestMemfd | HostFile | int, offset: int | None, count: int) -> int:
+        """``sendfile(self, in_file, offset or NULL, count)``: copy from ``in_file`` (at ``offset``,
+        else at its file position, which advances) to this file's position.  Returns the bytes
+        copied.  guest_memfd can be neither end (EINVAL; ESPIPE when it is the source and an
+        offset is given); EINVAL when this file is O_APPEND."""
+        ...
+
+    def ioctl(self, request: int, arg: bytes | int = 0) -> tuple[int, bytes]:
+        """The raw escape hatch: ``ioctl(fd, request, arg)`` (see :meth:`Kvm.ioctl`)."""
+        ...
+
 
 @runtime_checkable
 class Vcpu(Protocol):
@@ -386,6 +541,19 @@ class Vcpu(Protocol):
         ...
 
     def close(self) -> None: ...
+
+    def ioctl(self, request: int, arg: bytes | int = 0) -> tuple[int, bytes]:
+        """The raw escape hatch: ``ioctl(fd, request, arg)`` exactly as given; returns ``(ret,
+        out)``, the kernel's return value and the argument buffer after the call (``b""`` for an
+        int argument).  ``arg`` as bytes is copied to a buffer whose address is passed; it must
+        hold ``_IOC_SIZE`` bytes (shorter: ValueError before the call, as the kernel would read past
+        it).  An int is the argument itself; for an ioctl that copies a struct only 0 (NULL:
+        EFAULT) is allowed (ValueError otherwise).  Failures raise ``KvmError`` with the kernel's
+        errno, wrong-fd and unknown numbers included (``guestmem/fileabi.py`` has the rule).  An fd
+        the call creates is wrapped in its object and kept in ``self.raw_objects[fd]``.  The model
+        decodes the bytes and calls the typed methods; an ioctl it does not implement raises
+        ``NotImplementedError`` (never a made-up errno)."""
+        ...
 
 
 @runtime_checkable
@@ -464,6 +632,19 @@ class Vm(Protocol):
     def __enter__(self) -> Vm: ...
     def __exit__(self, *exc: object) -> None: ...
 
+    def ioctl(self, request: int, arg: bytes | int = 0) -> tuple[int, bytes]:
+        """The raw escape hatch: ``ioctl(fd, request, arg)`` exactly as given; returns ``(ret,
+        out)``, the kernel's return value and the argument buffer after the call (``b""`` for an
+        int argument).  ``arg`` as bytes is copied to a buffer whose address is passed; it must
+        hold ``_IOC_SIZE`` bytes (shorter: ValueError before the call, as the kernel would read past
+        it).  An int is the argument itself; for an ioctl that copies a struct only 0 (NULL:
+        EFAULT) is allowed (ValueError otherwise).  Failures raise ``KvmError`` with the kernel's
+        errno, wrong-fd and unknown numbers included (``guestmem/fileabi.py`` has the rule).  An fd
+        the call creates is wrapped in its object and kept in ``self.raw_objects[fd]``.  The model
+        decodes the bytes and calls the typed methods; an ioctl it does not implement raises
+        ``NotImplementedError`` (never a made-up errno)."""
+        ...
+
 
 @runtime_checkable
 class Kvm(Protocol):
@@ -491,13 +672,28 @@ class Kvm(Protocol):
         EINVAL for 0, ENOMEM for what cannot fit in the address space."""
         ...
 
-    def memfd_create(self, size: int) -> HostFile:
-        """A regular memfd of ``size`` bytes (``memfd_create`` + ``ftruncate``; EINVAL if negative)."""
+    def memfd_create(self, size: int, flags: int = 1) -> HostFile:
+        """A regular memfd of ``size`` bytes (``memfd_create`` + ``ftruncate``; EINVAL if negative).
+        ``flags`` are memfd_create's (default MFD_CLOEXEC; MFD_ALLOW_SEALING, MFD_NOEXEC_SEAL and
+        MFD_EXEC too; MFD_HUGETLB is a ValueError; the kernel's EINVAL for bad combinations)."""
         ...
 
     def close(self) -> None: ...
     def __enter__(self) -> Kvm: ...
     def __exit__(self, *exc: object) -> None: ...
+
+    def ioctl(self, request: int, arg: bytes | int = 0) -> tuple[int, bytes]:
+        """The raw escape hatch: ``ioctl(fd, request, arg)`` exactly as given; returns ``(ret,
+        out)``, the kernel's return value and the argument buffer after the call (``b""`` for an
+        int argument).  ``arg`` as bytes is copied to a buffer whose address is passed; it must
+        hold ``_IOC_SIZE`` bytes (shorter: ValueError before the call, as the kernel would read past
+        it).  An int is the argument itself; for an ioctl that copies a struct only 0 (NULL:
+        EFAULT) is allowed (ValueError otherwise).  Failures raise ``KvmError`` with the kernel's
+        errno, wrong-fd and unknown numbers included (``guestmem/fileabi.py`` has the rule).  An fd
+        the call creates is wrapped in its object and kept in ``self.raw_objects[fd]``.  The model
+        decodes the bytes and calls the typed methods; an ioctl it does not implement raises
+        ``NotImplementedError`` (never a made-up errno)."""
+        ...
 
 
 def iter_exits(vcpu: Vcpu, limit: int = 1_000_000) -> Iterator[Exit]:

@@ -473,15 +473,23 @@ def _benches(quick: bool) -> dict[str, Callable[[], Any]]:
         "trace_cost": lambda: bench_vmm.bench_trace_cost((4 if quick else 16) * MiB,
                                                          repeat=2 if quick else 3),
         "ioctl": lambda: bench_vmm.bench_ioctl(n=20_000 if quick else 200_000, repeat=3 if quick else 5),
+        # Issue 14: the model's x86-64 vCPU (guest MIPS, per-exit and per-fault costs) beside the op vCPU.
+        "x86_cpu": lambda: _bench_x86((4 if quick else 16) << 20, repeat=2 if quick else 3),
         # Issue 14: the C guest on the model's x86 CPU vs the op interpreter vs the kernel backend.
         "c_guest": lambda: bench_cguest.bench_c_guest(data_pages=8 if quick else 16,
                                                       repeat=2 if quick else 3),
     }
 
 
+def _bench_x86(size: int, repeat: int) -> Any:
+    from guestmem import bench_x86  # imports unicorn: only when this bench runs
+
+    return bench_x86.bench_x86_cpu(size, repeat)
+
+
 BENCH_NAMES = ("scaling", "model_vs_kernel", "conversion_throughput", "xts_engine", "private_write_peak_rss",
                "eagain_split_merge", "resident", "rangemap", "explore", "fault_and_convert",
-               "conversion_storm", "trace_cost", "ioctl", "c_guest")
+               "conversion_storm", "trace_cost", "ioctl", "x86_cpu", "c_guest")
 
 
 def run_all(quick: bool = False, only: list[str] | None = None) -> dict[str, Any]:

@@ -99,9 +99,40 @@ def _error(cmd: str, message: str, code: int = 2) -> int:
     return code
 
 
+def _print_twin(report: dict[str, Any], console: Console) -> None:
+    """``caps --twin``: host and twin side by side, then what the twin cannot match."""
+    table = Table(title=f"this host ({report['host']['release']}) and its model twin "
+                  f"(guestmem.open('model', like='host'))")
+    table.add_column("property")
+    table.add_column("host", justify="right")
+    table.add_column("twin", justify="right")
+    table.add_column("", justify="center")
+    for row in report["rows"]:
+        table.add_row(row["what"], str(row["host"]), str(row["twin"]), "=" if row["same"] else "[red]≠[/]")
+    console.print(table)
+    switches = ", ".join(f"{k}={v}" for k, v in report["twin_options"].items())
+    console.print(f"twin switches: {switches}")
+    console.print(f"matched {report['matched']} of {report['compared']}")
+    for name, why in report["unmatched"].items():
+        console.print(f"[bold]cannot match[/] {name}: {why}")
+
+
 def _cmd_caps(args: argparse.Namespace, console: Console) -> int:
     from guestmem.linux.caps import probe
 
+    if args.twin:
+        from guestmem.errors import KvmError
+        from guestmem.host_probe import twin_report
+
+        try:
+            report = twin_report(args.device, hypercall=not args.no_hypercall_probe)
+        except KvmError as err:
+            return _error("caps", f"{args.device} is not available: {err}", 3)
+        if args.json:
+            print(json.dumps(report, indent=2))
+        else:
+            _print_twin(report, console)
+        return 0
     info = probe(args.device, hypercall=not args.no_hypercall_probe)
     if args.json:
         print(json.dumps(info, indent=2))
@@ -176,7 +207,7 @@ def _memory_mib(text: str) -> int:
 # (tests/test_bench_names.py keeps the two the same).
 BENCH_NAMES = ("scaling", "model_vs_kernel", "conversion_throughput", "xts_engine", "private_write_peak_rss",
                "eagain_split_merge", "resident", "rangemap", "explore", "fault_and_convert",
-               "conversion_storm", "trace_cost", "ioctl", "c_guest")
+               "conversion_storm", "trace_cost", "ioctl", "x86_cpu", "c_guest")
 
 
 def _size_mib(text: str) -> int:
@@ -202,6 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     caps.add_argument("--json", action="store_true", help="print JSON instead of tables")
     caps.add_argument("--no-hypercall-probe", action="store_true",
                       help="skip running a guest to see whether KVM_HC_MAP_GPA_RANGE exits")
+    caps.add_argument("--twin", action="store_true",
+                      help="also open the model configured like this host and show both side by side")
     caps.set_defaults(func=_cmd_caps)
     demo = sub.add_parser("demo", help="guest_memfd as guest RAM, step by step, with timings")
     demo.add_argument("--memory", type=_memory_mib, dest="size", default=4, metavar="SIZE",

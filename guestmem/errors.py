@@ -17,7 +17,13 @@ _KERNEL_NAMES = {_errno.EOPNOTSUPP: "EOPNOTSUPP", _errno.EAGAIN: "EAGAIN", EHWPO
 
 
 class KvmError(OSError):
-    """A KVM/guest_memfd operation failed with ``errno``; nothing was changed unless documented."""
+    """A KVM/guest_memfd operation failed with ``errno``; nothing was changed unless documented.
+
+    ``size_left`` is set by ``KVM_PRE_FAULT_MEMORY`` failures: the ``size`` the kernel copied back
+    (the bytes still to pre-fault, unchanged by a failed call).
+    """
+
+    size_left: int | None = None
 
     def __init__(self, err: int, operation: str, message: str = "", *, error_offset: int | None = None):
         text = message or os.strerror(err)

@@ -9,6 +9,7 @@ input (argparse, or ``--backend kernel`` on a host without ``/dev/kvm``).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from typing import Any
@@ -50,6 +51,9 @@ def add_parser(sub: Any) -> None:
                    help="steps per sequence at most (default 60; 12 on the kernel backend)")
     p.add_argument("--shrink-seconds", type=cliargs.seconds, default=5.0, metavar="S",
                    help="time to spend shrinking each distinct finding (default 5)")
+    p.add_argument("--step-timeout", type=cliargs.seconds, default=30.0, metavar="S",
+                   help="report a step still running after S seconds as a hang and end its "
+                        "sequence (default 30)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--findings", metavar="FILE", type=cliargs.output_file,
                    help="also write the findings grouped by cause as Markdown to FILE")
@@ -76,8 +80,11 @@ def run_command(args: argparse.Namespace, console: Any = None) -> int:
                                        path=getattr(args, "device", "/dev/kvm"),
                                        max_sequences=args.sequences)
     else:
+        from guestmem.fuzz.machine import Session
+
         rep = fuzz(seconds, args.seed, max_steps=args.max_steps, shrink_budget=args.shrink_seconds,
-                   max_sequences=args.sequences)
+                   max_sequences=args.sequences,
+                   session_factory=functools.partial(Session, step_timeout=args.step_timeout))
     if args.findings:
         from guestmem.report.atomic import write_text
 

@@ -3,12 +3,13 @@ like this host, compared step by step.
 
 Every step is one line of Python; it runs in two namespaces, one whose ``kvm`` is
 ``guestmem.open("kernel")`` and one whose ``kvm`` is the model opened with the host's shape
-(:func:`host_options`: the VM types the host creates, shadow paging, no SMM, per-VM attributes,
-the host's vCPU limit).  A step *differs* when one side accepts and the other refuses, when they
-refuse with different exception classes or errnos, when a host read returns different bytes, or
-when a vCPU exits differently; each difference is a finding, shrunk and printed as a script that
-runs the lines on both backends.  The model side is still judged as in model mode (crashes and
-invariants), so a sequence that only the model survives is also caught.
+(:func:`host_options`: the switches of ``guestmem.open("model", like="host")`` — the host's
+release, VM types, paging, SMM, memory attributes and vCPU limit — with per-VM attributes).  A
+step *differs* when one side accepts and the other refuses, when they refuse with different
+exception classes or errnos, when a host read returns different bytes, or when a vCPU exits
+differently; each difference is a finding, shrunk and printed as a script that runs the lines on
+both backends.  The model side is still judged as in model mode (crashes and invariants), so a
+sequence that only the model survives is also caught.
 
 The steps are restricted to what the kernel can run here and run cheaply: DEFAULT VMs, small
 guest_memfds (at most 4 MiB) and mappings, memslots, fallocate, host access and pins, vCPUs with
@@ -27,17 +28,14 @@ from collections.abc import Callable
 from typing import Any
 
 import guestmem
-from guestmem import uapi as u
 from guestmem.errors import KvmError
 from guestmem.fuzz.machine import Finding, Session, Step, StepGen, _exc_text, _model_location, base_namespace
 from guestmem.fuzz.runner import Report, fuzz
 
 # Step kinds whose results this host answers differently from upstream (and so from the model),
 # with the reason; a difference in one of these is not a finding.
-KNOWN_DEPARTURES: dict[str, str] = {
-    "vm.set_memory_attributes": "the host has no KVM_SET_MEMORY_ATTRIBUTES (ENOTTY); the model "
-                                "implements it (EINVAL for a DEFAULT VM's PRIVATE attribute)",
-}
+# (KVM_SET_MEMORY_ATTRIBUTES used to be one: the twin's memory_attributes switch now matches it.)
+KNOWN_DEPARTURES: dict[str, str] = {}
 
 
 def unavailable(path: str = "/dev/kvm") -> str | None:
@@ -54,23 +52,14 @@ def unavailable(path: str = "/dev/kvm") -> str | None:
 
 
 def host_options(path: str = "/dev/kvm") -> dict[str, Any]:
-    """Model switches that make the model look like this host's KVM, as far as they go."""
-    kvm = guestmem.open("kernel", path=path)
-    try:
-        types_mask = kvm.check_extension(u.KVM_CAP_VM_TYPES)
-        types = tuple(t for t in range(8) if types_mask & (1 << t)) or (u.KVM_X86_DEFAULT_VM,)
-        opts: dict[str, Any] = {
-            "vm_types": types,
-            "tdp_mmu": bool(kvm.check_extension(u.KVM_CAP_PRE_FAULT_MEMORY)),
-            "smm": kvm.check_extension(u.KVM_CAP_MULTI_ADDRESS_SPACE) > 1,
-            "attributes": "vm",
-        }
-        max_vcpus = kvm.check_extension(u.KVM_CAP_MAX_VCPUS)
-        if max_vcpus > 0:
-            opts["max_vcpus"] = max_vcpus
-        return opts
-    finally:
-        kvm.close()
+    """Model switches that make the model look like this host's KVM, as far as they go: the twin's
+    (guestmem/host_probe.py: release, memory attributes, paging, SMM, VM types, MAXPHYADDR, vCPU
+    limit), with per-VM attributes."""
+    from guestmem.host_probe import probe_host, twin_options
+
+    opts: dict[str, Any] = dict(twin_options(probe_host(path)).options)
+    opts["attributes"] = "vm"
+    return opts
 
 
 def _summary(value: Any) -> Any:

@@ -29,9 +29,11 @@ from __future__ import annotations
 
 import errno
 import random
+import signal
+import threading
 import traceback
-from collections.abc import Callable
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -84,7 +86,7 @@ class Step:
 class Finding:
     """One broken promise: a category, a key (distinct cause), a message, and where."""
 
-    category: str  # crash | invariant | accepted-bad | wrong-refusal | state-changed
+    category: str  # crash | hang | invariant | accepted-bad | wrong-refusal | state-changed
     key: tuple[str, ...]
     message: str
     step: int  # index of the failing step in the steps that ran
@@ -99,12 +101,45 @@ def _model_location(tb: Any) -> str:
     return where
 
 
+class StepTimeout(BaseException):
+    """Raised into a step that outlived the watchdog.  A BaseException, so that no ``except
+    Exception`` in the code under test can swallow it and keep spinning."""
+
+
+# Steps take micro- to milliseconds; one that runs this long is spinning (a vCPU that never stops
+# re-faulting, a lock that is never released), and without a bound the whole run would hang.
+DEFAULT_STEP_TIMEOUT = 30.0
+
+
+@contextmanager
+def step_watchdog(seconds: float) -> Iterator[None]:
+    """Interrupt the body with :class:`StepTimeout` after ``seconds`` of wall time (SIGALRM).
+
+    Only the main thread can take signals, so elsewhere (the threaded driver) and with
+    ``seconds <= 0`` this does nothing."""
+    if seconds <= 0 or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expired(signum: int, frame: Any) -> None:
+        raise StepTimeout(f"step still running after {seconds:g} s")
+
+    old = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
 class Session:
     """One system under test, a namespace of named objects, and the judge of every step."""
 
     def __init__(self, opts: dict[str, Any], *, check_state: bool = True,
-                 check_invariants: bool = True) -> None:
+                 check_invariants: bool = True, step_timeout: float = DEFAULT_STEP_TIMEOUT) -> None:
         self.opts = dict(opts)
+        self.step_timeout = step_timeout
         self.ns: dict[str, Any] = base_namespace()
         self.ns["kvm"] = guestmem.open("model", **self.opts)
         self.kvm = self.ns["kvm"]
@@ -163,7 +198,14 @@ class Session:
         before = snapshot(self.kvm) if self.check_state else None
         exc: BaseException | None = None
         try:
-            exec(compile(step.code, "<step>", "exec"), self.ns)
+            with step_watchdog(self.step_timeout):
+                exec(compile(step.code, "<step>", "exec"), self.ns)
+        except StepTimeout as e:
+            # The state is not trustworthy after an interrupted step (a lock may be held): fatal.
+            self.outcomes.append(_exc_text(e))
+            where = _model_location(e.__traceback__)
+            return Finding("hang", ("hang", step.kind, where, exp.cause()),
+                           f"{e} (interrupted at {where})", index)
         except (KvmError, TypeError, OverflowError) as e:
             exc = e
         except Exception as e:

@@ -26,7 +26,7 @@ from typing import Any
 from guestmem.fuzz.machine import Finding, Session, Step, StepGen, draw_options
 from guestmem.fuzz.reproducer import render, render_differential
 
-FATAL = ("crash", "invariant")
+FATAL = ("crash", "hang", "invariant")
 
 
 @dataclass

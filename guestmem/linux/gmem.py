@@ -17,6 +17,7 @@ from guestmem import uapi as u
 from guestmem.args import as_bytes, check_reserved, s32, s64, u64
 from guestmem.errors import KvmError
 from guestmem.linux import _sys
+from guestmem.linux.fileops import KernelFileOps
 from guestmem.linux.memory import KernelMapping
 
 if TYPE_CHECKING:
@@ -33,7 +34,7 @@ def _close_quiet(fd: int) -> None:
         pass
 
 
-class KernelGuestMemfd:
+class KernelGuestMemfd(KernelFileOps):
     """A guest_memfd owned by one VM (the file holds a reference on the VM; the VM fd may close first)."""
 
     def __init__(self, vm: KernelVm, fd: int, size: int, flags: int) -> None:

@@ -26,6 +26,7 @@ from typing import Any
 from guestmem.args import as_bytes, mapping_range, pin_range, u8, u64
 from guestmem.errors import GuestAccessFault, KvmError
 from guestmem.linux import _sys
+from guestmem.linux.fileops import KernelFileOps
 from guestmem.uapi import PAGE_SIZE
 
 _CHUNK = 1 << 20  # fill source buffer size
@@ -269,11 +270,14 @@ class KernelPin:
         self.release()
 
 
-class KernelHostFile:
+class KernelHostFile(KernelFileOps):
     """A regular memfd (``memfd_create``) of ``size`` bytes: a file that is *not* a guest_memfd."""
 
-    def __init__(self, size: int, name: str = "guestmem-host") -> None:
-        self.fd = os.memfd_create(name, os.MFD_CLOEXEC)
+    def __init__(self, size: int, name: str = "guestmem-host", flags: int = os.MFD_CLOEXEC) -> None:
+        try:
+            self.fd = os.memfd_create(name, flags)
+        except OSError as err:
+            raise KvmError(err.errno or 0, "memfd_create") from None
         self._finalizer = weakref.finalize(self, os.close, self.fd)
         try:
             os.ftruncate(self.fd, size)

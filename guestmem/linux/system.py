@@ -10,6 +10,7 @@ import errno
 import os
 import weakref
 
+from guestmem import fileabi as fa
 from guestmem import uapi as u
 from guestmem.args import s64, u64
 from guestmem.errors import KvmError
@@ -81,10 +82,10 @@ class KernelKvm:
         self._fd("mmap")
         return KernelMapping.anonymous(size)
 
-    def memfd_create(self, size: int) -> KernelHostFile:
-        size = s64(size, "size")
+    def memfd_create(self, size: int, flags: int = fa.MFD_CLOEXEC) -> KernelHostFile:
+        size, flags = s64(size, "size"), fa.check_memfd_flags(flags)
         self._fd("memfd_create")
-        return KernelHostFile(size)
+        return KernelHostFile(size, flags=flags)
 
     # -- what vCPUs need ----------------------------------------------------------------------------
     def vcpu_mmap_size(self) -> int:
@@ -108,6 +109,12 @@ class KernelKvm:
     def cpu_vendor(self) -> str:
         cpuid = self.supported_cpuid()
         return cpu_vendor(cpuid) if cpuid is not None else ""
+
+    def ioctl(self, request: int, arg: bytes | int = 0) -> tuple[int, bytes]:
+        """The raw escape hatch (:mod:`guestmem.linux.fileops`)."""
+        from guestmem.linux.fileops import system_ioctl
+
+        return system_ioctl(self, request, arg)
 
     # -- lifetime -----------------------------------------------------------------------------------
     def close(self) -> None:

@@ -117,6 +117,9 @@ class KernelVcpu:
         self._finalizer = weakref.finalize(self, _close_vcpu, fd, self._run_map)
         self._run = u.kvm_run.from_buffer(self._run_map)
         self._pending_hypercall: ExitHypercall | None = None
+        # An MMIO read waiting for its data: whatever the caller put in ``data`` is what the guest
+        # reads (complete_emulated_mmio copies kvm_run.mmio.data into the instruction), as the model.
+        self._pending_mmio_read: ExitMmio | None = None
         self._has_run = False
         self.program: Program | None = None
         self.image: GuestImage | None = None
@@ -191,6 +194,7 @@ class KernelVcpu:
             self.program, self.image = None, program
         self.compiled = compiled
         self._pending_hypercall = None
+        self._pending_mmio_read = None
 
     def _complete_pending(self) -> None:
         """Let KVM finish an exit that needs completion (port/MMIO input, a hypercall's return)
@@ -220,6 +224,9 @@ class KernelVcpu:
         if self._pending_hypercall is not None:
             run.u.hypercall.ret = self._pending_hypercall.ret & ((1 << 64) - 1)
             self._pending_hypercall = None
+        if self._pending_mmio_read is not None:
+            ex, self._pending_mmio_read = self._pending_mmio_read, None
+            run.u.mmio.data[:] = list(bytes(ex.data[: ex.len]).ljust(8, b"\0")[:8])
         self._has_run = True
         while True:
             run.immediate_exit = 0
@@ -247,6 +254,9 @@ class KernelVcpu:
         ex = decode_exit(self._run, self._run_map, self._doorbell)
         if isinstance(ex, ExitHypercall):
             self._pending_hypercall = ex
+        elif isinstance(ex, ExitMmio) and not ex.is_write:
+            ex.data = bytes(ex.len)  # nothing was read yet: zeros unless the host answers
+            self._pending_mmio_read = ex
         return ex
 
     def _doorbell(self, port: int) -> Exit:
@@ -268,10 +278,20 @@ class KernelVcpu:
         """``KVM_PRE_FAULT_MEMORY``; returns the bytes left unmapped (the kernel's updated ``size``)."""
         gpa, size, flags = u64(gpa, "gpa"), u64(size, "size"), u64(flags, "flags")
         arg = u.kvm_pre_fault_memory(gpa=gpa, size=size, flags=flags)
-        _sys.ioctl(self._fd("KVM_PRE_FAULT_MEMORY"), u.KVM_PRE_FAULT_MEMORY, arg, "KVM_PRE_FAULT_MEMORY")
+        try:
+            _sys.ioctl(self._fd("KVM_PRE_FAULT_MEMORY"), u.KVM_PRE_FAULT_MEMORY, arg, "KVM_PRE_FAULT_MEMORY")
+        except KvmError as exc:
+            exc.size_left = int(arg.size)  # the kernel copies the range back on failure too
+            raise
         return int(arg.size)
 
     # -- lifetime -----------------------------------------------------------------------------------
+    def ioctl(self, request: int, arg: bytes | int = 0) -> tuple[int, bytes]:
+        """The raw escape hatch (:mod:`guestmem.linux.fileops`)."""
+        from guestmem.linux.fileops import vcpu_ioctl
+
+        return vcpu_ioctl(self, request, arg)
+
     def close(self) -> None:
         if self.closed:
             return

@@ -228,6 +228,12 @@ class KernelVm:
         self._hypercall_exit_enabled = True
         return True
 
+    def ioctl(self, request: int, arg: bytes | int = 0) -> tuple[int, bytes]:
+        """The raw escape hatch (:mod:`guestmem.linux.fileops`)."""
+        from guestmem.linux.fileops import vm_ioctl
+
+        return vm_ioctl(self, request, arg)
+
     # -- lifetime -----------------------------------------------------------------------------------
     def close(self) -> None:
         """Close the vCPUs this VM created, the VM fd and the loader memory (guest_memfds stay open)."""

@@ -17,6 +17,7 @@ import numpy as np
 from guestmem import uapi as u
 from guestmem.args import s64, u64
 from guestmem.errors import KvmError
+from guestmem.model.fileops import ModelFileOps
 from guestmem.model.mm.frames import FramePool
 from guestmem.model.mm.pagecache import PageCache
 from guestmem.model.process import HostFault, ModelMapping, OpenFile, Process
@@ -24,7 +25,7 @@ from guestmem.model.process import HostFault, ModelMapping, OpenFile, Process
 PS = u.PAGE_SIZE
 
 
-class ShmemBacking(OpenFile):
+class ShmemBacking(ModelFileOps, OpenFile):
     """A sized shmem-like file: anonymous memory (``kind="anon"``) or a memfd (``kind="memfd"``)."""
 
     def __init__(self, pool: FramePool, process: Process, size: int, kind: str, folio_order: int = 0) -> None:

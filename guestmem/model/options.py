@@ -2,8 +2,10 @@
 
 They are given once, when the system is opened (``guestmem.open("model", **options)``), and are
 read-only afterwards, as module parameters with mode 0444 are.  Defaults describe upstream x86 KVM
-as merged (Linux 6.18) with ``CONFIG_KVM_SW_PROTECTED_VM`` built in, per-VM memory attributes, a
-TDP MMU, no SMM address space, and this host's 46-bit physical address width.
+as of the newest mainline release (``kernel="7.2"``) with ``CONFIG_KVM_SW_PROTECTED_VM`` built in,
+per-VM memory attributes, a TDP MMU, no SMM address space, and a 46-bit physical address width.
+``guestmem.open("model", like="host")`` sets them from the running kernel instead
+(:mod:`guestmem.host_probe`).
 """
 
 from __future__ import annotations
@@ -12,14 +14,18 @@ from dataclasses import dataclass, fields
 from typing import Any, Literal
 
 from guestmem import uapi as u
+from guestmem.releases import NEWEST, RELEASES, ReleaseRules, rules
 
 _CHOICES: dict[str, tuple[Any, ...]] = {
     "attributes": ("vm", "gmem"),
     "inplace_revision": ("v5", "v8"),
     "gmem_folio_order": (0, 9, 18),
     "anon_folio_order": (0, 9, 18),
+    "kernel": RELEASES,
     "cpu": ("ops", "x86"),
 }
+# VM types without private memory (they need no CONFIG_KVM_GENERIC_MEMORY_ATTRIBUTES).
+_NO_PRIVATE_MEM_TYPES = (u.KVM_X86_DEFAULT_VM, u.KVM_X86_SEV_VM, u.KVM_X86_SEV_ES_VM)
 _RANGES: dict[str, tuple[int, int]] = {
     "phys_bits": (36, 52),
     "pool_bytes": (1 << 30, 1 << 47),
@@ -29,6 +35,13 @@ _RANGES: dict[str, tuple[int, int]] = {
 
 @dataclass(frozen=True)
 class ModelOptions:
+    # Which kernel release's rules to follow where releases differ (guestmem/releases.py):
+    # "6.8", "6.18" or "7.2" (the newest mainline, the default).
+    kernel: Literal["6.8", "6.18", "7.2"] = NEWEST  # type: ignore[assignment]
+    # CONFIG_KVM_GENERIC_MEMORY_ATTRIBUTES: per-VM memory attributes built in.  Without it
+    # KVM_CAP_MEMORY_ATTRIBUTES is 0, KVM_SET_MEMORY_ATTRIBUTES is ENOTTY (the ioctl is compiled
+    # out), and VM types with private memory (which select it in Kconfig) do not exist.
+    memory_attributes: bool = True
     # Where shared/private lives: "vm" = legacy per-VM KVM_SET_MEMORY_ATTRIBUTES (upstream 6.8+);
     # "gmem" = per-guest_memfd attributes set with KVM_SET_MEMORY_ATTRIBUTES2 (in-place series).
     attributes: Literal["vm", "gmem"] = "vm"
@@ -138,6 +151,19 @@ class ModelOptions:
                 raise ValueError(f"{name}: give VM types as names or numbers separated by commas, "
                                  f"not {text!r}") from None
         return cls.check(name, value)
+
+    @property
+    def release(self) -> ReleaseRules:
+        """The rules of the ``kernel`` release (:mod:`guestmem.releases`)."""
+        return rules(self.kernel)
+
+    @property
+    def built_vm_types(self) -> tuple[int, ...]:
+        """The VM types this configuration has: asked for (``vm_types``), known to the release, and
+        (for types with private memory) with memory attributes built in, per-VM or per-file."""
+        known = self.release.vm_types
+        return tuple(t for t in self.vm_types if t in known and (
+            self.memory_attributes or self.gmem_attributes or t in _NO_PRIVATE_MEM_TYPES))
 
     @property
     def gmem_attributes(self) -> bool:

@@ -296,6 +296,7 @@ class Process:
         self._next_top = _MMAP_BASE
         self._notifiers: list[weakref.ref[MmuNotifier]] = []
         self._deferred: collections.deque[object] = collections.deque()
+        self.fd_cloexec: set[int] = set()  # fds with FD_CLOEXEC (per fd, not per open file)
 
     # --- fds -----------------------------------------------------------------------------------
     def install(self, obj: object) -> int:
@@ -315,6 +316,7 @@ class Process:
     def close_fd(self, fd: int) -> object | None:
         with self._lock:
             ref = self._fds.pop(fd, None)
+            self.fd_cloexec.discard(fd)
             return None if ref is None else ref()
 
     # --- release of what nobody holds any more (the kernel backend's finalizers) ---------------
@@ -427,6 +429,12 @@ class Process:
                 for a, b in ranges:
                     n.invalidate_range_end(a, b)
 
+    def mapping_count(self, file: object) -> int:
+        """How many live mappings of ``file`` this process has (``i_mmap_writable``: every model
+        mapping is shared and writable)."""
+        with self._lock:
+            return len(self._by_file.get(id(file), ()))
+
     def resolve(self, addr: int) -> tuple[ModelMapping, int] | None:
         """The mapping holding virtual address ``addr`` and the offset within it."""
         with self._lock:
@@ -444,6 +452,7 @@ class Process:
         child = Process()
         with self._lock:
             child._fds = dict(self._fds)
+            child.fd_cloexec = set(self.fd_cloexec)
             child._next_top = self._next_top
             for m in self.mappings():
                 cm = ModelMapping(child, m.file, m.addr, m.length, m.pgoff)

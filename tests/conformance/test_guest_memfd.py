@@ -24,6 +24,7 @@ import guestmem.uapi as u
 from guestmem.api import Kvm, Vm
 from guestmem.errors import GuestAccessFault
 from guestmem.guest.ops import Verify, Write
+from guestmem.releases import rules_of
 
 from .support import (
     GMEM_GPA,
@@ -117,6 +118,26 @@ def test_create_guest_memfd_multiple(backend: Kvm, vm_type: int) -> None:
         assert gmem1.fd != gmem2.fd
         gmem2.close()
         gmem1.close()
+        check(vm)
+
+
+@pytest.mark.parametrize("vm_type", VM_TYPES)
+def test_invalid_binding(backend: Kvm, vm_type: int) -> None:
+    """guest_memfd_test.c:test_invalid_binding: slot 0 at GPA 0 covering the whole file, bound at
+    offset ALIGN_DOWN(INT64_MAX, PAGE_SIZE).  7.2 takes the offset unsigned, so offset + size is
+    past the file: EINVAL (upstream's assertion).  Through 6.18 the offset is a signed loff_t and
+    the sum wraps negative, which the range check let through: the binding is accepted.  The
+    release rule (``guestmem.releases``) says which; this host's kernel is the 6.18 witness."""
+    size = 4 * PAGE
+    with gmem_vm(backend, vm_type) as vm, vm.create_guest_memfd(size, 0) as gmem:
+        offset = ((1 << 63) - 1) & ~(PAGE - 1)
+        if rules_of(backend).bind_offset_signed:
+            vm.set_user_memory_region2(0, u.KVM_MEM_GUEST_MEMFD, 0, size, 0, gmem, offset)
+            check(vm)
+            vm.set_user_memory_region2(0, u.KVM_MEM_GUEST_MEMFD, 0, 0, 0, gmem, offset)
+        else:
+            with raises_errno(errno.EINVAL):
+                vm.set_user_memory_region2(0, u.KVM_MEM_GUEST_MEMFD, 0, size, 0, gmem, offset)
         check(vm)
 
 

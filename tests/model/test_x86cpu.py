@@ -309,3 +309,73 @@ def test_stats_count_exits_and_fills() -> None:
     # rep stosq faults in the rest of its range at once: far fewer faults than pages.
     assert 1 <= cpu.stats.faults < 16
     assert vm.mmu.count()["4K"] >= 16
+
+
+# --- one guest, three ways: op vCPU, x86 vCPU, and /dev/kvm where the host allows ---------------
+
+def _run_plain(backend: str, program: list) -> tuple[list[tuple], bytes]:  # type: ignore[type-arg]
+    """A DEFAULT VM with one anonymous memslot (what any KVM host runs), the program to its end."""
+    kvm = guestmem.open("model", cpu=backend) if backend in ("ops", "x86") else guestmem.open("kernel")
+    try:
+        vm = kvm.create_vm(u.KVM_X86_DEFAULT_VM)
+        mem = kvm.mmap_anonymous(SIZE)
+        vm.set_user_memory_region(1, 0, GPA, SIZE, mem.addr)
+        vcpu = vm.create_vcpu(0)
+        vcpu.load(Program(program))
+        seen: list[tuple] = []  # type: ignore[type-arg]
+        for _ in range(20):
+            ex = vcpu.run()
+            if isinstance(ex, ExitGuestAssert):
+                seen.append(("assert", ex.gpa, ex.expected, ex.found, ex.op_index))
+                break
+            seen.append((*(v for k, v in sorted(ex.__dict__.items()) if k != "reason"), ex.name))
+            if isinstance(ex, ExitHalt):
+                break
+        return seen, mem.read(0, 16 * PAGE)
+    finally:
+        kvm.close()
+
+
+THREE_WAYS = [PROGRAMS[0], PROGRAMS[1],
+              [Write(GPA + 100, 2 * PAGE + 17, 0xE1), Sync(5), Verify(GPA + 100, 2 * PAGE + 17, 0xE1),
+               Touch(GPA + 3 * PAGE, 4 * PAGE, 0x42, stride=1000), Verify(GPA + 3 * PAGE + 1000, 1, 0x42),
+               Halt()]]
+
+
+@pytest.mark.parametrize("index", range(len(THREE_WAYS)))
+def test_one_guest_three_ways(index: int) -> None:
+    program = THREE_WAYS[index]
+    x86_run = _run_plain("x86", program)
+    assert x86_run == _run_plain("ops", program)
+    try:
+        kernel_run = _run_plain("kernel", program)
+    except (OSError, ImportError) as exc:
+        pytest.skip(f"kernel backend unavailable: {exc}")
+    assert kernel_run == x86_run
+
+
+def test_a_zap_from_another_thread_kicks_the_running_cpu_and_flushes_its_tlb() -> None:
+    import threading
+    import time
+
+    kvm, vm, shared, gmem = make_vm(u.KVM_X86_DEFAULT_VM)
+    # Spin reading the flag byte at GPA until it is non-zero, then report it.
+    code = movabs(x86.RAX, GPA) + b"\x8a\x18\x84\xdb\x74\xfa" + b"\x88\xd8" + out_al(0x80) + HLT_LOOP
+    vcpu = load_bytes(vm, code)
+    cpu = vcpu.cpu
+    gfn = GPA // PAGE
+
+    def host() -> None:
+        deadline = time.monotonic() + 60
+        while not cpu.tlb_holds(gfn, gfn + 1) and time.monotonic() < deadline:
+            time.sleep(0.001)  # until the spinning guest has the page in its TLB
+        shared.discard(0, PAGE)  # zap while the guest runs: it must be kicked out and flushed
+        shared.write(0, b"\x07")
+
+    thread = threading.Thread(target=host)
+    thread.start()
+    ex = vcpu.run()
+    thread.join()
+    assert ex == ExitIo(port=0x80, size=1, direction=u.KVM_EXIT_IO_OUT, data=b"\x07")
+    assert cpu.stats.shootdowns >= 1
+    vm.check_invariants()

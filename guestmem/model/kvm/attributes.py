@@ -26,6 +26,10 @@ PS = u.PAGE_SIZE
 def set_vm_memory_attributes(vm: ModelVm, address: int, size: int, attributes: int, flags: int) -> None:
     if vm.system.options.gmem_attributes:
         raise KvmError(errno.ENOTTY, OP, "per-VM attributes are disabled (in-place conversion mode)")
+    if not vm.system.options.memory_attributes:
+        # kvm_vm_ioctl's case KVM_SET_MEMORY_ATTRIBUTES is under #ifdef
+        # CONFIG_KVM_GENERIC_MEMORY_ATTRIBUTES (virt/kvm/kvm_main.c); without it, no such ioctl.
+        raise KvmError(errno.ENOTTY, OP, "built without CONFIG_KVM_GENERIC_MEMORY_ATTRIBUTES")
     if flags:
         raise KvmError(errno.EINVAL, OP, "flags must be 0")
     if attributes & ~vm.supported_mem_attributes():

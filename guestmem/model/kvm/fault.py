@@ -80,6 +80,14 @@ def page_fault(vm: ModelVm, gfn: int, end: int, access: Access, write: bool, as_
             if gfile is None:
                 return memory_fault(gfn, is_private, errno.EFAULT)
             runs, err = gfile.get_pfn_range(slot, gfn, stop)
+            if not runs and vm.memslots[as_id].lookup(gfn) is not slot:
+                # The slot was deleted or moved since the lookup, and its binding went with it.
+                # Upstream cannot see that: the deletion's synchronize_srcu waits for this fault,
+                # whose get_pfn still finds the binding and whose mmu_seq recheck then fails.
+                # So: RET_PF_RETRY, as there (not get_pfn's EIO for a binding gone astray).
+                mmu.stats["retries"] += 1
+                _yield(gfn)
+                continue
             if not runs:
                 return memory_fault(gfn, is_private, err or errno.EFAULT)
         else:

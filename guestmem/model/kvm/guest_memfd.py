@@ -26,6 +26,7 @@ import numpy as np
 from guestmem import uapi as u
 from guestmem.args import as_bytes, check_reserved, s32, s64, u64
 from guestmem.errors import EHWPOISON, KvmError
+from guestmem.model.fileops import ModelFileOps
 from guestmem.model.process import HostFault, ModelMapping, OpenFile, Process, check_mmap_length
 from guestmem.model.vfs import vfs_fallocate_checks
 from guestmem.ranges import RangeMap
@@ -39,6 +40,12 @@ if TYPE_CHECKING:
 PS = u.PAGE_SIZE
 ALL = 1 << (63 - u.PAGE_SHIFT)  # "-1ul": past the last index a file can have
 _inode_numbers = itertools.count(0x4000)
+
+
+def s64_wrap(value: int) -> int:
+    """``value`` as a signed 64-bit C integer holds it (two's complement wrap)."""
+    value &= (1 << 64) - 1
+    return value - (1 << 64) if value >> 63 else value
 
 
 class GmemInode:
@@ -189,7 +196,7 @@ class GmemInode:
         return flt or (FILTER_PRIVATE | FILTER_SHARED)
 
 
-class GmemFile(OpenFile):
+class GmemFile(ModelFileOps, OpenFile):
     """One VM's guest_memfd file (``struct gmem_file`` + the ``struct file``).
 
     Refcounted like a ``struct file``: the fd holds one reference and every mmap holds one; the
@@ -329,9 +336,11 @@ class GmemFile(OpenFile):
         if offset % PS:  # ksys_mmap_pgoff checks this before looking the fd up
             raise KvmError(errno.EINVAL, "mmap", "offset must be page aligned")
         self._check_open("mmap")
+        # do_mmap: the length checks (EINVAL for 0, ENOMEM where it cannot fit) come before
+        # file_mmap_ok's EOVERFLOW for a file range past MAX_LFS_FILESIZE (a negative offset).
+        check_mmap_length(length, max(offset, 0) // PS)
         if offset < 0:
             raise KvmError(errno.EOVERFLOW, "mmap", "offset + length beyond MAX_LFS_FILESIZE")
-        check_mmap_length(length, offset // PS)
         if not self.inode.mmap_supported:
             raise KvmError(errno.ENODEV, "mmap", "guest_memfd created without GUEST_MEMFD_FLAG_MMAP")
         if not shared:
@@ -423,13 +432,21 @@ class GmemFile(OpenFile):
         """Bind ``slot`` to pages starting at ``offset``; the caller has done the fget/type checks."""
         inode = self.inode
         size = slot.npages * PS
-        if offset < 0 or offset % PS or offset + size > inode.size:
+        release = self.vm.system.options.release
+        end_offset = offset + size
+        if release.bind_offset_signed:
+            # Through 6.18 the offset is a signed loff_t: the sum wraps negative past INT64_MAX and
+            # passes `offset + size > i_size_read(inode)`; 7.2's uoff_t (guest_memfd.c:673) does not.
+            end_offset = s64_wrap(end_offset)
+        if (release.bind_offset_signed and s64_wrap(offset) < 0) or offset % PS \
+                or end_offset > inode.size:
             raise KvmError(errno.EINVAL, "KVM_SET_USER_MEMORY_REGION2",
                            "guest_memfd_offset unaligned or range beyond the guest_memfd")
         with inode.invalidate_lock.write():
             start, end = offset // PS, offset // PS + slot.npages
             if self.bindings.any_match(start, end, lambda s: s is not None):
-                raise KvmError(errno.EINVAL, "KVM_SET_USER_MEMORY_REGION2",
+                # 6.8/6.18: EINVAL; 7.2: EEXIST (guest_memfd.c:681-686).
+                raise KvmError(release.bind_overlap_errno, "KVM_SET_USER_MEMORY_REGION2",
                                "guest_memfd range already bound to another memslot")
             from guestmem.model.kvm.memslot import KVM_MEMSLOT_GMEM_ONLY
 

@@ -13,6 +13,7 @@ import os
 import weakref
 from collections import Counter
 
+from guestmem import fileabi as fa
 from guestmem import uapi as u
 from guestmem.args import s64, u64
 from guestmem.errors import KvmError
@@ -69,7 +70,7 @@ class ModelKvm:
     def create_vm(self, vm_type: int = u.KVM_X86_DEFAULT_VM) -> ModelVm:
         vm_type = u64(vm_type, "vm_type")
         self._check_open("KVM_CREATE_VM")
-        if vm_type not in self.options.vm_types or vm_type not in FLAVOURS:
+        if vm_type not in self.options.built_vm_types or vm_type not in FLAVOURS:
             raise KvmError(errno.EINVAL, "KVM_CREATE_VM", f"VM type {vm_type} not supported")
         vm = ModelVm(self, vm_type)
         self.vms.add(vm)
@@ -84,16 +85,32 @@ class ModelKvm:
         backing.on_release = lambda: self.unregister_file(backing)  # type: ignore[method-assign]
         return self.process.mmap(backing, size, 0)
 
-    def memfd_create(self, size: int) -> ShmemBacking:
-        size = s64(size, "size")
+    def memfd_create(self, size: int, flags: int = fa.MFD_CLOEXEC) -> ShmemBacking:
+        size, flags = s64(size, "size"), fa.check_memfd_flags(flags)
         self._check_open("memfd_create")
+        if flags & ~fa.MFD_ALL_FLAGS or (flags & fa.MFD_EXEC and flags & fa.MFD_NOEXEC_SEAL):
+            raise KvmError(errno.EINVAL, "memfd_create", f"bad flags {flags:#x}")
         if size < 0:
             raise KvmError(errno.EINVAL, "ftruncate", "negative length")
         f = ShmemBacking(self.pool, self.process, size, "memfd", self.options.anon_folio_order)
         self.register_file(f)
         f.on_release = lambda: self.unregister_file(f)  # type: ignore[method-assign]
         f.install()
+        if flags & fa.MFD_CLOEXEC:
+            self.process.fd_cloexec.add(f.fd)
+        # vm.memfd_noexec is 0 here: without MFD_NOEXEC_SEAL the file is executable (0777).
+        seals = 0 if flags & (fa.MFD_ALLOW_SEALING | fa.MFD_NOEXEC_SEAL) else fa.F_SEAL_SEAL
+        if flags & fa.MFD_NOEXEC_SEAL:
+            f.__dict__["_fops_i_mode"] = fa.S_IFREG | 0o666
+            seals |= fa.F_SEAL_EXEC
+        f.__dict__["_fops_seals"] = seals
         return f
+
+    def ioctl(self, request: int, arg: bytes | int = 0) -> tuple[int, bytes]:
+        """The raw escape hatch (:mod:`guestmem.model.kvm.rawioctl`)."""
+        from guestmem.model.kvm.rawioctl import system_ioctl
+
+        return system_ioctl(self, request, arg)
 
     def close(self) -> None:
         if not self.closed:
@@ -113,11 +130,12 @@ class ModelKvm:
         flags = u.GUEST_MEMFD_FLAG_MMAP
         if vm is None or not vm.has_private_mem or self.options.gmem_attributes:
             flags |= u.GUEST_MEMFD_FLAG_INIT_SHARED
-        return flags
+        return flags & self.options.release.gmem_flags
 
     def cap_value(self, cap: int, vm: ModelVm | None) -> int:
         o = self.options
         private = vm is None or vm.has_private_mem
+        release = o.release
         table = {
             u.KVM_CAP_USER_MEMORY: 1,
             u.KVM_CAP_SYNC_MMU: 1,
@@ -127,14 +145,16 @@ class ModelKvm:
             u.KVM_CAP_NR_MEMSLOTS: u.KVM_USER_MEM_SLOTS,
             u.KVM_CAP_NR_VCPUS: min(os.cpu_count() or 1, o.max_vcpus),
             u.KVM_CAP_MAX_VCPUS: o.max_vcpus,
+            128: 4 * o.max_vcpus,  # KVM_CAP_MAX_VCPU_ID: KVM_MAX_VCPU_IDS (x86: 4 x KVM_MAX_VCPUS)
             u.KVM_CAP_READONLY_MEM: 1 if vm is None else int(not vm.arch.has_protected_state),
             u.KVM_CAP_MULTI_ADDRESS_SPACE: 0 if not o.smm else (2 if vm is None else vm.nr_as),
             u.KVM_CAP_EXIT_HYPERCALL: KVM_EXIT_HYPERCALL_VALID_MASK,
-            u.KVM_CAP_GUEST_MEMFD: 1,
+            u.KVM_CAP_GUEST_MEMFD: int(release.gmem_any_vm or private),
+            # 6.8 has no KVM_CAP_GUEST_MEMFD_FLAGS (its guest_memfd has no flags): 0 either way.
             u.KVM_CAP_GUEST_MEMFD_FLAGS: self.gmem_supported_flags(vm),
-            u.KVM_CAP_VM_TYPES: sum(1 << t for t in o.vm_types if t in FLAVOURS),
-            u.KVM_CAP_PRE_FAULT_MEMORY: int(o.tdp_mmu),
-            u.KVM_CAP_MEMORY_ATTRIBUTES: 0 if o.gmem_attributes else (
+            u.KVM_CAP_VM_TYPES: sum(1 << t for t in o.built_vm_types if t in FLAVOURS),
+            u.KVM_CAP_PRE_FAULT_MEMORY: int(o.tdp_mmu and release.pre_fault_ioctl),
+            u.KVM_CAP_MEMORY_ATTRIBUTES: 0 if o.gmem_attributes or not o.memory_attributes else (
                 u.KVM_MEMORY_ATTRIBUTE_PRIVATE if private else 0),
         }
         if cap in table:

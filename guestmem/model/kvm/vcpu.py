@@ -28,6 +28,7 @@ from guestmem.errors import KvmError
 from guestmem.guest.image import GuestImage
 from guestmem.guest.ops import Accept, Halt, MapGpaRange, Program, Sync, Touch, Verify, Write
 from guestmem.model.kvm.fault import Emulate, page_fault
+from guestmem.model.kvm.mmio import StringMmio, no_memory, peek, straddling_element
 
 if TYPE_CHECKING:
     from guestmem.model.kvm.vm import ModelVm
@@ -50,6 +51,7 @@ class ModelVcpu:
         self.halted = False
         self.closed = False
         self._pending: Exit | None = None  # a hypercall or MMIO exit awaiting completion
+        self._mmio: StringMmio | None = None  # the MMIO exits of the op in progress (mmio.py)
         self._running = threading.Lock()
         self.stats = {"exits": 0, "faults": 0, "bytes_written": 0, "bytes_verified": 0}
         # With ModelOptions.cpu == "x86": the x86-64 CPU that runs the compiled program instead.
@@ -88,6 +90,15 @@ class ModelVcpu:
         self.closed = True
         if self.cpu is not None:
             self.cpu.close()
+        fd, self.fd = getattr(self, "fd", -1), -1
+        if fd >= 0:
+            self.vm.system.process.close_fd(fd)
+
+    def ioctl(self, request: int, arg: bytes | int = 0) -> tuple[int, bytes]:
+        """The raw escape hatch (:mod:`guestmem.model.kvm.rawioctl`)."""
+        from guestmem.model.kvm.rawioctl import vcpu_ioctl
+
+        return vcpu_ioctl(self, request, arg)
 
     def run(self) -> Exit:
         self.vm.system.process.run_deferred()
@@ -108,20 +119,34 @@ class ModelVcpu:
 
     def pre_fault_memory(self, gpa: int, size: int, flags: int = 0) -> int:
         """``KVM_PRE_FAULT_MEMORY``: map [gpa, gpa+size) as if the guest had touched it.  Returns
-        the bytes left unmapped (0 when done); raises if not even the first page could be."""
-        op = "KVM_PRE_FAULT_MEMORY"
+        the bytes left unmapped (0 when done); raises if not even the first page could be, with
+        ``size_left`` = ``size`` (kvm_vcpu_ioctl copies the untouched range back)."""
         gpa, size, flags = u64(gpa, "gpa"), u64(size, "size"), u64(flags, "flags")
+        try:
+            return self._pre_fault_memory(gpa, size, flags)
+        except KvmError as exc:
+            exc.size_left = size
+            raise
+
+    def _pre_fault_memory(self, gpa: int, size: int, flags: int) -> int:
+        op = "KVM_PRE_FAULT_MEMORY"
         self.vm.system.process.run_deferred()
         if self.closed:
             raise KvmError(errno.EBADF, op, "vCPU is closed")
         vm = self.vm
         if vm.bugged:
             raise KvmError(errno.EIO, op, "the VM is bugged (KVM_BUG_ON)")
+        if not vm.system.options.release.pre_fault_ioctl:
+            raise KvmError(errno.EINVAL, op, "no such vCPU ioctl before 6.10 (kvm_arch_vcpu_ioctl)")
         if flags:
             raise KvmError(errno.EINVAL, op, "flags must be 0")
         if gpa % PS or size % PS or gpa + size <= gpa or gpa + size > U64:
             raise KvmError(errno.EINVAL, op, "range unaligned, empty or wrapping")
         if not vm.system.options.tdp_mmu:
+            # Shadow paging: kvm_mmu_reload runs before the TDP check (mmu.c:5104 vs :5050) and
+            # fails with ENOSPC while no memslot has sized n_max_mmu_pages (mmu.c:2899-2900).
+            if not vm.mmu_pages_sized and vm.arch.pre_fault_allowed():
+                raise KvmError(errno.ENOSPC, op, "shadow MMU has no pages yet (no memslot ever)")
             raise KvmError(errno.EOPNOTSUPP, op, "pre-faulting needs a TDP MMU")
         if not vm.arch.pre_fault_allowed():
             raise KvmError(errno.EOPNOTSUPP, op, "VM is not finalized")
@@ -216,13 +241,11 @@ class ModelVcpu:
         gpa, access = vm.arch.decode_gpa(op.gpa, op.access)
         end = gpa + op.size
         pos = gpa + self.progress
-        if mmio_done is not None:
-            if not write:
-                data = bytes(mmio_done.data[: mmio_done.len])
-                for i, b in enumerate(data):
-                    if b != op.pattern:
-                        return self._fail(op, pos + i, b)
-            pos += mmio_done.len
+        if mmio_done is not None and self._mmio is not None:
+            step = self._mmio.complete(mmio_done)
+            if not isinstance(step, int):
+                return self._mmio_exit(step)
+            pos = step
             self.progress = pos - gpa
         want = vm.arch.access_kind(access)
         while pos < end:
@@ -254,7 +277,12 @@ class ModelVcpu:
                         if miss is not None:
                             k, seen_byte = miss
                             self.progress = a + k - gpa
-                            return self._fail(op, a + k, seen_byte)
+                            boundary = straddling_element(vm, op, gpa, a + k)
+                            if boundary is None:
+                                return self._fail(op, a + k, seen_byte)
+                            self._mmio = StringMmio(op, gpa, self.pc, lambda x: no_memory(vm, x, False),
+                                                    lambda x: peek(vm, x, access))
+                            return self._mmio_exit(self._mmio.begin(boundary))
                         self.stats["bytes_verified"] += b - a
                     pos = b
                     self.progress = pos - gpa
@@ -265,13 +293,17 @@ class ModelVcpu:
             res = page_fault(vm, gfn, end_gfn, access, write)
             if isinstance(res, int):
                 continue
-            if isinstance(res, Emulate):
-                n = 1 if stride > 1 else min(8, end - pos, PS - pos % PS)
-                ex = ExitMmio(pos, n, write, bytes([op.pattern]) * n if write else bytes(8))
-                self._pending = ex
-                return ex
+            if isinstance(res, Emulate):  # the exits the compiled op would give (mmio.py)
+                self._mmio = StringMmio(op, gpa, self.pc, lambda a: no_memory(vm, a, write),
+                                        lambda a: peek(vm, a, access))
+                return self._mmio_exit(self._mmio.begin(pos))
             return res
         return None
+
+    def _mmio_exit(self, ex: Exit) -> Exit:
+        if isinstance(ex, ExitMmio):
+            self._pending = ex
+        return ex
 
     def _accept(self, op: Accept) -> Exit | None:
         """TDG.MEM.PAGE.ACCEPT / PVALIDATE over the op's range, from its saved progress: each page

@@ -48,6 +48,9 @@ class ModelVm:
         self.mmu = mmu_mod.Mmu(self, self.nr_as)
         self.vcpus: dict[int, ModelVcpu] = {}
         self.exit_hypercall_mask = 0
+        # kvm->arch.n_max_mmu_pages was sized (kvm_arch_commit_memory_region on a CREATE or DELETE):
+        # until then a shadow-paging MMU has no pages to make a root from (ENOSPC).
+        self.mmu_pages_sized = False
         self._refs = 1
         self._refs_lock = threading.Lock()
         self.destroyed = False
@@ -234,6 +237,8 @@ class ModelVm:
 
     def _check_flags(self, op: str, flags: int) -> None:
         valid = u.KVM_MEM_LOG_DIRTY_PAGES | u.KVM_MEM_GUEST_MEMFD
+        if not (self.system.options.release.gmem_any_vm or self.has_private_mem):
+            valid &= ~u.KVM_MEM_GUEST_MEMFD  # 6.8-6.17: guest_memfd slots only with private memory
         if flags & u.KVM_MEM_GUEST_MEMFD:
             valid &= ~u.KVM_MEM_LOG_DIRTY_PAGES
         if not self.arch.has_protected_state and not flags & u.KVM_MEM_GUEST_MEMFD:
@@ -279,6 +284,7 @@ class ModelVm:
                 if old is None:
                     raise KvmError(errno.EINVAL, op, "deleting a memslot that does not exist")
                 self._delete_slot(old)
+                self.mmu_pages_sized = True
                 return
             base_gfn = gpa // PS
             if old is not None:
@@ -312,6 +318,7 @@ class ModelVm:
             mmu_mod.init_memslot_lpage(self, new)
             with self.mmu_lock():
                 slots.insert(new)
+            self.mmu_pages_sized = True
 
     def _check_max_gfn(self, op: str, base_gfn: int, npages: int) -> None:
         opts = self.system.options
@@ -398,8 +405,15 @@ class ModelVm:
         if vcpu_id in self.vcpus:
             raise KvmError(errno.EEXIST, "KVM_CREATE_VCPU", f"vcpu {vcpu_id} exists")
         vcpu = ModelVcpu(self, vcpu_id)
+        vcpu.fd = self.system.process.install(vcpu)  # a vCPU is an fd too (raw ioctls name it)
         self.vcpus[vcpu_id] = vcpu
         return vcpu
+
+    def ioctl(self, request: int, arg: bytes | int = 0) -> tuple[int, bytes]:
+        """The raw escape hatch (:mod:`guestmem.model.kvm.rawioctl`)."""
+        from guestmem.model.kvm.rawioctl import vm_ioctl
+
+        return vm_ioctl(self, request, arg)
 
     # --- checking -----------------------------------------------------------------------------------
     def check_invariants(self, quiescent: bool = True) -> None:

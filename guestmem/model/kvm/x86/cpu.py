@@ -29,6 +29,7 @@ from guestmem.api import (
     ExitGuestAssert,
     ExitHalt,
     ExitHypercall,
+    ExitInternalError,
     ExitIo,
     ExitMemoryFault,
     ExitMmio,
@@ -191,6 +192,7 @@ class X86Cpu:
         self._shootdown_cv = threading.Condition(threading.Lock())
         self._shootdowns_waiting = 0
         self._kicked = False
+        self._error: uc_mod.UcError | None = None
         self._event: tuple[Any, ...] | None = None
         self._pending: Exit | None = None
         self._mmio: _MmioStep | None = None
@@ -495,10 +497,11 @@ class X86Cpu:
             self._kicked = False
             self.stats.entries += 1
             rip = int(self.uc.reg_read(X.UC_X86_REG_RIP))
+            self._error = None
             try:
                 self.uc.emu_start(rip, 0, count=count)
-            except uc_mod.UcError:
-                pass  # the reason is in self._event (a refused fill, an invalid instruction)
+            except uc_mod.UcError as err:
+                self._error = err  # the reason is in self._event (a refused fill, an invalid insn)
 
     def _count(self, ex: Exit) -> Exit:
         self.exits[ex.name] = self.exits.get(ex.name, 0) + 1
@@ -511,6 +514,11 @@ class X86Cpu:
         while True:
             self._enter()
             ev = self._event
+            if ev is None and self._error is not None:
+                # The engine stopped for a reason no hook saw: KVM's answer to an instruction it
+                # cannot emulate (never seen in the tests; better than re-entering forever).
+                return self._count(ExitInternalError(u.KVM_INTERNAL_ERROR_EMULATION,
+                                                     (int(self._error.errno), self.reg("rip"))))
             if ev is None:
                 if self._kicked:
                     continue  # a shootdown took the CPU out of guest mode; re-enter
