@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import guestmem
+from guestmem import uapi as u
 from guestmem.api import Kvm, Vcpu
 from guestmem.errors import CapabilityMissing, ModelSwitchOff
 from guestmem.scenarios.build import (
@@ -151,15 +152,40 @@ def open_backend(backend: str, scn: Scenario | None = None, *, device: str | Non
         raise CapabilityMissing(f"the {backend} backend", str(exc)) from None
 
 
-def machine_config(scn: Scenario, plan: Plan, flavour: str) -> MachineConfig:
+def machine_config(scn: Scenario, plan: Plan, flavour: str, loader_bytes: int = 0) -> MachineConfig:
+    """The VMM's configuration; ``loader_bytes`` (the model's x86 loader window, see
+    :func:`loader_resident_bytes`) is added to the slack of the residency bound."""
     v = scn.vmm
     return MachineConfig(
         regions=plan.layout.regions, flavour=flavour, backing=v.backing,
         policy=DiscardPolicy(v.discard_shared, v.discard_private, v.preallocate_private,
                              v.shared_backing),  # type: ignore[arg-type]
         prefault=v.prefault, content=v.content, iommu=v.iommu,  # type: ignore[arg-type]
-        slack=v.slack.absolute,
+        slack=v.slack.absolute + loader_bytes,
     )
+
+
+def loader_resident_bytes(kvm: Kvm, scn: Scenario, plan: Plan) -> int:
+    """What the model's x86 CPU keeps resident outside guest RAM: its loader window's identity map,
+    GDT and TSS (``x86.TABLES_SIZE``), a code region per vCPU, and a built image.  It lives in the
+    model's frame pool, which the residency bound measures, so the bound's slack grows by it, as
+    a firmware region would be allowed for; 0 on the kernel backend (whose loader is outside the
+    guest's memory as the VMM measures it) and for the op interpreter."""
+    options = getattr(kvm, "options", None)
+    if kvm.backend != "model" or getattr(options, "cpu", "ops") != "x86":
+        return 0
+    from guestmem.guest import x86
+
+    code = plan.vcpus * (64 << 10)  # the loader's CODE_REGION_MIN per vCPU
+    image = 0
+    if scn.guest is not None:
+        from guestmem.guest import cbuild
+
+        try:
+            image = cbuild.build().image.size
+        except cbuild.CGuestBuildError:
+            image = 0  # the run stops later, naming the missing compiler
+    return x86.TABLES_SIZE + code + -(-image // u.PAGE_SIZE) * u.PAGE_SIZE
 
 
 def _check_requirements(scn: Scenario, m: Machine) -> None:
@@ -185,7 +211,8 @@ def create_machine(kvm: Kvm, scn: Scenario, plan: Plan, flavour: str | None, tra
     for name in candidates:
         m: Machine | None = None
         try:
-            m = Machine(kvm, machine_config(scn, plan, name), trace=trace)
+            m = Machine(kvm, machine_config(scn, plan, name, loader_resident_bytes(kvm, scn, plan)),
+                        trace=trace)
             _check_requirements(scn, m)
             return m, notes
         except CapabilityMissing as exc:

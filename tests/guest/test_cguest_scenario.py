@@ -151,3 +151,18 @@ def test_without_a_compiler_the_run_names_it(monkeypatch: pytest.MonkeyPatch, tm
     monkeypatch.setenv("GUESTMEM_CACHE", str(tmp_path))
     with pytest.raises(CapabilityMissing, match=r"C compiler.*'no-such-cc-guestmem' is not on PATH"):
         run_scenario(load("c-guest-snp"), memory=2 << 20)
+
+
+def test_an_op_scenario_on_the_x86_cpu_keeps_its_bound() -> None:
+    """--cpu x86 on a phases scenario: the compiled ops run on the model's x86 CPU, and the loader
+    window it keeps resident (page tables, code) is counted in the bound's slack, not against RAM."""
+    from guestmem.guest import x86
+
+    scn = load("bounce-io")
+    report = run_scenario(scn, cpu="x86", memory=8 << 20, vcpus=1)
+    assert report.ok, report.error
+    assert report.bound_ok
+    limit = report.machine["accounting"]["limit_pages"] * 4096
+    assert limit == (8 << 20) + scn.vmm.slack.absolute + x86.TABLES_SIZE + (64 << 10)
+    ops = run_scenario(scn, memory=8 << 20, vcpus=1)
+    assert ops.machine["accounting"]["limit_pages"] * 4096 == (8 << 20) + scn.vmm.slack.absolute
