@@ -21,7 +21,12 @@ MODEL_MEMORY = {"snp-lazy-4g": 16 << 20, "c-guest-snp": 4 << 20, "c-guest-tdx": 
 @pytest.mark.parametrize("name", shipped())
 def test_shipped_scenario_passes_on_the_model(name: str) -> None:
     scn = load(name)
-    report = run_scenario(scn, memory=MODEL_MEMORY.get(name))
+    try:
+        report = run_scenario(scn, memory=MODEL_MEMORY.get(name))
+    except CapabilityMissing as exc:  # the model needs nothing from the host but gcc for the C guest
+        if scn.guest is None:
+            raise
+        pytest.skip(str(exc))
     assert report.ok, report.error
     assert report.backend == "model" and report.flavour == scn.flavours[0]
     assert report.exits > 0 and report.frames_peak > 0
