@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 from guestmem import uapi as u
 
 if TYPE_CHECKING:  # the op language (floor 2 too) is only named in a signature here
+    from guestmem.guest.image import GuestImage
     from guestmem.guest.ops import Program
 
 # --- exits ------------------------------------------------------------------------------------------
@@ -568,9 +569,10 @@ class Vcpu(Protocol):
 
     id: int
 
-    def load(self, program: Program) -> None:
+    def load(self, program: Program | GuestImage) -> None:
         """Load a :class:`guestmem.guest.Program` (the model interprets it; the kernel backend
-        compiles it to x86-64).  TypeError for anything else."""
+        compiles it to x86-64) or a :class:`guestmem.guest.image.GuestImage` (x86-64 machine code,
+        run by a real vCPU or the model's ``cpu="x86"``).  TypeError for anything else."""
         ...
 
     def run(self) -> Exit:

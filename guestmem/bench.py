@@ -24,7 +24,7 @@ import numpy as np
 
 import guestmem
 import guestmem.uapi as u
-from guestmem import bench_vmm
+from guestmem import bench_cguest, bench_vmm
 from guestmem.errors import KvmError
 from guestmem.guest.ops import Program, Touch, Verify, Write
 
@@ -486,6 +486,9 @@ def _benches(quick: bool) -> dict[str, Callable[[], Any]]:
         "ioctl": lambda: bench_vmm.bench_ioctl(n=20_000 if quick else 200_000, repeat=3 if quick else 5),
         # Issue 14: the model's x86-64 vCPU (guest MIPS, per-exit and per-fault costs) beside the op vCPU.
         "x86_cpu": lambda: _bench_x86((4 if quick else 16) << 20, repeat=2 if quick else 3),
+        # Issue 14: the C guest on the model's x86 CPU vs the op interpreter vs the kernel backend.
+        "c_guest": lambda: bench_cguest.bench_c_guest(data_pages=8 if quick else 16,
+                                                      repeat=2 if quick else 3),
     }
 
 
@@ -497,7 +500,7 @@ def _bench_x86(size: int, repeat: int) -> Any:
 
 BENCH_NAMES = ("scaling", "model_vs_kernel", "conversion_throughput", "xts_engine", "private_write_peak_rss",
                "eagain_split_merge", "resident", "rangemap", "explore", "fault_and_convert",
-               "conversion_storm", "trace_cost", "ioctl", "x86_cpu")
+               "conversion_storm", "trace_cost", "ioctl", "x86_cpu", "c_guest")
 
 
 def run_all(quick: bool = False, only: list[str] | None = None) -> dict[str, Any]:

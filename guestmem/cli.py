@@ -207,7 +207,7 @@ def _memory_mib(text: str) -> int:
 # (tests/test_bench_names.py keeps the two the same).
 BENCH_NAMES = ("scaling", "model_vs_kernel", "conversion_throughput", "xts_engine", "private_write_peak_rss",
                "eagain_split_merge", "resident", "rangemap", "explore", "fault_and_convert",
-               "conversion_storm", "trace_cost", "ioctl", "x86_cpu")
+               "conversion_storm", "trace_cost", "ioctl", "x86_cpu", "c_guest")
 
 
 def _size_mib(text: str) -> int:

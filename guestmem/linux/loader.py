@@ -12,7 +12,8 @@ one extra memslot that each :class:`~guestmem.linux.vm.KernelVm` creates lazily 
 Users must keep their own memslots out of that slot id and GPA window (otherwise ``load()`` fails
 with the kernel's ``EEXIST``).  The layout inside the window is :mod:`guestmem.guest.x86`'s:
 tables at the bottom (2 MiB of page directories identity-mapping 512 GiB), code from
-``x86.CODE_OFFSET`` (4 MiB) on, in per-vCPU regions.
+``x86.CODE_OFFSET`` (4 MiB) up to ``IMAGE_OFFSET`` (12 MiB), in per-vCPU regions, and the top
+4 MiB for a :class:`~guestmem.guest.image.GuestImage` (``[0xffc00000, 0x100000000)``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from guestmem import uapi as u
+from guestmem.guest import image as guest_image
 from guestmem.guest import x86
 from guestmem.linux import _sys
 from guestmem.linux.memory import KernelMapping
@@ -28,6 +30,8 @@ LOADER_SLOT = u.KVM_USER_MEM_SLOTS - 1
 LOADER_GPA = 0xFF00_0000
 LOADER_SIZE = 16 << 20
 CODE_REGION_MIN = 64 << 10
+IMAGE_OFFSET = guest_image.IMAGE_AREA_GPA - LOADER_GPA  # compiled programs' code regions stop here
+assert LOADER_GPA + LOADER_SIZE == guest_image.IMAGE_AREA_END
 
 
 class Loader:
@@ -60,12 +64,16 @@ class Loader:
         offset, cap = self._regions.get(vcpu_id, (0, 0))
         if size > cap:
             cap = max(CODE_REGION_MIN, -(-size // u.PAGE_SIZE) * u.PAGE_SIZE)
-            if self._next_code + cap > LOADER_SIZE:
+            if self._next_code + cap > IMAGE_OFFSET:
                 raise ValueError(f"program of {size} bytes does not fit in the loader window "
-                                 f"({LOADER_SIZE - self._next_code} bytes left)")
+                                 f"({IMAGE_OFFSET - self._next_code} bytes left)")
             offset, self._next_code = self._next_code, self._next_code + cap
             self._regions[vcpu_id] = (offset, cap)
         return LOADER_GPA + offset
+
+    def place_image(self, image: guest_image.GuestImage) -> None:
+        """Write ``image`` (code, then its zeroed ``.bss``) at its base in the image area."""
+        self.write(image.base, image.memory())
 
     def write(self, gpa: int, data: bytes) -> None:
         self.memory.write(gpa - LOADER_GPA, data)

@@ -36,6 +36,7 @@ from guestmem.api import (
 from guestmem.args import u64
 from guestmem.errors import EHWPOISON, KvmError
 from guestmem.guest import x86
+from guestmem.guest.image import GuestImage
 from guestmem.guest.ops import Program
 from guestmem.linux import _sys, watchdog
 from guestmem.linux.abi import KVM_SET_CPUID2, kvm_cpuid2
@@ -121,6 +122,7 @@ class KernelVcpu:
         self._pending_mmio_read: ExitMmio | None = None
         self._has_run = False
         self.program: Program | None = None
+        self.image: GuestImage | None = None
         self.compiled: x86.CompiledProgram | None = None
         watchdog.ensure_handler()
         if cpuid is not None:
@@ -154,27 +156,43 @@ class KernelVcpu:
         _sys.ioctl(self._fd("KVM_SET_SREGS"), u.KVM_SET_SREGS, sregs, "KVM_SET_SREGS")
 
     # -- programs -----------------------------------------------------------------------------------
-    def load(self, program: Program) -> None:
-        """Compile ``program`` into this vCPU's code region and point the vCPU at it (64-bit mode)."""
-        if not isinstance(program, Program):
-            raise TypeError(f"program must be a guestmem.guest.Program, not {type(program).__name__}")
+    def load(self, program: Program | GuestImage) -> None:
+        """Point the vCPU at ``program`` in 64-bit mode: a :class:`Program` is compiled into this
+        vCPU's code region; a :class:`GuestImage` is written (code and zeroed ``.bss``) at its base
+        in the loader window's image area and started at its entry with its stack."""
+        if not isinstance(program, Program | GuestImage):
+            raise TypeError(f"program must be a guestmem.guest.Program or GuestImage, "
+                            f"not {type(program).__name__}")
         self._fd("load")
         vm = self._vm
         loader = vm.loader()
-        probe = x86.compile_program(program, 0, hypercall=vm.hypercall_insn)
-        base = loader.code_region(self.id, len(probe.code))
-        compiled = x86.compile_program(program, base, hypercall=vm.hypercall_insn)
+        compiled: x86.CompiledProgram | None = None
+        if isinstance(program, Program):
+            probe = x86.compile_program(program, 0, hypercall=vm.hypercall_insn)
+            base = loader.code_region(self.id, len(probe.code))
+            compiled = x86.compile_program(program, base, hypercall=vm.hypercall_insn)
+            entry, stack = compiled.entry, LOADER_GPA + x86.STACK_TOP_OFFSET
+        else:
+            entry, stack = program.entry_gpa, program.stack_gpa or LOADER_GPA + x86.STACK_TOP_OFFSET
         self._complete_pending()
-        loader.write(base, compiled.code)
+        if compiled is not None:
+            loader.write(compiled.base, compiled.code)
+        else:
+            assert isinstance(program, GuestImage)
+            loader.place_image(program)
         sregs = self.get_sregs()
         x86.setup_long_mode(sregs, LOADER_GPA)
         self.set_sregs(sregs)
         regs = u.kvm_regs()
-        regs.rip = compiled.entry
-        regs.rsp = LOADER_GPA + x86.STACK_TOP_OFFSET
+        regs.rip = entry
+        regs.rsp = stack
         regs.rflags = 0x2
         self.set_regs(regs)
-        self.program, self.compiled = program, compiled
+        if isinstance(program, Program):
+            self.program, self.image = program, None
+        else:
+            self.program, self.image = None, program
+        self.compiled = compiled
         self._pending_hypercall = None
         self._pending_mmio_read = None
 
@@ -252,7 +270,7 @@ class KernelVcpu:
             message = f"op {index}: {op!r} returned {found}, expected {expected}"
         else:
             expected, found = int(regs.r9), int(regs.r10)
-            message = f"op {index}: {op!r}"
+            message = f"op {index}: {op!r}" if self.image is None else f"{self.image.name}: check {index}"
         return ExitGuestAssert(gpa=int(regs.r8), expected=expected, found=found, op_index=index,
                                message=message)
 

@@ -51,6 +51,14 @@ def summary_rows(r: ScenarioReport) -> list[tuple[str, Text]]:
     t.add_row("backend / flavour",
               f"{r.backend} / {r.flavour} ({m.get('vm_type')}), {m.get('backing')} backing")
     t.add_row("guest", f"{r.vcpus} vCPU(s), {fmt_size(r.memory)} in {len(m.get('regions', []))} region(s)")
+    image = r.extra.get("guest")
+    if image:  # a [guest] image ran: what it reported about itself
+        t.add_row("guest image", f"{image['image']} ({fmt_size(image['image_bytes'])}): detected "
+                  f"{image['flavour'] or '?'}, {image['checks']} checks passed, {image['rounds']} device "
+                  f"round trip(s), phases {', '.join(str(p) for p in image['phases']) or 'none'}")
+        lines = [ln for ln in image["console"].splitlines() if ln.strip()]
+        if lines:
+            t.add_row("guest console", " | ".join(lines))
     t.add_row("wall time", f"{r.wall_s:.3f} s")
     by = ", ".join(f"{k} {v}" for k, v in sorted(r.exits_by_reason.items(), key=lambda kv: -kv[1]))
     t.add_row("exits", f"{r.exits}" + (f"  ({by})" if by else ""))

@@ -20,7 +20,17 @@ from guestmem.scenarios.errors import ScenarioError
 from guestmem.scenarios.locate import Locator, field_name
 from guestmem.scenarios.locate import Path as KeyPath
 from guestmem.scenarios.sizes import SizeError, SizeExpr, parse_size
-from guestmem.scenarios.spec import Loc, Pattern, Phase, RangeDef, RegionDef, Scenario, Step, VmmSettings
+from guestmem.scenarios.spec import (
+    GuestDef,
+    Loc,
+    Pattern,
+    Phase,
+    RangeDef,
+    RegionDef,
+    Scenario,
+    Step,
+    VmmSettings,
+)
 from guestmem.vmm.backing import STRATEGY_NAMES
 from guestmem.vmm.convert import CONTENT_MODES, PREFAULT_MODES
 from guestmem.vmm.flavours import FLAVOURS
@@ -33,6 +43,8 @@ BUILTIN_RANGES = ("ram", "slice")
 ITEM = "{item}"
 REQUIREMENTS = ("private-memory", "hypercall-exit", "pre-fault", "guest-memfd")
 WHEN = ("always", "private", "shared-only")
+CPUS = ("ops", "x86")
+GUEST_IMAGES = ("c-guest",)
 # How a guest accepts memory: an explicit MAP_GPA_RANGE per chunk (what guests normally do), by
 # touching it (an implicit conversion: needs a flavour whose hardware tags private accesses), "lazy"
 # (touch where the flavour can, else the hypercall), or "none" (the host already converted it).
@@ -228,11 +240,11 @@ class _Parser:
 
     def scenario(self, doc: dict[str, Any]) -> Scenario:
         c = self.c
-        c.keys(doc, (), {"scenario", "vmm", "model", "region", "range", "phase"})
+        c.keys(doc, (), {"scenario", "vmm", "model", "region", "range", "phase", "guest"})
         head = c.table(c.get(doc, (), "scenario", dict), ("scenario",))
         p: KeyPath = ("scenario",)
         c.keys(head, p, {"name", "description", "flavours", "vcpus", "memory", "memory_per_vcpu", "timeout",
-                         "requires", "slices"})
+                         "requires", "slices", "cpu"})
         name = c.get(head, p, "name", str)
         if not re.fullmatch(r"[a-z0-9][a-z0-9-]*", name):
             raise c.error((*p, "name"), f"{name!r}: use lower-case letters, digits and dashes")
@@ -266,8 +278,17 @@ class _Parser:
         vmm = self._vmm(c.table(doc.get("vmm", {}), ("vmm",)))
         regions = self._regions(doc.get("region", []))
         ranges = self._ranges(c.table(doc.get("range", {}), ("range",)))
+        cpu = c.choice(head, p, "cpu", CPUS, "ops")
+        guest = self._guest(c.table(doc["guest"], ("guest",)), ranges) if "guest" in doc else None
         phases_raw = doc.get("phase", [])
-        if not isinstance(phases_raw, list) or not phases_raw:
+        if guest is not None:
+            if "phase" in doc:
+                raise c.error(("phase",), "a [guest] image runs instead of [[phase]]s: give one or the other")
+            if cpu != "x86":
+                raise c.error((*p, "cpu"), "a [guest] image is x86-64 code: set cpu = \"x86\"")
+            if vcpus != 1:
+                raise c.error((*p, "vcpus"), "a [guest] image runs on one vCPU")
+        elif not isinstance(phases_raw, list) or not phases_raw:
             raise c.error(("phase",), "a scenario needs at least one [[phase]]")
         phases = tuple(self._phase(ph, i, ranges) for i, ph in enumerate(phases_raw))
         slices = c.get(head, p, "slices", str, "ram")
@@ -279,7 +300,29 @@ class _Parser:
         model = self._model(c.table(doc.get("model", {}), ("model",)))
         locs.update({f"model.{k}": c.loc(("model", k)) for k in model})
         return Scenario(name, description, c.file, flavours, vcpus, memory, per_vcpu, float(timeout),
-                        requires, vmm, regions, ranges, phases, locs, slices, model)
+                        requires, vmm, regions, ranges, phases, locs, slices, model, cpu, guest)
+
+    def _guest(self, t: dict[str, Any], ranges: dict[str, RangeDef]) -> GuestDef:
+        """``[guest]``: which image, and the ranges and numbers its launch parameters come from."""
+        c, p = self.c, ("guest",)
+        c.keys(t, p, {"image", "data", "bounce", "rounds", "payload", "seed"})
+        image = c.choice(t, p, "image", GUEST_IMAGES)
+        names = {}
+        for key in ("data", "bounce"):
+            name = c.get(t, p, key, str)
+            if name not in ranges or _depends_on(name, ranges, "slice") or _depends_on(name, ranges, ITEM):
+                raise c.error((*p, key), f"{name!r} must name a [range] that is neither per vCPU nor "
+                              f"per {ITEM}")
+            names[key] = name
+        limits = {"rounds": (0, 1 << 20, 2), "payload": (1, 4096 - 16, 256), "seed": (0, (1 << 64) - 1, 1)}
+        nums = {}
+        for key, (lo, hi, default) in limits.items():
+            value = c.get(t, p, key, int, default)
+            if not lo <= value <= hi:
+                raise c.error((*p, key), f"{key} must be {lo}..{hi}, got {value}")
+            nums[key] = value
+        return GuestDef(image, names["data"], names["bounce"], nums["rounds"], nums["payload"], nums["seed"],
+                        {k: c.loc((*p, k)) for k in t})
 
     def _model(self, t: dict[str, Any]) -> dict[str, Any]:
         """``[model]``: the model's switches, each checked as ``guestmem.open("model", ...)`` would

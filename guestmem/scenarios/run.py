@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import guestmem
+from guestmem import uapi as u
 from guestmem.api import Kvm, Vcpu
 from guestmem.errors import CapabilityMissing, ModelSwitchOff
 from guestmem.scenarios.build import (
@@ -105,17 +106,26 @@ class ScenarioReport:
         }
 
 
-def model_options(scn: Scenario | None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The model switches a scenario runs with: what its [vmm] settings imply (a hugetlb shared
-    side is 2 MiB host folios; in-place backing needs per-guest_memfd attributes), then its
-    [model] table, then ``overrides`` (``--model NAME=VALUE``), later ones winning."""
+def model_options(scn: Scenario | None, overrides: dict[str, Any] | None = None,
+                  cpu: str | None = None) -> dict[str, Any]:
+    """The model switches a scenario runs with: what its [vmm] settings and ``cpu`` imply (a hugetlb
+    shared side is 2 MiB host folios; in-place backing needs per-guest_memfd attributes; ``cpu =
+    "x86"`` is the model's x86 CPU), then its [model] table, then ``cpu`` from the command line
+    (``--cpu``), then ``overrides`` (``--model NAME=VALUE``), later ones winning."""
     options: dict[str, Any] = {}
+    if scn is not None and scn.cpu != "ops":
+        options["cpu"] = scn.cpu
     if scn is not None:
         if scn.vmm.shared_backing == "hugetlb":
             options["anon_folio_order"] = 9  # the model's stand-in for a hugetlb-backed shared side
         if scn.vmm.backing == "inplace":
             options["attributes"] = "gmem"
         options.update(scn.model)
+    if cpu is not None:
+        if cpu == "ops":
+            options.pop("cpu", None)
+        else:
+            options["cpu"] = cpu
     options.update(overrides or {})
     return options
 
@@ -129,11 +139,11 @@ _SWITCH_FOR_CAP = {
 
 
 def open_backend(backend: str, scn: Scenario | None = None, *, device: str | None = None,
-                 model: dict[str, Any] | None = None) -> Kvm:
+                 model: dict[str, Any] | None = None, cpu: str | None = None) -> Kvm:
     """Open a backend for a scenario; a backend that cannot be opened is a missing capability."""
     if backend not in guestmem.BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(guestmem.BACKENDS)}")
-    options: dict[str, Any] = model_options(scn, model) if backend == "model" else {}
+    options: dict[str, Any] = model_options(scn, model, cpu) if backend == "model" else {}
     if backend == "kernel" and device:
         options["path"] = device
     try:
@@ -142,15 +152,40 @@ def open_backend(backend: str, scn: Scenario | None = None, *, device: str | Non
         raise CapabilityMissing(f"the {backend} backend", str(exc)) from None
 
 
-def machine_config(scn: Scenario, plan: Plan, flavour: str) -> MachineConfig:
+def machine_config(scn: Scenario, plan: Plan, flavour: str, loader_bytes: int = 0) -> MachineConfig:
+    """The VMM's configuration; ``loader_bytes`` (the model's x86 loader window, see
+    :func:`loader_resident_bytes`) is added to the slack of the residency bound."""
     v = scn.vmm
     return MachineConfig(
         regions=plan.layout.regions, flavour=flavour, backing=v.backing,
         policy=DiscardPolicy(v.discard_shared, v.discard_private, v.preallocate_private,
                              v.shared_backing),  # type: ignore[arg-type]
         prefault=v.prefault, content=v.content, iommu=v.iommu,  # type: ignore[arg-type]
-        slack=v.slack.absolute,
+        slack=v.slack.absolute + loader_bytes,
     )
+
+
+def loader_resident_bytes(kvm: Kvm, scn: Scenario, plan: Plan) -> int:
+    """What the model's x86 CPU keeps resident outside guest RAM: its loader window's identity map,
+    GDT and TSS (``x86.TABLES_SIZE``), a code region per vCPU, and a built image.  It lives in the
+    model's frame pool, which the residency bound measures, so the bound's slack grows by it, as
+    a firmware region would be allowed for; 0 on the kernel backend (whose loader is outside the
+    guest's memory as the VMM measures it) and for the op interpreter."""
+    options = getattr(kvm, "options", None)
+    if kvm.backend != "model" or getattr(options, "cpu", "ops") != "x86":
+        return 0
+    from guestmem.guest import x86
+
+    code = plan.vcpus * (64 << 10)  # the loader's CODE_REGION_MIN per vCPU
+    image = 0
+    if scn.guest is not None:
+        from guestmem.guest import cbuild
+
+        try:
+            image = cbuild.build().image.size
+        except cbuild.CGuestBuildError:
+            image = 0  # the run stops later, naming the missing compiler
+    return x86.TABLES_SIZE + code + -(-image // u.PAGE_SIZE) * u.PAGE_SIZE
 
 
 def _check_requirements(scn: Scenario, m: Machine) -> None:
@@ -176,7 +211,8 @@ def create_machine(kvm: Kvm, scn: Scenario, plan: Plan, flavour: str | None, tra
     for name in candidates:
         m: Machine | None = None
         try:
-            m = Machine(kvm, machine_config(scn, plan, name), trace=trace)
+            m = Machine(kvm, machine_config(scn, plan, name, loader_resident_bytes(kvm, scn, plan)),
+                        trace=trace)
             _check_requirements(scn, m)
             return m, notes
         except CapabilityMissing as exc:
@@ -205,11 +241,17 @@ def run_scenario(scn: Scenario, *, backend: str = "model", flavour: str | None =
                  progress: Progress | None = None, snapshots: bool = False,
                  timeout_s: float | None = None, device: str | None = None,
                  max_resident: int | None = None, model: dict[str, Any] | None = None,
-                 trace: bool = True) -> ScenarioReport:
+                 trace: bool = True, cpu: str | None = None) -> ScenarioReport:
     """Run ``scn`` and report (see the module docstring for what raises and what is reported).
     ``max_resident`` bounds the whole process's resident set: crossing it stops the run and the
     report says so (``extra["resident_limit"]``).  ``trace=False`` records no events (the report's
-    trace is then empty): a fault then costs nothing for a trace nobody asked for."""
+    trace is then empty): a fault then costs nothing for a trace nobody asked for.  ``cpu`` ("ops" or
+    "x86", ``--cpu``) overrides the scenario's ``cpu``; the kernel backend always runs x86 code."""
+    if cpu is not None and cpu not in ("ops", "x86"):
+        raise ScenarioError(f"cpu must be ops or x86, not {cpu!r}", field="--cpu")
+    if cpu == "ops" and scn.guest is not None:
+        raise ScenarioError(f"scenario {scn.name!r} runs a [guest] image, which needs the x86 CPU",
+                            field="--cpu")
     plan = make_plan(scn, vcpus=vcpus, memory=memory)
     if flavour is not None:
         flavour_spec(flavour)  # unknown names are bad input, before any backend work
@@ -219,7 +261,7 @@ def run_scenario(scn: Scenario, *, backend: str = "model", flavour: str | None =
     own = kvm is None
     if model and backend != "model":
         raise ScenarioError("model switches apply to the model backend only", field="--model")
-    kvm = kvm or open_backend(backend, scn, device=device, model=model)
+    kvm = kvm or open_backend(backend, scn, device=device, model=model, cpu=cpu)
     log.info("%s on the %s backend%s: %d vCPU(s), %s", scn.name, kvm.backend,
              f" ({getattr(kvm, 'options', '')})" if kvm.backend == "model" else "", plan.vcpus,
              fmt_size(plan.memory))
@@ -304,6 +346,10 @@ def _run(scn: Scenario, plan: Plan, kvm: Kvm, machine: Machine, notes: list[str]
          progress: Progress | None, snapshots: bool, timeout_s: float | None) -> ScenarioReport:
     from guestmem.guest.ops import Program
 
+    if scn.guest is not None:
+        from guestmem.scenarios.imagerun import run_image
+
+        return run_image(scn, plan, kvm, machine, notes, trace, progress, snapshots, timeout_s)
     build = Builder(plan, machine).build()
     machine.create_vcpus(plan.vcpus)
     machine.load({v: Program(s.ops) for v, s in enumerate(build.scripts)})
@@ -328,6 +374,17 @@ def _run(scn: Scenario, plan: Plan, kvm: Kvm, machine: Machine, notes: list[str]
     else:
         machine.accounting.finish()
     wall = time.monotonic() - start
+    return finish_report(scn, plan, kvm, machine, notes, trace, error, wall, result,
+                         before, cell if snapshots else None, driver.phase_maps,
+                         total_units=build.total_units, progress=progress)
+
+
+def finish_report(scn: Scenario, plan: Plan, kvm: Kvm, machine: Machine, notes: list[str], trace: EventTrace,
+                  error: str | None, wall: float, result: RunResult | None, before: MapSnapshot | None,
+                  cell: int | None, phase_maps: list[MapSnapshot], *, total_units: int = 0,
+                  progress: Progress | None = None, extra: dict[str, Any] | None = None) -> ScenarioReport:
+    """After a run: the model's invariants, the residency bound, the maps, and the report."""
+    acct = machine.accounting
     if error is None:
         check = getattr(machine.vm, "check_invariants", None)  # the model's self-check, where offered
         if callable(check):
@@ -350,14 +407,14 @@ def _run(scn: Scenario, plan: Plan, kvm: Kvm, machine: Machine, notes: list[str]
     elif not bound_ok:
         notes.append(f"memory bound broken (reported, not enforced): {acct.violations[0].describe()}")
     if progress is not None:
-        progress(build.total_units, build.total_units)
+        progress(total_units, total_units)
     vcpu_results = []
     if result is not None:
         for vr in result.vcpus:
             vcpu_results.append({"vcpu": vr.vcpu, "status": vr.status, "exits": dict(vr.exits),
                                  "error": vr.error, "detail": vr.detail})
     exits = result.exits if result is not None else {}
-    after = machine.snapshot(cell) if snapshots else None
+    after = machine.snapshot(cell) if cell is not None else None
     if before is not None:
         before = MapSnapshot(before.cell_size, before.cells, before.regions, before.levels_known,
                              before.residency, f"{scn.name}: before")
@@ -370,7 +427,7 @@ def _run(scn: Scenario, plan: Plan, kvm: Kvm, machine: Machine, notes: list[str]
         exits=sum(exits.values()), exits_by_reason=dict(exits),
         conversions=int(machine.converter.stats["conversions"]), frames_peak=peak,
         frames_peak_source=peak_source, bound_ok=bound_ok, notes=notes, machine=summary,
-        vcpu_results=vcpu_results, trace=trace, before=before, after=after, phase_maps=driver.phase_maps,
+        vcpu_results=vcpu_results, trace=trace, before=before, after=after, phase_maps=phase_maps,
         extra={"memory_human": fmt_size(plan.memory), "resident_limit": resident_limit,
-               "host_peak_bytes": acct.host_peak_bytes},
+               "host_peak_bytes": acct.host_peak_bytes, **(extra or {})},
     )

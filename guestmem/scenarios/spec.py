@@ -13,14 +13,16 @@ makes a range impossible, say) still name the file, line and field.
 The file format, in brief (sizes: ``"64M"``, ``"2M+4K"``, ``"50%-1M"``, ``"rest"``, ``0x1000``)::
 
     [scenario]        name, description, flavours (tried in order), vcpus, memory | memory_per_vcpu,
-                      timeout, requires (private-memory, hypercall-exit, pre-fault, guest-memfd),
-                      slices (the range the per-vCPU "slice" divides; default "ram")
+                      cpu (ops|x86), timeout, requires (private-memory, hypercall-exit, pre-fault,
+                      guest-memfd), slices (the range the per-vCPU "slice" divides; default "ram")
     [vmm]             backing (auto|separate|inplace|shared-only|anonymous), discard_shared,
                       discard_private, preallocate_private, shared_backing (anon|prealloc|hugetlb),
                       prefault (off|private|all), content (auto|preserve|zero|unspecified),
                       iommu (none|coordinated|legacy), slack, enforce_bound
     [[region]]        name, gpa (or "next": right after the previous one), size (of memory)
     [range.NAME]      within ("ram", "slice", "{item}" or a range) + offset + size, or gpa + size
+    [guest]           image ("c-guest"), data, bounce (range names), rounds, payload, seed: a built
+                      guest runs instead of phases (needs cpu = "x86" and one vCPU)
     [[phase]]         name, vcpus ("all" or ids), repeat, foreach (range names for "{item}"),
                       when (always|private|shared-only)
     [[phase.setup]]   host, once: convert (range, to, prefault), discard (range, side), prefault,
@@ -128,6 +130,21 @@ class VmmSettings:
 
 
 @dataclass(frozen=True)
+class GuestDef:
+    """``[guest]``: a built guest image runs instead of phases (``image = "c-guest"``, the only one
+    today): its private data pages are the range ``data`` (one piece of RAM), its bounce page the
+    first page of the range ``bounce``; ``rounds`` device round trips of ``payload`` bytes."""
+
+    image: str
+    data: str
+    bounce: str
+    rounds: int
+    payload: int
+    seed: int
+    locs: dict[str, Loc]
+
+
+@dataclass(frozen=True)
 class Scenario:
     name: str
     description: str
@@ -146,6 +163,10 @@ class Scenario:
     slices: str = "ram"  # the range the per-vCPU slices divide
     # [model]: switches for the model backend (guestmem/model/options.py), already validated.
     model: dict[str, Any] = field(default_factory=dict)
+    # The guest CPU: "ops" (the model interprets the op language) or "x86" (guest code runs on the
+    # model's x86-64 CPU); the kernel backend always runs x86 code.
+    cpu: str = "ops"
+    guest: GuestDef | None = None  # [guest]: an image instead of phases
 
     def loc(self, key: str) -> Loc:
         return self.locs.get(key, Loc(self.file, None, key))

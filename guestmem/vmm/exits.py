@@ -35,6 +35,10 @@ MAX_REPEATED_FAULTS = 64
 SyncHandler = Callable[[int, Vcpu, int], None]
 """Called as ``handler(vcpu_id, vcpu, value)`` for ``ExitSync``; raise to stop the run."""
 
+IoHandler = Callable[[int, Vcpu, ExitIo], bool]
+"""Called as ``handler(vcpu_id, vcpu, exit)`` for ``ExitIo`` (a device model's port I/O); True if
+it handled the access, False to leave it unexpected (the run stops); raise to stop the run."""
+
 
 class Action(Enum):
     CONTINUE = "continue"
@@ -55,10 +59,11 @@ class ExitHandler:
     """Dispatches exits for every vCPU of one machine."""
 
     def __init__(self, converter: ConversionManager, trace: EventTrace,
-                 on_sync: SyncHandler | None = None) -> None:
+                 on_sync: SyncHandler | None = None, on_io: IoHandler | None = None) -> None:
         self.converter = converter
         self.trace = trace
         self.on_sync = on_sync
+        self.on_io = on_io
         self.mmio_reads = 0
         self.mmio_writes = 0
         self._last_fault: dict[int, tuple[int, int, int]] = {}
@@ -88,6 +93,8 @@ class ExitHandler:
         if isinstance(ex, ExitInternalError):
             return Verdict(Action.FAIL, f"KVM internal error, suberror {ex.suberror}, data {ex.data}")
         if isinstance(ex, ExitIo):
+            if self.on_io is not None and self.on_io(vid, vcpu, ex):
+                return CONTINUE
             return Verdict(Action.FAIL, f"unexpected port I/O at port {ex.port:#x}")
         return Verdict(Action.FAIL, f"unexpected exit {ex!r}")
 

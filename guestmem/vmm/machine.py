@@ -17,11 +17,12 @@ from dataclasses import dataclass, field
 
 from guestmem import uapi as u
 from guestmem.api import Exit, Kvm, Vcpu, Vm
+from guestmem.guest.image import GuestImage
 from guestmem.guest.ops import Program
 from guestmem.vmm.accounting import Accounting
 from guestmem.vmm.backing import Capabilities, RegionBacking, Strategy, choose_strategy
 from guestmem.vmm.convert import ContentMode, ConversionManager, Outcome, Prefault
-from guestmem.vmm.exits import ExitHandler, SyncHandler
+from guestmem.vmm.exits import ExitHandler, IoHandler, SyncHandler
 from guestmem.vmm.flavours import FlavourSpec, create_vm, flavour
 from guestmem.vmm.introspect import introspection_for
 from guestmem.vmm.layout import Layout, RegionSpec
@@ -123,15 +124,18 @@ class Machine:
         if self.vcpus:
             self.converter.default_vcpu = self.vcpus[0]
 
-    def load(self, programs: Mapping[int, Program]) -> None:
+    def load(self, programs: Mapping[int, Program | GuestImage]) -> None:
         for vid, prog in programs.items():
             self.vcpus[vid].load(prog)
 
     def run(self, *, on_sync: SyncHandler | None = None, timeout_s: float = 600.0,
             on_stop: list[Callable[[], None]] | None = None,
-            on_exit: Callable[[int, Exit], None] | None = None, grace_s: float = STOP_GRACE_S) -> RunResult:
-        """Run every loaded vCPU to completion (see :func:`guestmem.vmm.runloop.run_vcpus`)."""
+            on_exit: Callable[[int, Exit], None] | None = None, grace_s: float = STOP_GRACE_S,
+            on_io: IoHandler | None = None) -> RunResult:
+        """Run every loaded vCPU to completion (see :func:`guestmem.vmm.runloop.run_vcpus`);
+        ``on_io`` is the device model for port I/O (without one, port I/O stops the run)."""
         self.handler.on_sync = on_sync
+        self.handler.on_io = on_io
         result = run_vcpus(self.vcpus, self.handler, self.trace, timeout_s=timeout_s, on_stop=on_stop,
                            on_exit=on_exit, grace_s=grace_s)
         self.accounting.finish()

@@ -241,6 +241,8 @@ def cases() -> list[Case]:
     add("run-backend-bad", "run", "balloon", "--backend", "qemu")
     add("run-flavour-bad", "run", "balloon", "--flavour", "sgx")
     add("run-flavour-not-in-scenario", "run", "boot", "--flavour", "default")
+    add("run-cpu-bad", "run", "balloon", "--cpu", "arm")
+    add("run-cpu-ops-for-image", "run", "c-guest-snp", "--cpu", "ops")
     add("run-trace-dev-null", "run", "balloon", "--trace", "/dev/null")
     add("map-png-fifo", "map", "balloon", "--png", "{fifo}")
     add("run-trace-missing-dir", "run", "balloon", "--trace", "{missing_dir}/t.json")

@@ -143,8 +143,8 @@ def test_a_backend_that_cannot_exits_3(capsys: pytest.CaptureFixture[str]) -> No
 
 
 def test_list(capsys: pytest.CaptureFixture[str]) -> None:
-    names = ("balloon", "boot", "bounce-io", "conversion-storm", "inplace-hugepage", "selftest-conversions",
-             "snp-lazy-4g")
+    names = ("balloon", "boot", "bounce-io", "c-guest-snp", "c-guest-tdx", "conversion-storm",
+             "inplace-hugepage", "selftest-conversions", "snp-lazy-4g")
     assert guestmem(["run", "--list"]) == 0
     text = capsys.readouterr().out
     assert all(name in text for name in names)

@@ -25,6 +25,7 @@ from guestmem.api import (
 )
 from guestmem.args import u64
 from guestmem.errors import KvmError
+from guestmem.guest.image import GuestImage
 from guestmem.guest.ops import Accept, Halt, MapGpaRange, Program, Sync, Touch, Verify, Write
 from guestmem.model.kvm.fault import Emulate, page_fault
 from guestmem.model.kvm.mmio import StringMmio, no_memory, peek, straddling_element
@@ -44,6 +45,7 @@ class ModelVcpu:
         self.vm = vm
         self.id = vcpu_id
         self.program: Program | None = None
+        self.image: GuestImage | None = None  # a built image, run by the x86 CPU
         self.pc = 0
         self.progress = 0  # bytes of the current Write/Verify already done
         self.halted = False
@@ -56,18 +58,29 @@ class ModelVcpu:
         self.cpu: X86Cpu | None = None
 
     # --- Vcpu -----------------------------------------------------------------------------------
-    def load(self, program: Program) -> None:
-        if not isinstance(program, Program):
-            raise TypeError(f"program must be a guestmem.guest.Program, not {type(program).__name__}")
+    def load(self, program: Program | GuestImage) -> None:
+        if not isinstance(program, Program | GuestImage):
+            raise TypeError(f"program must be a guestmem.guest.Program or GuestImage, "
+                            f"not {type(program).__name__}")
         if self.closed:
             raise KvmError(errno.EBADF, "load", "vCPU is closed")
+        if isinstance(program, GuestImage) and self.vm.system.options.cpu != "x86":
+            raise ValueError("a GuestImage is x86-64 machine code: it needs the model's x86 CPU "
+                             "(guestmem.open(\"model\", cpu=\"x86\"))")
         if self.vm.system.options.cpu == "x86":
             if self.cpu is None:
                 from guestmem.model.kvm.x86 import X86Cpu
 
                 self.cpu = X86Cpu(self.vm, self.id)
+            if isinstance(program, GuestImage):
+                from guestmem.model.kvm.x86.image import load_image
+
+                load_image(self.cpu, program)
+                self.program, self.image = None, program
+                self.pc, self.progress, self.halted, self._pending = 0, 0, False, None
+                return
             self.cpu.load_program(program)
-        self.program = program
+        self.program, self.image = program, None
         self.pc = 0
         self.progress = 0
         self.halted = False
@@ -93,7 +106,7 @@ class ModelVcpu:
             raise KvmError(errno.EBADF, "KVM_RUN", "vCPU is closed")
         if self.vm.bugged:
             raise KvmError(errno.EIO, "KVM_RUN", "the VM is bugged (KVM_BUG_ON)")
-        if self.program is None:
+        if self.program is None and self.image is None:
             raise KvmError(errno.EINVAL, "KVM_RUN", "no guest program loaded")
         if not self._running.acquire(blocking=False):
             raise KvmError(errno.EBUSY, "KVM_RUN", "vCPU is already running on another thread")

@@ -43,6 +43,7 @@ from guestmem.model.kvm.x86.loader import LOADER_GPA, ModelLoader
 from guestmem.ranges import RangeMap
 
 if TYPE_CHECKING:
+    from guestmem.guest.image import GuestImage
     from guestmem.guest.ops import Access
     from guestmem.model.kvm.mmu import Spte
     from guestmem.model.kvm.vm import ModelVm
@@ -208,6 +209,9 @@ class X86Cpu:
         self.exits: dict[str, int] = {}
         self.compiled: x86.CompiledProgram | None = None
         self.program: Any = None
+        self.image: GuestImage | None = None  # a built image (x86/image.py), instead of a program
+        self.ghcb_msr = 0  # MSR_AMD64_SEV_ES_GHCB as the image's wrmsr/rdmsr see it (x86/image.py)
+        self.msr_hooks: list[Any] = []
         # Where a hypercall's result goes on the next run, and the RIP after the instruction.
         self.hypercall_return: tuple[str, int] = ("rax", 0)
         self.machine.cpus.append(self)
@@ -268,7 +272,7 @@ class X86Cpu:
         probe = x86.compile_program(program, 0)
         base = loader.code_region(self.id, len(probe.code))
         compiled = x86.compile_program(program, base)
-        self.compiled, self.program = compiled, program
+        self.compiled, self.program, self.image = compiled, program, None
         self.load_code(base, compiled.code, compiled.entry)
 
     # --- registers (for tests and the firmware) -------------------------------------------------
@@ -634,7 +638,8 @@ class X86Cpu:
                           f"expected {expected}"
             else:
                 expected, found = self.reg("r9"), self.reg("r10")
-                message = f"op {index}: {program[index] if program else ''!r}"
+                message = (f"op {index}: {program[index] if program else ''!r}" if self.image is None
+                           else f"{self.image.name}: check {index}")
             return ExitGuestAssert(gpa=self.reg("r8"), expected=expected, found=found, op_index=index,
                                    message=message)
         return ExitIo(port=port, size=size, direction=u.KVM_EXIT_IO_OUT,

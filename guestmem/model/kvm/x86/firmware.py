@@ -16,9 +16,11 @@ hardware (RMP) does, TDCALL as the TDX module does -- then advances RIP past the
   eax = 0, 1 FAIL_INPUT (bad size/operation or misaligned 2 MiB), 6 FAIL_SIZEMISMATCH (2 MiB asked
   for a page the RMP holds as 4 KiB: no 2 MiB private mapping); CF = 1 when the validated state
   already was the requested one.
-* VMGEXIT (F3 0F 01 D9) with the GHCB MSR protocol is *not* carried out: Unicorn neither stores
-  MSR 0xC0010130 nor lets ``wrmsr``/``rdmsr`` be hooked, so the request cannot be read; it is a
-  #UD (triple fault) here, said so rather than guessed from registers.
+* VMGEXIT (F3 0F 01 D9) with the GHCB MSR protocol, for built images (:mod:`.image`): Unicorn
+  neither stores MSR 0xC0010130 nor lets ``wrmsr``/``rdmsr`` be hooked, so the image's own
+  ``wrmsr``/``rdmsr`` instructions get address-bounded code hooks that keep the MSR; a
+  page-state-change request exits as a one-page KVM_HC_MAP_GPA_RANGE and the response is written
+  back to the MSR (``snp_begin_psc_msr``/``snp_complete_psc_msr``).  Compiled programs never use it.
 * TDCALL (TDX-like; 66 0F 01 CC), leaf in rax, status in rax: TDG.VP.INFO (1) returns GPAW in
   rcx[5:0]; TDG.MEM.PAGE.ACCEPT (6) accepts rcx = gpa | level (0 4 KiB, 1 2 MiB) as a private
   access (shared attribute -> memory-fault exit, re-executed), 0xC0000B0A00000000 when already
@@ -57,14 +59,33 @@ TDVMCALL_MAP_GPA = 0x10001
 TDVMCALL_SUCCESS = 0
 TDVMCALL_INVALID_OPERAND = 0x8000_0000_0000_0000
 RFLAGS_CF = 1
+TDX_CPUID_LEAF = 0x21
 
 
 def cpuid(cpu: X86Cpu) -> int:
-    """The CPUID hook: SNP-like VMs report SEV and SEV-SNP with the C-bit position in 0x8000001F;
-    every other leaf (and every other VM) is Unicorn's.  Returns 1 to skip the instruction."""
+    """The CPUID hook: SNP-like VMs report SEV and SEV-SNP with the C-bit position in 0x8000001F
+    (and 0x8000001F as the maximum extended leaf);
+    TDX-like VMs the "IntelTDX    " signature in leaf 0x21; every other leaf (and every other VM) is
+    Unicorn's.  Returns 1 to skip the instruction."""
     from guestmem.model.kvm.x86.cpu import SNP_C_BIT
 
     uc = cpu.uc
+    if cpu.vm.arch.name == "tdx" and int(uc.reg_read(X.UC_X86_REG_EAX)) & 0xFFFF_FFFF == TDX_CPUID_LEAF:
+        # The TDX module's signature leaf, "IntelTDX    " in ebx, edx, ecx (Linux's tdx_early_init
+        # reads it before any TDCALL, which would be #UD on a CPU without TDX).
+        uc.reg_write(X.UC_X86_REG_RAX, 0)
+        uc.reg_write(X.UC_X86_REG_RBX, int.from_bytes(b"Inte", "little"))
+        uc.reg_write(X.UC_X86_REG_RDX, int.from_bytes(b"lTDX", "little"))
+        uc.reg_write(X.UC_X86_REG_RCX, int.from_bytes(b"    ", "little"))
+        return 1
+    if cpu.vm.arch.name == "snp" and int(uc.reg_read(X.UC_X86_REG_EAX)) & 0xFFFF_FFFF == 0x8000_0000:
+        # An SNP host is an AMD CPU whose extended leaves reach 0x8000001F (Unicorn's stop at
+        # 0x80000008, so a guest checking the maximum, as Linux's sev_enable does, saw no SEV).
+        uc.reg_write(X.UC_X86_REG_RAX, 0x8000_001F)
+        uc.reg_write(X.UC_X86_REG_RBX, int.from_bytes(b"Auth", "little"))
+        uc.reg_write(X.UC_X86_REG_RDX, int.from_bytes(b"enti", "little"))
+        uc.reg_write(X.UC_X86_REG_RCX, int.from_bytes(b"cAMD", "little"))
+        return 1
     if cpu.vm.arch.name == "snp" and int(uc.reg_read(X.UC_X86_REG_EAX)) & 0xFFFF_FFFF == 0x8000_001F:
         uc.reg_write(X.UC_X86_REG_RAX, (1 << 1) | (1 << 4))
         uc.reg_write(X.UC_X86_REG_RBX, SNP_C_BIT)
@@ -85,6 +106,10 @@ def emulate(cpu: X86Cpu) -> Exit | None:
         return _pvalidate(cpu, rip)
     if code == TDCALL and arch == "tdx":
         return _tdcall(cpu, rip)
+    if code == VMGEXIT and arch == "snp":
+        from guestmem.model.kvm.x86.image import vmgexit
+
+        return vmgexit(cpu, rip)  # the GHCB MSR protocol (page-state change)
     return ExitShutdown()  # #UD with no IDT: a triple fault
 
 
@@ -115,7 +140,11 @@ def _map_gpa_range_check(cpu: X86Cpu, nr: int, gpa: int, npages: int) -> int | N
 def complete_hypercall(cpu: X86Cpu, ex: ExitHypercall) -> None:
     """The next run after a hypercall exit: hand the VMM's ``ret`` to the guest and move on."""
     reg, next_rip = cpu.hypercall_return
-    if reg == "r10":  # TDG.VP.VMCALL<MapGPA>: the TDCALL succeeded, the VMCALL status in r10
+    if reg == "ghcb":  # an SNP page-state change through the GHCB MSR: the response goes there
+        from guestmem.model.kvm.x86.image import complete_psc
+
+        complete_psc(cpu, ex)
+    elif reg == "r10":  # TDG.VP.VMCALL<MapGPA>: the TDCALL succeeded, the VMCALL status in r10
         cpu.set_reg("r10", TDVMCALL_SUCCESS if ex.ret == 0 else TDVMCALL_INVALID_OPERAND)
         cpu.set_reg("rax", TDX_SUCCESS)
     else:

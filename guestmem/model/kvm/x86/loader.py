@@ -26,6 +26,7 @@ import numpy as np
 
 from guestmem import uapi as u
 from guestmem.guest import x86
+from guestmem.guest.image import IMAGE_AREA_GPA
 
 if TYPE_CHECKING:
     from guestmem.model.kvm.vm import ModelVm
@@ -36,6 +37,7 @@ LOADER_SLOT = u.KVM_USER_MEM_SLOTS - 1
 LOADER_GPA = 0xFF00_0000
 LOADER_SIZE = 16 << 20
 CODE_REGION_MIN = 64 << 10
+IMAGE_OFFSET = IMAGE_AREA_GPA - LOADER_GPA  # guestmem/guest/image.py: images live above
 
 
 class ModelLoader:
@@ -70,9 +72,9 @@ class ModelLoader:
         offset, cap = self._regions.get(vcpu_id, (0, 0))
         if size > cap:
             cap = max(CODE_REGION_MIN, -(-size // u.PAGE_SIZE) * u.PAGE_SIZE)
-            if self._next_code + cap > LOADER_SIZE:
+            if self._next_code + cap > IMAGE_OFFSET:  # the top 4 MiB hold a GuestImage
                 raise ValueError(f"program of {size} bytes does not fit in the loader window "
-                                 f"({LOADER_SIZE - self._next_code} bytes left)")
+                                 f"({IMAGE_OFFSET - self._next_code} bytes left)")
             offset, self._next_code = self._next_code, self._next_code + cap
             self._regions[vcpu_id] = (offset, cap)
         return LOADER_GPA + offset
