@@ -543,7 +543,38 @@ def _fork(backing: str, shared: bool) -> Callable[[Kvm], Outcome]:
     return run
 
 
+def _fork_dontfork(backing: str, shared: bool, undo: bool) -> Callable[[Kvm], Outcome]:
+    """MADV_DONTFORK on the middle page of three (then MADV_DOFORK on all when ``undo``): what a
+    child reads on each page and across the boundary."""
+    def run(kvm: Kvm) -> Outcome:
+        with ExitStack() as st:
+            fd = _backing_fd(kvm, st, backing)
+            m = _map(kvm, st, backing, 3 * PS, 3, mm.MAP_SHARED if shared else mm.MAP_PRIVATE, fd)
+            m.fill(0, 3 * PS, 0x11)
+            out = [result(lambda: m.madvise(PS, PS, mm.MADV_DONTFORK))]
+            if undo:
+                out.append(result(lambda: m.madvise(0, 3 * PS, mm.MADV_DOFORK)))
+            child = st.enter_context(kvm.fork())
+            for o, n in [(0, 1), (PS, 1), (2 * PS, 1), (PS - 1, 2)]:
+                out.append(result(lambda o=o, n=n: child.read(m, o, n).hex()))
+            out += [result(lambda: child.write(m, PS, b"\x22")), _hex1(m, PS)]
+            child.exit()
+            return out
+    return run
+
+
 def _fork_behaviours(add: Add) -> None:
+    for backing in ("anon", "memfd", "gmem-shared"):
+        for shared in (True, False):
+            if backing.startswith("gmem") and not shared:
+                continue
+            for undo in (False, True):
+                add(f"fork/{backing}/{'shared' if shared else 'private'}/{'dofork' if undo else 'dontfork'}",
+                    "fork", _fork_dontfork(backing, shared, undo))
+    _fork_plain(add)
+
+
+def _fork_plain(add: Add) -> None:
     for backing in BACKINGS[:4]:  # a guest_memfd without GUEST_MEMFD_FLAG_MMAP has no mapping to fork
         for shared in (True, False):
             if backing.startswith("gmem") and not shared:

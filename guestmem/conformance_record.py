@@ -733,11 +733,11 @@ INEXPRESSIBLE: dict[str, str] = {
     "fork: KVM ioctls from the child on the parent's VM/vCPU fds (EIO: kvm->mm != current->mm)":
         "ForkedChild acts on memory only (read/write/fill through the parent's mappings); it has no "
         "fd calls, so the child's view of the VM fd cannot be asked for",
-    "madvise RANDOM, SEQUENTIAL, FREE, DONTFORK, DOFORK, MERGEABLE, ... and mprotect PROT_SEM/"
-    "GROWSDOWN/GROWSUP":
-        "both backends refuse these with EINVAL before any syscall (guestmem/mman.py check_advice, "
-        "check_prot); the madvise/ and mprotect/ behaviours with them record that refusal, not the "
-        "kernel's answer",
+    "madvise FREE, MERGEABLE/UNMERGEABLE, COLD, PAGEOUT, WIPEONFORK, DONTDUMP, GUARD_* ... and "
+    "mprotect PROT_SEM/GROWSDOWN/GROWSUP":
+        "both backends refuse these with EINVAL before any syscall (guestmem/mman.py MADV_SUPPORTED, "
+        "check_prot: the model has no reclaim, KSM or core dumps to give them a meaning); the madvise/ "
+        "and mprotect/ behaviours with them record that refusal, not the kernel's answer",
 }
 
 

@@ -181,6 +181,8 @@ class ModelMapping:
         # host access, a pin, KVM's GUP), cleared where the PTEs are zapped (MADV_DONTNEED, a
         # punch or conversion of a shared file).  move_pages and mbind's page walk look at it.
         self.mapped: RangeMap[bool] = RangeMap(False)
+        # Pages MADV_DONTFORK marked (VM_DONTCOPY): fork leaves them out of the child.
+        self.dontfork: RangeMap[bool] = RangeMap(False)
 
     # --- access --------------------------------------------------------------------------------
     def _runs(self, offset: int, length: int, write: bool, op: str) -> Iterator[tuple[int, np.ndarray]]:
@@ -443,7 +445,16 @@ class ModelMapping:
                 raise KvmError(errno.EFAULT, "madvise", f"populating would {f.message}") from None
         elif value == mman.MADV_COLLAPSE and not self._may_collapse():
             raise KvmError(errno.EINVAL, "madvise", "MADV_COLLAPSE: no huge pages for this mapping")
-        # NORMAL, WILLNEED, HUGEPAGE, NOHUGEPAGE: hints the model's allocations do not depend on.
+        elif value in (mman.MADV_DONTFORK, mman.MADV_DOFORK):  # VM_DONTCOPY (no VM_IO here)
+            first, last = off // PS, (off + n) // PS
+            for c in self.children:
+                lo = (c.addr - self.addr) // PS
+                a, b = max(first, lo), min(last, lo + -(-c.length // PS))
+                if a < b and not c.closed:
+                    c.dontfork.set(a - lo, b - lo, value == mman.MADV_DONTFORK)
+            self.dontfork.set(first, last, value == mman.MADV_DONTFORK)
+        # NORMAL, RANDOM, SEQUENTIAL, WILLNEED, HUGEPAGE, NOHUGEPAGE: hints (readahead, THP) the
+        # model's allocations do not depend on.
 
     def _may_collapse(self) -> bool:
         """``thp_vma_allowable_order(TVA_FORCED_COLLAPSE)``: guest_memfd never (collapsing would map
@@ -893,6 +904,9 @@ class Process:
                 child._by_file.setdefault(id(cm.file), set()).add(id(cm))
                 child._owned.append(cm)
                 child._vmas.set(m.addr // PS, (m.addr + m.length + PS - 1) // PS, id(cm))
+                for a, b, skip in m.dontfork.segments(0, (m.length + PS - 1) // PS):
+                    if skip:  # dup_mmap skips VM_DONTCOPY: nothing is mapped there in the child
+                        child._vmas.set(m.addr // PS + a, m.addr // PS + b, None)
             if source is m.source:
                 m.source.get_file()
         for m in parents:

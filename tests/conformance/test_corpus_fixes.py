@@ -123,3 +123,22 @@ def test_raw_ioctls_nobody_handles(backend: Kvm) -> None:
         finally:
             vcpu.close()
             f.close()
+
+
+@pytest.mark.parametrize("flags", [mman.MAP_SHARED, mman.MAP_PRIVATE])
+def test_dontfork_leaves_a_hole_in_the_child(backend: Kvm, flags: int) -> None:
+    """mm/madvise.c: MADV_DONTFORK sets VM_DONTCOPY, which dup_mmap skips, so the child has nothing
+    mapped there (SIGSEGV) while the parent keeps it; MADV_DOFORK clears it again."""
+    with backend.mmap(3 * PAGE, RW, flags | mman.MAP_ANONYMOUS) as m:
+        m.fill(0, 3 * PAGE, 0x11)
+        m.madvise(PAGE, PAGE, mman.MADV_DONTFORK)
+        with backend.fork() as child:
+            assert child.read(m, 0, 1) == b"\x11" and child.read(m, 2 * PAGE, 1) == b"\x11"
+            for offset, length in ((PAGE, 1), (PAGE - 1, 2)):
+                with pytest.raises(GuestAccessFault) as info:
+                    child.read(m, offset, length)
+                assert info.value.signal == "SIGSEGV"
+        assert m.read(PAGE, 1) == b"\x11"
+        m.madvise(0, 3 * PAGE, mman.MADV_DOFORK)
+        with backend.fork() as child:
+            assert child.read(m, PAGE - 1, 2) == b"\x11\x11"
