@@ -447,7 +447,37 @@ def _madvise(backing: str, shared: bool, advice: int) -> Callable[[Kvm], Outcome
     return run
 
 
+def _mmap_fixed(backing: str, prot: int, flags: int) -> Callable[[Kvm], Outcome]:
+    """Reserve four PROT_NONE pages, map ``backing`` fixed over pages 1-2 (how a VMM aligns guest
+    RAM), access it through both objects, then unmap the piece: what is left there."""
+    def run(kvm: Kvm) -> Outcome:
+        with ExitStack() as st:
+            fd = _backing_fd(kvm, st, backing)
+            reserve = _map(kvm, st, "anon", 4 * PS, mm.PROT_NONE, mm.MAP_PRIVATE, None)
+            anon = mm.MAP_ANONYMOUS if fd is None else 0
+
+            def place() -> Any:
+                return reserve.mmap_fixed(PS, 2 * PS, prot, flags | anon, fd, 0)
+            piece = result(place)
+            if isinstance(piece, str):
+                return piece
+            out = [_hex1(reserve, PS), _hex1(piece), result(lambda: reserve.write(PS, b"\x44")),
+                   _hex1(piece), _hex1(reserve, 0), _hex1(reserve, 3 * PS),
+                   result(lambda: reserve.mprotect(PS, PS, mm.PROT_READ)),
+                   result(lambda: piece.write(0, b"y"))]
+            piece.close()
+            out += [_hex1(reserve, PS), result(lambda: reserve.mmap_fixed(0, 5 * PS, 3, mm.MAP_SHARED | anon,
+                                                                          fd, 0))]
+            return out
+    return run
+
+
 def _map_behaviours(add: Add) -> None:
+    for backing in BACKINGS:
+        for prot in (mm.PROT_READ, mm.PROT_READ | mm.PROT_WRITE, mm.PROT_READ | mm.PROT_EXEC):
+            for flags in (mm.MAP_SHARED, mm.MAP_PRIVATE):
+                add(f"mmap_fixed/{backing}/prot={prot:#x}/flags={flags:#x}", "mmap",
+                    _mmap_fixed(backing, prot, flags))
     for backing in BACKINGS:
         for prot in PROTS:
             for flags in MAP_FLAGS:
