@@ -318,7 +318,8 @@ class Mapping(Protocol):
         ...
 
     def madvise(self, offset: int, length: int, advice: int) -> None:
-        """``madvise`` with MADV_NORMAL, WILLNEED, DONTNEED (shared: host PTEs go, contents stay;
+        """``madvise`` with MADV_NORMAL, RANDOM, SEQUENTIAL, WILLNEED, DONTFORK (a forked child
+        gets nothing mapped there) and DOFORK (undoes it), DONTNEED (shared: host PTEs go, contents stay;
         private: the private copies go), REMOVE (punch the file: EACCES on a private file mapping,
         EINVAL on private anonymous memory), POPULATE_READ/WRITE (fault in: EINVAL if the
         protection forbids it, EFAULT where a CPU access would SIGBUS), HUGEPAGE, NOHUGEPAGE,

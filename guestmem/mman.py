@@ -60,9 +60,9 @@ MADV_COLLAPSE = 25
 
 # The advices this interface implements on both backends (anything else: EINVAL on the model;
 # the kernel backend passes it through).
-MADV_SUPPORTED = frozenset({MADV_NORMAL, MADV_DONTNEED, MADV_REMOVE, MADV_HUGEPAGE,
-                            MADV_NOHUGEPAGE, MADV_POPULATE_READ, MADV_POPULATE_WRITE,
-                            MADV_COLLAPSE, MADV_WILLNEED})
+MADV_SUPPORTED = frozenset({MADV_NORMAL, MADV_RANDOM, MADV_SEQUENTIAL, MADV_DONTNEED, MADV_REMOVE,
+                            MADV_DONTFORK, MADV_DOFORK, MADV_HUGEPAGE, MADV_NOHUGEPAGE,
+                            MADV_POPULATE_READ, MADV_POPULATE_WRITE, MADV_COLLAPSE, MADV_WILLNEED})
 
 # --- NUMA memory policy -----------------------------------------------------------------------------
 MPOL_DEFAULT = 0

@@ -50,6 +50,7 @@ def _recv(fd: int) -> Any:
 def _serve(cmd_r: int, res_w: int) -> None:
     """The child's loop (never returns)."""
     status = 0
+    memory.IN_FORKED_CHILD = True
     try:
         by_addr = {m.addr: m for m in list(memory._LIVE) if not m.closed and m.parent is None}
         while True:

@@ -51,6 +51,9 @@ def _placeholder_quiet(addr: int, length: int, parent: weakref.finalize) -> None
 
 # Every live mapping, so a forked child can find its copy of a mapping by address.
 _LIVE: weakref.WeakSet[KernelMapping] = weakref.WeakSet()
+# True in a process guestmem.linux.fork made (it serves a ForkedChild): there, a page MADV_DONTFORK
+# marked is not mapped at all.
+IN_FORKED_CHILD = False
 
 
 class KernelMapping:
@@ -71,6 +74,8 @@ class KernelMapping:
         # Our own record of each page's protection (what we asked mmap/mprotect for): it tells a
         # refused access's SIGSEGV (protection) from its SIGBUS (the file refused the fault).
         self.prot_map: RangeMap[int] = RangeMap(prot)
+        # Pages MADV_DONTFORK marked: a forked child has nothing mapped there (SIGSEGV there).
+        self.dontfork: RangeMap[bool] = RangeMap(False)
         # MAP_FIXED mappings over parts of this one; a child's unmap leaves a PROT_NONE
         # placeholder so that the parent's range stays reserved until the parent goes.
         self.children: list[KernelMapping] = []
@@ -185,6 +190,8 @@ class KernelMapping:
                 if c.closed:
                     return GuestAccessFault(op, offset, "SIGSEGV: address not mapped")
                 target, sub = c, offset - lo
+        if IN_FORKED_CHILD and target.dontfork.get(sub // PAGE_SIZE):
+            return GuestAccessFault(op, offset, "SIGSEGV: not mapped in the child (MADV_DONTFORK)")
         if not target.prot_map.get(sub // PAGE_SIZE) & need:
             return GuestAccessFault(op, offset, "SIGSEGV: page protection forbids the access")
         return GuestAccessFault(op, offset, f"SIGBUS ({detail})" if detail else "SIGBUS")
@@ -216,6 +223,14 @@ class KernelMapping:
         off, n = self._range("madvise", off, n, errno.ENOMEM)
         if n:
             _sys.madvise(self.addr + off, n, value)
+        if n and value in (mman.MADV_DONTFORK, mman.MADV_DOFORK):  # our record, for _fault
+            first, last = off // PAGE_SIZE, (off + n) // PAGE_SIZE
+            for c in self.children:
+                lo = (c.addr - self.addr) // PAGE_SIZE
+                a, b = max(first, lo), min(last, lo + -(-c.length // PAGE_SIZE))
+                if a < b and not c.closed:
+                    c.dontfork.set(a - lo, b - lo, value == mman.MADV_DONTFORK)
+            self.dontfork.set(first, last, value == mman.MADV_DONTFORK)
 
     def mbind(self, offset: int, length: int, mode: int, nodemask: int | None = None, maxnode: int = 64,
               flags: int = 0) -> None:

@@ -15,6 +15,7 @@ import weakref
 from guestmem.args import u64
 from guestmem.errors import GuestAccessFault, KvmError
 from guestmem.model.process import ModelMapping, Process
+from guestmem.uapi import PAGE_SIZE as PS
 
 _pids = itertools.count(10_000)
 
@@ -35,7 +36,8 @@ class ModelChild:
         # enters the model (deferred, as every release in the model is).
         weakref.finalize(self, _exit_later, process, parent)
 
-    def _mapping(self, op: str, mapping: object, offset: object) -> tuple[ModelMapping, int]:
+    def _mapping(self, op: str, mapping: object, offset: object, length: int = 1
+                 ) -> tuple[ModelMapping, int]:
         addr = getattr(mapping, "addr", None)
         if not isinstance(addr, int):
             raise TypeError(f"{op}: expected a Mapping, not {type(mapping).__name__}")
@@ -46,21 +48,25 @@ class ModelChild:
         if hit is None:
             raise GuestAccessFault(op, off, "SIGSEGV: not mapped in the child")
         m, sub = hit
+        base = addr + off
+        for page in range((base // PS + 1) * PS, base + length, PS):  # a hole inside (MADV_DONTFORK)
+            if self.process.resolve(page) is None:
+                raise GuestAccessFault(op, page - addr, "SIGSEGV: not mapped in the child")
         while m.parent is not None:  # name the same object the parent's call would reach
             sub += m.addr - m.parent.addr
             m = m.parent
         return m, sub
 
     def read(self, mapping: object, offset: int, length: int) -> bytes:
-        m, sub = self._mapping("child.read", mapping, offset)
+        m, sub = self._mapping("child.read", mapping, offset, length)
         return m.read(sub, length)
 
     def write(self, mapping: object, offset: int, data: bytes) -> None:
-        m, sub = self._mapping("child.write", mapping, offset)
+        m, sub = self._mapping("child.write", mapping, offset, len(data))
         m.write(sub, data)
 
     def fill(self, mapping: object, offset: int, length: int, byte: int) -> None:
-        m, sub = self._mapping("child.fill", mapping, offset)
+        m, sub = self._mapping("child.fill", mapping, offset, length)
         m.fill(sub, length, byte)
 
     def exit(self) -> None:

@@ -170,6 +170,10 @@ class ModelMapping:
         # every page has it (the fast path: no per-access lookup).
         self.prot_map: RangeMap[int] = RangeMap(prot)
         self._prot_all: int | None = prot
+        # The protections mprotect may grant (VM_MAYREAD/MAYWRITE/MAYEXEC): mmap takes MAYEXEC
+        # away on a noexec mount (guest_memfd's) and MAYWRITE from a shared read-only mapping
+        # of a write-sealed memfd; asking for more is EACCES.
+        self.max_prot = 0x7
         # MAP_FIXED mappings placed over parts of this one (Mapping.mmap_fixed), by address.
         self.children: list[ModelMapping] = []
         self.parent: ModelMapping | None = None
@@ -177,6 +181,8 @@ class ModelMapping:
         # host access, a pin, KVM's GUP), cleared where the PTEs are zapped (MADV_DONTNEED, a
         # punch or conversion of a shared file).  move_pages and mbind's page walk look at it.
         self.mapped: RangeMap[bool] = RangeMap(False)
+        # Pages MADV_DONTFORK marked (VM_DONTCOPY): fork leaves them out of the child.
+        self.dontfork: RangeMap[bool] = RangeMap(False)
 
     # --- access --------------------------------------------------------------------------------
     def _runs(self, offset: int, length: int, write: bool, op: str) -> Iterator[tuple[int, np.ndarray]]:
@@ -380,6 +386,9 @@ class ModelMapping:
         off, n = self._range("mprotect", off, n, errno.ENOMEM)
         if not n:
             return
+        if value & ~self.max_prot:  # do_mprotect_pkey: a VM_WRITE/VM_EXEC without its VM_MAY*
+            raise KvmError(errno.EACCES, "mprotect", f"protection {value:#x} exceeds what the "
+                           f"mapping may have ({self.max_prot:#x})")
         first, last = off // PS, (off + n) // PS
         for c in self.children:
             lo = (c.addr - self.addr) // PS
@@ -436,7 +445,16 @@ class ModelMapping:
                 raise KvmError(errno.EFAULT, "madvise", f"populating would {f.message}") from None
         elif value == mman.MADV_COLLAPSE and not self._may_collapse():
             raise KvmError(errno.EINVAL, "madvise", "MADV_COLLAPSE: no huge pages for this mapping")
-        # NORMAL, WILLNEED, HUGEPAGE, NOHUGEPAGE: hints the model's allocations do not depend on.
+        elif value in (mman.MADV_DONTFORK, mman.MADV_DOFORK):  # VM_DONTCOPY (no VM_IO here)
+            first, last = off // PS, (off + n) // PS
+            for c in self.children:
+                lo = (c.addr - self.addr) // PS
+                a, b = max(first, lo), min(last, lo + -(-c.length // PS))
+                if a < b and not c.closed:
+                    c.dontfork.set(a - lo, b - lo, value == mman.MADV_DONTFORK)
+            self.dontfork.set(first, last, value == mman.MADV_DONTFORK)
+        # NORMAL, RANDOM, SEQUENTIAL, WILLNEED, HUGEPAGE, NOHUGEPAGE: hints (readahead, THP) the
+        # model's allocations do not depend on.
 
     def _may_collapse(self) -> bool:
         """``thp_vma_allowable_order(TVA_FORCED_COLLAPSE)``: guest_memfd never (collapsing would map
@@ -444,9 +462,24 @@ class ModelMapping:
         (``anon_folio_order`` >= 9, the model's shmem_enabled); private anonymous memory always."""
         if getattr(self.file, "kind", None) not in ("anon", "memfd"):
             return False
+        if not self._holds_pmd():
+            return False
         if not self.shared and self.source is self.file:
             return True
         return getattr(self.file, "folio_order", 0) >= 9
+
+    def _holds_pmd(self) -> bool:
+        """``thp_vma_suitable_order`` for the PMD order at the mapping's last huge page: the
+        mapping must cover a whole 2 MiB-aligned range (a file mapping's address must also line up
+        with its file offset), else no order is allowed and MADV_COLLAPSE is EINVAL."""
+        huge = 512 * PS
+        private_anon = (self.source is self.file and getattr(self.file, "kind", "") == "anon"
+                        and not self.shared)
+        if not private_anon and (self.addr // PS - self.pgoff) % 512:
+            return False
+        end = self.addr + -(-self.length // PS) * PS
+        start = (end - huge) & ~(huge - 1)
+        return start >= self.addr and start + huge <= end
 
     # --- NUMA policy (mm/mempolicy.c) ----------------------------------------------------------
     def _policy_file(self):  # -> object with .shared_policy and .page_cache
@@ -864,12 +897,16 @@ class Process:
                               m.addr, m.length, m.pgoff, shared=m.shared, source=source)
             cm.prot_map = m.prot_map.copy() if hasattr(m.prot_map, "copy") else m.prot_map
             cm._prot_all = m._prot_all
+            cm.max_prot = m.max_prot
             copies[id(m)] = cm
             with child._lock:
                 child._mappings[id(cm)] = weakref.ref(cm)
                 child._by_file.setdefault(id(cm.file), set()).add(id(cm))
                 child._owned.append(cm)
                 child._vmas.set(m.addr // PS, (m.addr + m.length + PS - 1) // PS, id(cm))
+                for a, b, skip in m.dontfork.segments(0, (m.length + PS - 1) // PS):
+                    if skip:  # dup_mmap skips VM_DONTCOPY: nothing is mapped there in the child
+                        child._vmas.set(m.addr // PS + a, m.addr // PS + b, None)
             if source is m.source:
                 m.source.get_file()
         for m in parents:

@@ -55,6 +55,18 @@ _OWNER = {
     u.KVM_MEMORY_ENCRYPT_OP: {VM}, u.KVM_RUN: {VCPU}, u.KVM_PRE_FAULT_MEMORY: {VCPU},
     u.KVM_SET_MEMORY_ATTRIBUTES2: {GMEM},
 }
+# vCPU register ioctls: the model has no registers to give (NotImplementedError with a buffer),
+# but only a vCPU fd has a handler for them.
+for _req in (u.KVM_GET_REGS, u.KVM_SET_REGS, u.KVM_GET_SREGS, u.KVM_SET_SREGS):
+    _OWNER[_req] = {VCPU}
+# The nrs include/uapi/linux/kvm.h and asm/kvm.h define twice (with different sizes or
+# directions); every other nr names one ioctl, so a number with a known nr but another
+# size/direction is no ioctl at all (every handler's switch compares the whole number).
+KVM_NRS_DEFINED_TWICE = frozenset({
+    0x67, 0x9F, 0xA0, 0xA1, 0xA2, 0xA3, 0xA5, 0xA6, 0xA7, 0xA8, 0xAA, 0xAB, 0xAC, 0xAD, 0xAE,
+    0xAF, 0xB0, 0xB1, 0xB2, 0xB3, 0xB4, 0xB5, 0xB6, 0xD0, 0xD2,
+})
+_KNOWN_BY_NR = {r & 0xFF: r for r in _OWNER if fa.ioc_type(r) == u.KVMIO}
 # Handled by the kernel on these fds too (vCPU capabilities; TDX's per-vCPU commands).
 _ELSEWHERE = {(u.KVM_ENABLE_CAP, VCPU), (u.KVM_MEMORY_ENCRYPT_OP, VCPU)}
 
@@ -122,6 +134,12 @@ def _kvm_kind_check(kind: str, request: int, vm: Any) -> None:
 def _not_here(kind: str, request: int) -> KvmError | NotImplementedError:
     """A request this fd's modelled handler does not take: the fd's unknown answer where the
     kernel has no handler for it here either, else NotImplementedError."""
+    if kind in (GMEM, MEMFD):  # neither file has an unlocked_ioctl for anything else: ENOTTY
+        return _unknown(kind, request)
+    nr = request & 0xFF
+    if (fa.ioc_type(request) == u.KVMIO and nr in _KNOWN_BY_NR and nr not in KVM_NRS_DEFINED_TWICE
+            and request != _KNOWN_BY_NR[nr]):
+        return _unknown(kind, request)
     owners = _OWNER.get(request)
     if owners is not None and kind not in owners and (request, kind) not in _ELSEWHERE:
         return _unknown(kind, request)
@@ -218,6 +236,9 @@ def vcpu_ioctl(vcpu: Any, request: object, arg: object = 0) -> tuple[int, bytes]
             return 0
         if req == u.KVM_MEMORY_ENCRYPT_OP:
             raise _memory_encrypt_op(vcpu.vm, VCPU, req)
+        if req == u.KVM_GET_REGS and a == 0 and not vcpu.vm.arch.has_protected_state:
+            # kvm_vcpu_ioctl reads the registers, then copy_to_user(NULL) fails.
+            raise KvmError(errno.EFAULT, "KVM_GET_REGS", "argument is NULL")
         raise _not_here(VCPU, req)
 
     vcpu.vm.system.process.run_deferred()

@@ -168,16 +168,37 @@ class ModelKvm:
             raise KvmError(errno.EOPNOTSUPP, "mmap", f"unknown flags {flags & ~known:#x}")
         if isinstance(file, GmemFile):
             file._check_open("mmap")
+            # guest_memfd's mount is MNT_NOEXEC (kvm_gmem_init: ``mnt_flags |= MNT_NOEXEC``; up to
+            # 6.18 the anon_inode mount is SB_I_NOEXEC): do_mmap refuses PROT_EXEC with EPERM
+            # before the file's mmap, and takes VM_MAYEXEC away.
+            if prot & mman.PROT_EXEC:
+                raise KvmError(errno.EPERM, "mmap", "guest_memfd is on a noexec mount")
             if not file.inode.mmap_supported:
                 raise KvmError(errno.ENODEV, "mmap", "guest_memfd created without GUEST_MEMFD_FLAG_MMAP")
             if not shared:
                 raise KvmError(errno.EINVAL, "mmap", "guest_memfd mappings must be MAP_SHARED")
-            return process.mmap(file, length, off // PS, prot=prot, fixed=fixed)
+            m = process.mmap(file, length, off // PS, prot=prot, fixed=fixed)
+            m.max_prot &= ~mman.PROT_EXEC
+            return m
         if isinstance(file, ShmemBacking):
             if shared:
-                return process.mmap(file, length, off // PS, prot=prot, fixed=fixed)
+                sealed = self._write_sealed(file)
+                if sealed and prot & mman.PROT_WRITE:  # memfd_check_seals_mmap / check_write_seal
+                    raise KvmError(errno.EPERM, "mmap", "the memfd is write-sealed")
+                m = process.mmap(file, length, off // PS, prot=prot, fixed=fixed)
+                if sealed:  # a read-only shared mapping may never become writable
+                    m.max_prot &= ~mman.PROT_WRITE
+                return m
             return self._map_private_file(process, file, length, off, prot, fixed)
         raise KvmError(errno.ENODEV, "mmap", f"fd {fd} cannot be mapped")
+
+    @staticmethod
+    def _write_sealed(file: object) -> bool:
+        """``is_write_sealed``: the memfd carries F_SEAL_WRITE or F_SEAL_FUTURE_WRITE."""
+        from guestmem import fileabi as fa
+
+        seals = getattr(file, "_i_seals", None)
+        return bool(seals is not None and seals() & (fa.F_SEAL_WRITE | fa.F_SEAL_FUTURE_WRITE))
 
     def _map_private_file(self, process: Process, file: ShmemBacking, length: int, off: int,
                           prot: int, fixed: int | None) -> ModelMapping:
