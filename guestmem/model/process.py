@@ -297,7 +297,6 @@ class ModelMapping:
         if n == 0:
             return 0, False
         writable = self._permitted(offset, n * PS, PROT_WRITE) == offset + n * PS
-        self.mapped.set(offset // PS, offset // PS + n, True)  # GUP faults them into the host
         overlay = getattr(self.source, "overlay", None)
         if writable and not write and overlay is not None:
             first = self.pgoff + offset // PS
@@ -375,9 +374,8 @@ class ModelMapping:
         range past the mapping; then every page of the range gets ``prot``."""
         from guestmem import mman
 
-        off, n = u64(offset, "offset"), u64(length, "length")
-        value = mman.check_prot("mprotect", prot)
-        off, n = self._range("mprotect", off, n, errno.ENOMEM)
+        self.process.run_deferred()
+        off, n, value = mman.mprotect_range(offset, length, prot, self.length, self.closed)
         if not n:
             return
         first, last = off // PS, (off + n) // PS
@@ -463,10 +461,10 @@ class ModelMapping:
         EIO (the policy set) when a page could not be moved."""
         from guestmem import mman
 
-        off, n = u64(offset, "offset"), u64(length, "length")
+        off, n, mode, nodemask, maxnode, fl = mman.convert_mbind_args(offset, length, mode, nodemask,
+                                                                      maxnode, flags)
         base, mode_flags = mman.sanitize_mode("mbind", mode)
         nodes = mman.get_nodes("mbind", nodemask, maxnode)
-        fl = u64(flags, "flags")
         if fl & ~mman.MPOL_MF_VALID:
             raise KvmError(errno.EINVAL, "mbind", f"invalid flags {fl:#x}")
         if self.closed:

@@ -149,8 +149,12 @@ def host_runs(vm: ModelVm, slot: Memslot, gfn: int, stop: int, write: bool,
             raw = folio_runs(first, first + n)
         else:
             raw = [(s, e, pfn, 0) for s, e, pfn in source.host_fault(first, first + n, write)]
-    except HostFault:
+    except HostFault as f:
+        # GUP faulted in the pages before the one that failed, and only those get host PTEs.
+        if f.index > first:
+            mapping.mapped.set(off // PS, off // PS + f.index - first, True)
         raise KvmError(errno.EFAULT, "KVM_RUN", f"gfn {gfn:#x}: host access to {hva:#x} faults") from None
+    mapping.mapped.set(off // PS, off // PS + n, True)  # GUP faulted them into the host
     base = gfn - first
     return [(s + base, e + base, pfn, order) for s, e, pfn, order in raw]
 

@@ -1,0 +1,36 @@
+"""Fuzz findings in the model replayed through the fuzzer's own judge (a Session).
+
+Each is the shrunk reproducer of a finding; the session must judge every step clean (the
+snapshot now covers host PTEs, protections, file descriptions, NUMA policies and dirty logs).
+"""
+
+from __future__ import annotations
+
+from guestmem.fuzz.machine import Session, Step
+
+
+def _replay(opts: dict[str, object], lines: list[str]) -> list[str]:
+    s = Session(opts)
+    out = []
+    for line in lines:
+        f = s.run(Step(line, "replay", ()))
+        if f is not None:
+            out.append(f"{f.category}: {f.message}")
+    return out
+
+
+def test_failed_kvm_fault_leaves_no_host_pte() -> None:
+    # seed 7:2109: a memslot over a memfd mapping past the file's end; KVM_PRE_FAULT_MEMORY's GUP
+    # takes SIGBUS (EFAULT), and the model had marked the page host-mapped before faulting it.
+    lines = ["vm1 = kvm.create_vm(0x0)",
+             "f2 = kvm.memfd_create(0x1000, 0x1)",
+             "m3 = kvm.mmap(0x1000, 0x3, 0x3, f2, 0x1000)",
+             "vm1.set_user_memory_region(0x0, 0x0, 0x100000000, 0x1000, m3.addr)",
+             "c17 = vm1.create_vcpu(0x0)",
+             "c17.pre_fault_memory(0x100000000, 0x1000, 0x0)"]
+    assert _replay({"kernel": "6.18"}, lines) == []
+    s = Session({"kernel": "6.18"})
+    for line in lines:
+        s.run(Step(line, "replay", ()))
+    assert s.outcomes[-1] == "KvmError(EFAULT)"
+    assert not s.ns["m3"].mapped.get(0)
