@@ -139,7 +139,7 @@ def convert_mbind_args(offset: object, length: object, mode: object, nodemask: o
 def mbind_range(op: str, offset: object, length: object, size: int, closed: bool) -> tuple[int, int]:
     """The page range ``[offset, offset+length)`` of a range call (mprotect/madvise/mbind) on a
     mapping of ``size`` bytes: ``size_t`` arguments; EBADF once unmapped; EINVAL for an unaligned
-    offset or a wrap; the length rounds up to pages.  Returns ``(offset, rounded_length)``; the
+    offset or a length that wraps when rounded up to pages.  Returns ``(offset, rounded_length)``; the
     caller decides the errno for a range reaching past the mapping (it is unmapped memory)."""
     off, n = u64(offset, "offset"), u64(length, "length")
     if closed:
@@ -147,8 +147,11 @@ def mbind_range(op: str, offset: object, length: object, size: int, closed: bool
     if off % PS:
         raise KvmError(errno.EINVAL, op, "address must be page aligned")
     n = -(-n // PS) * PS
-    if off + n >= 1 << 64:
-        raise KvmError(errno.EINVAL, op, "range wraps")
+    if n >= 1 << 64:  # PAGE_ALIGN(len) rounded a huge length up to 0
+        raise KvmError(errno.EINVAL, op, "length wraps when page-aligned")
+    # An offset + length past 2**64 is relative to the mapping: in absolute addresses it does not
+    # wrap (the kernel's `start + len < start` cannot fire), it is unmapped memory past the
+    # mapping, which the caller refuses with its errno (ENOMEM; EFAULT for mbind).
     return off, n
 
 

@@ -159,6 +159,8 @@ class FileCallsMixin:
             return None  # a copy within one memfd overlapping itself is not modelled (documented)
         off = self.rng.choice([None, 0, PS, -1])
         a_off = make_arg(0, "None", o.S64) if off is None else self.arg(off, o.S64)
+        if a_off.code == "None":  # None is a valid offset here (NULL: the file position is used)
+            off, a_off = None, make_arg(0, "None", o.S64)
         a_cnt = self.arg(self.rng.choice([16, PS, 0, 3 * PS]), o.SIZE_T)
         uses = (f,) if src == f else (f, src)
 

@@ -830,8 +830,8 @@ class StepGen(FileCallsMixin):
                     whole = -(-length // PS) * PS
                     if off % PS:
                         e.bad("discard start unaligned", errno.EINVAL)
-                    elif off + -(-n // PS) * PS >= 1 << 64:
-                        e.bad("discard range wraps (madvise: end < start)", errno.EINVAL)
+                    elif -(-n // PS) * PS >= 1 << 64:
+                        e.bad("discard length wraps when page-aligned (madvise)", errno.EINVAL)
                     elif n and off + -(-n // PS) * PS > whole:
                         e.bad("discard range reaches past the mapping", errno.ENOMEM)
                 elif off > length or n > length - off:

@@ -8,6 +8,8 @@ folio orders, pins, uptodate, guest_memfd attributes/hwpoison/bindings, and a di
 and the frame pool's counters.  The state the file and mm calls change is there too: each fd's open
 file description (``f_flags``, ``f_pos``, FD_CLOEXEC), a memfd's seals and mode, every mapping's
 protections, the task's and every file's NUMA policy, and each logging memslot's dirty bitmap.
+Which pages hold host PTEs is left out: a refused conversion may zap them first, as the kernel
+does (a refault restores them, so nothing a caller sees has changed).
 Everything is walked as ranges, so it is cheap for sparse guests;
 contents are digested over at most ``SAMPLE_PAGES`` pages per file run, which keeps a 1 GiB folio
 affordable while still catching a refused call that scribbled on memory.
@@ -119,7 +121,7 @@ def snapshot(kvm: Any, views: tuple[Any, ...] = ()) -> dict[str, Any]:
         fds = tuple(sorted(_fd_state(fd, o, proc.fd_cloexec)
                            for fd in list(proc._fds) if (o := proc.fget(fd)) is not None))
     maps = tuple(sorted((m.addr, m.length, m.pgoff, id(m.file), m.closed, m.shared,
-                         _items(m.prot_map), _items(m.mapped), _policy_state(m.source))
+                         _items(m.prot_map), _policy_state(m.source))
                         for m in proc.mappings()))
     files = {}
     for f in kvm.live_files():

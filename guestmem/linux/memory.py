@@ -228,9 +228,9 @@ class KernelMapping:
         if off % PAGE_SIZE:
             raise KvmError(errno.EINVAL, "mbind", "address must be page aligned")
         rounded = -(-n // PAGE_SIZE) * PAGE_SIZE
-        if off + rounded >= 1 << 64:
-            raise KvmError(errno.EINVAL, "mbind", "range wraps")
-        if not rounded:
+        # PAGE_ALIGN to 0 is do_mbind's `end == start` (nothing to do); a relative offset + length
+        # past 2**64 is unmapped memory past the mapping (EFAULT below), not a wrap.
+        if not rounded or rounded >= 1 << 64:
             return
         nodes = mman.get_nodes("mbind", mask, maxn)
         mman.mpol_new("mbind", base, mode_flags, nodes, online_node_mask())
@@ -288,6 +288,8 @@ class KernelMapping:
             raise KvmError(errno.EBADF, "madvise", "mapping is closed")
         if offset % PAGE_SIZE:
             raise KvmError(errno.EINVAL, "madvise", "offset must be page aligned")
+        if -(-length // PAGE_SIZE) * PAGE_SIZE >= 1 << 64:  # madvise: `len_in && !len`
+            raise KvmError(errno.EINVAL, "madvise", "length wraps when page-aligned")
         if length and offset + length > -(-self.length // PAGE_SIZE) * PAGE_SIZE:
             raise KvmError(errno.ENOMEM, "madvise", "range reaches past the mapping")
         _sys.madvise(self.addr + offset, length, _sys.MADV_REMOVE)

@@ -472,9 +472,9 @@ class ModelMapping:
         if off % PS:
             raise KvmError(errno.EINVAL, "mbind", "address must be page aligned")
         n = -(-n // PS) * PS
-        if off + n >= 1 << 64:
-            raise KvmError(errno.EINVAL, "mbind", "range wraps")
-        if not n:
+        # A length PAGE_ALIGN rounds up to 0 is do_mbind's `end == start`: nothing to do.  An
+        # offset + length past 2**64 is relative: unmapped memory past the mapping (EFAULT below).
+        if not n or n >= 1 << 64:
             return
         pol = mman.mpol_new("mbind", base, mode_flags, nodes, self.process.online_nodes)
         if mman.past_mapping(off, n, self.length):

@@ -81,3 +81,19 @@ def test_sendfile_converts_offset_before_count(backend: Kvm) -> None:
     a, b = backend.memfd_create(PS), backend.memfd_create(PS)
     with pytest.raises(OverflowError):
         a.sendfile(b, -(1 << 63) - 1, [0])  # type: ignore[arg-type]
+
+
+def test_range_past_2_64_relative_to_a_mapping_is_unmapped_memory(backend: Kvm) -> None:
+    # Found by the differential fuzzer: the kernel sees mapping.addr + offset, which does not wrap,
+    # so a range "wrapping" relative to the mapping is memory outside it (ENOMEM; EFAULT for
+    # mbind), not the EINVAL of `start + len < start`.
+    m = backend.mmap_anonymous(4 * PS)
+    with raises_errno(errno.ENOMEM):
+        m.discard(-PS, 3 * PS)
+    with raises_errno(errno.ENOMEM):
+        m.madvise((1 << 64) - PS, PS, mman.MADV_DONTNEED)
+    with raises_errno(errno.EFAULT):
+        m.mbind(-PS, 3 * PS, mman.MPOL_BIND, 1, 64, 0)
+    with raises_errno(errno.EINVAL):
+        m.discard(0, (1 << 64) - 1)  # PAGE_ALIGN(len) is 0: madvise's own EINVAL
+    m.mbind(0, (1 << 64) - 1, mman.MPOL_BIND, 1, 64, 0)  # do_mbind: end == start, nothing to do

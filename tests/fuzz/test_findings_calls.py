@@ -1,7 +1,7 @@
 """Fuzz findings in the model replayed through the fuzzer's own judge (a Session).
 
-Each is the shrunk reproducer of a finding; the session must judge every step clean (the
-snapshot now covers host PTEs, protections, file descriptions, NUMA policies and dirty logs).
+Each is the shrunk reproducer of a finding: the session must judge every step clean, and the
+state the finding was about must be right.
 """
 
 from __future__ import annotations
