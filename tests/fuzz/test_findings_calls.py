@@ -34,3 +34,17 @@ def test_failed_kvm_fault_leaves_no_host_pte() -> None:
         s.run(Step(line, "replay", ()))
     assert s.outcomes[-1] == "KvmError(EFAULT)"
     assert not s.ns["m3"].mapped.get(0)
+
+
+def test_spte_run_over_a_map_fixed_piece_is_checked_per_mapping() -> None:
+    # seed 12:10720: a MAP_FIXED piece inside a memslot's mapping; pre-faulting across it made one
+    # SPTE run (the frames happened to continue each other) and invariant 1 resolved all of it
+    # through the first page's mapping, reporting the parent's pages as removed.
+    lines = ["m2 = kvm.mmap_anonymous(0x4000)",
+             "m4 = m2.mmap_fixed(0x1000, 0x1000, 0x1, 0x21)",
+             "vm5 = kvm.create_vm(0x5)",
+             "c6 = vm5.create_vcpu(0x3ff)",
+             "vm5.set_user_memory_region2(0x1, 0x1, 0x100000000, 0x4000, m2.addr, None, 0x0)",
+             "vm5.launch_finalize()",
+             "c6.pre_fault_memory(0x100001000, 0x3000, 0x0)"]
+    assert _replay({}, lines) == []
