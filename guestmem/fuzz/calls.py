@@ -155,7 +155,7 @@ class FileCallsMixin:
             return _step(f"{f}.fchmod({a.code})", "file.fchmod", (f,), exp_chmod)
         # sendfile: out = f, in = another file (or itself)
         src = self._file(s) or f
-        if src == f and not gmem:
+        if not gmem and s.ns[src].__dict__ is s.ns[f].__dict__:
             return None  # a copy within one memfd overlapping itself is not modelled (documented)
         off = self.rng.choice([None, 0, PS, -1])
         a_off = make_arg(0, "None", o.S64) if off is None else self.arg(off, o.S64)
@@ -446,7 +446,8 @@ class FileCallsMixin:
             if e.must is not None:
                 return e
             # do_mbind returns 0 for an empty range before mpol_new looks at the nodes.
-            empty = a_len.conv == 0 and not a_off.conv % PS
+            # (a length PAGE_ALIGN rounds up to 0 is empty too)
+            empty = -(-a_len.conv // PS) * PS in (0, 1 << 64) and not a_off.conv % PS
             self._policy_rules(e, a_mode, nodes, a_max.conv, sanitize_only=empty)
             if a_fl.conv & ~mman.MPOL_MF_VALID:
                 e.bad("unknown mbind flags", errno.EINVAL)

@@ -48,3 +48,18 @@ def test_spte_run_over_a_map_fixed_piece_is_checked_per_mapping() -> None:
              "vm5.launch_finalize()",
              "c6.pre_fault_memory(0x100001000, 0x3000, 0x0)"]
     assert _replay({}, lines) == []
+
+
+def test_kvm_fault_stops_at_a_map_fixed_piece() -> None:
+    # seed 14:1545: a KVM fault through a mapping took the pages of the mapping itself past the
+    # start of a MAP_FIXED (PROT_NONE) piece inside it: SPTEs over the piece mapped frames that are
+    # not what the host maps there (invariant 1).
+    lines = ["m1 = kvm.mmap_anonymous(0x5000)",
+             "vm4 = kvm.create_vm(0x0)",
+             "vm4.set_user_memory_region2(0x7ffb, 0x1, 0x0, 0x5000, m1.addr, None, 0xfffffffffffff000)",
+             "m9 = m1.mmap_fixed(0x3000, 0x2000, 0x0, 0x21)",
+             "c14 = vm4.create_vcpu(0x1)",
+             "c14.load(Program([Verify(0x2000, 0x3000, 0xef, 'private'), "
+             "Write(0x4000, 0x1000, 0x61, 'auto')]))",
+             "x14 = c14.run()"]
+    assert _replay({"attributes": "gmem", "inplace_revision": "v5"}, lines) == []
