@@ -13,7 +13,7 @@ from __future__ import annotations
 import errno
 from dataclasses import dataclass
 
-from guestmem.args import s32, u64
+from guestmem.args import s32, s64, u32, u64
 from guestmem.errors import KvmError
 from guestmem.uapi import PAGE_SIZE
 
@@ -104,10 +104,42 @@ class MemPolicy:
     nodes: int = 0
 
 
+MAX_LFS_FILESIZE = (1 << 63) - 1
+
+
+def file_mmap_ok(offset: int, length: int) -> bool:
+    """``file_mmap_ok`` for a regular file (max size MAX_LFS_FILESIZE): the page offset, taken
+    from the unsigned offset the syscall gets, plus the page-aligned length must stay within it.
+    An anonymous mapping's offset is never checked (x86-64 cannot wrap ``pgoff + len`` pages)."""
+    pgoff = (offset % (1 << 64)) >> 12
+    return length <= MAX_LFS_FILESIZE and pgoff <= (MAX_LFS_FILESIZE - length) >> 12
+
+
+def convert_mmap_args(length: object, prot: object, flags: object, fd: object, offset: object
+                      ) -> tuple[int, int, int, int]:
+    """The integer rule for ``mmap``'s arguments, in the order of the signature (an argument that
+    cannot be converted never reaches the syscall, so this precedes every errno, EBADF on a closed
+    /dev/kvm included): ``(length, prot, flags, offset)``; ``fd`` must be an object with an ``fd``,
+    an int or None (TypeError)."""
+    length_, prot_, flags_ = u64(length, "length"), s32(prot, "prot"), u32(flags, "flags")
+    if fd is not None and (isinstance(fd, bool) or not isinstance(getattr(fd, "fd", fd), int)):
+        raise TypeError("fd must be a GuestMemfd, a HostFile, an int or None")
+    return length_, prot_, flags_, s64(offset, "offset")
+
+
+def convert_mbind_args(offset: object, length: object, mode: object, nodemask: object,
+                       maxnode: object, flags: object) -> tuple[int, int, int, int | None, int, int]:
+    """The integer rule for ``mbind``'s arguments, all before any of the kernel's refusals (which
+    start with the mode): ``start``/``len``/``maxnode`` are unsigned longs, ``mode`` is taken as an
+    int (``sanitize_mpol_flags``), ``flags`` an unsigned int (the syscall's own type)."""
+    return (u64(offset, "offset"), u64(length, "length"), s32(mode, "mode"),
+            nodemask_value(nodemask), u64(maxnode, "maxnode"), u32(flags, "flags"))
+
+
 def mbind_range(op: str, offset: object, length: object, size: int, closed: bool) -> tuple[int, int]:
     """The page range ``[offset, offset+length)`` of a range call (mprotect/madvise/mbind) on a
     mapping of ``size`` bytes: ``size_t`` arguments; EBADF once unmapped; EINVAL for an unaligned
-    offset or a wrap; the length rounds up to pages.  Returns ``(offset, rounded_length)``; the
+    offset or a length that wraps when rounded up to pages.  Returns ``(offset, rounded_length)``; the
     caller decides the errno for a range reaching past the mapping (it is unmapped memory)."""
     off, n = u64(offset, "offset"), u64(length, "length")
     if closed:
@@ -115,8 +147,11 @@ def mbind_range(op: str, offset: object, length: object, size: int, closed: bool
     if off % PS:
         raise KvmError(errno.EINVAL, op, "address must be page aligned")
     n = -(-n // PS) * PS
-    if off + n >= 1 << 64:
-        raise KvmError(errno.EINVAL, op, "range wraps")
+    if n >= 1 << 64:  # PAGE_ALIGN(len) rounded a huge length up to 0
+        raise KvmError(errno.EINVAL, op, "length wraps when page-aligned")
+    # An offset + length past 2**64 is relative to the mapping: in absolute addresses it does not
+    # wrap (the kernel's `start + len < start` cannot fire), it is unmapped memory past the
+    # mapping, which the caller refuses with its errno (ENOMEM; EFAULT for mbind).
     return off, n
 
 
@@ -132,6 +167,29 @@ def check_prot(op: str, prot: object) -> int:
     if value & ~(PROT_READ | PROT_WRITE | PROT_EXEC):
         raise KvmError(errno.EINVAL, op, f"invalid protection bits {value:#x}")
     return value
+
+
+def mprotect_range(offset: object, length: object, prot: object, size: int, closed: bool
+                   ) -> tuple[int, int, int]:
+    """``do_mprotect_pkey``'s checks in its order, for a mapping of ``size`` bytes: the integer
+    rule, EBADF once unmapped, EINVAL for an unaligned start, then a zero length succeeds (before
+    the protection is looked at), ENOMEM for a wrap, EINVAL for protection bits other than
+    READ|WRITE|EXEC (GROWSDOWN/GROWSUP included, see :func:`check_prot`), ENOMEM for a range past
+    the mapping (unmapped memory).  Returns ``(offset, rounded_length, prot)``."""
+    off, n, value = u64(offset, "offset"), u64(length, "length"), s32(prot, "prot")
+    if closed:
+        raise KvmError(errno.EBADF, "mprotect", "mapping is closed")
+    if off % PS:
+        raise KvmError(errno.EINVAL, "mprotect", "address must be page aligned")
+    if n == 0:
+        return off, 0, value
+    n = -(-n // PS) * PS
+    if off + n >= 1 << 64:
+        raise KvmError(errno.ENOMEM, "mprotect", "range wraps")
+    check_prot("mprotect", value)
+    if past_mapping(off, n, size):
+        raise KvmError(errno.ENOMEM, "mprotect", "range reaches past the mapping (unmapped memory)")
+    return off, n, value
 
 
 def check_advice(advice: object) -> int:

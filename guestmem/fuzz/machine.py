@@ -41,6 +41,7 @@ import guestmem
 from guestmem import uapi as u
 from guestmem.errors import KvmError
 from guestmem.fuzz import oracle as o
+from guestmem.fuzz.calls import FileCallsMixin
 from guestmem.fuzz.oracle import Arg, Expect, expect_for, hostile_int, make_arg
 from guestmem.fuzz.snapshot import diff, snapshot
 from guestmem.guest.ops import Accept, Halt, MapGpaRange, Program, Sync, Touch, Verify, Write
@@ -168,6 +169,10 @@ class Session:
                 return k
         return None
 
+    def views(self) -> tuple[Any, ...]:
+        """The session's file objects with their own open file description (reopens)."""
+        return tuple(v for v in self.ns.values() if getattr(v, "_own_desc", None) is not None)
+
     def is_closed(self, name: str) -> bool:
         """Whether the object is closed, as the interface sees it (fd gone / mapping unmapped)."""
         obj = self.ns.get(name)
@@ -195,7 +200,7 @@ class Session:
         tainted = any(n in self.tainted for n in step.uses)
         exp = step.expect(self) if step.expect is not None else Expect()
         self.last_expect = exp
-        before = snapshot(self.kvm) if self.check_state else None
+        before = snapshot(self.kvm, self.views()) if self.check_state else None
         exc: BaseException | None = None
         try:
             with step_watchdog(self.step_timeout):
@@ -226,7 +231,7 @@ class Session:
         if f is not None:
             return f
         if exc is not None and before is not None and step.atomic and not tainted:
-            after = snapshot(self.kvm)
+            after = snapshot(self.kvm, self.views())
             if after != before:
                 parts = diff(before, after)
                 return Finding("state-changed", ("state-changed", step.kind, exp.cause(),
@@ -314,6 +319,13 @@ def draw_options(rng: random.Random) -> dict[str, Any]:
         opts["tdp_mmu"] = False
     if rng.random() < 0.2:
         opts["smm"] = True
+    kernel = rng.choices(["7.2", "6.18", "6.8"], [6, 2, 2])[0]
+    if kernel != "7.2":
+        opts["kernel"] = kernel
+    if rng.random() < 0.15:
+        opts["memory_attributes"] = False
+    if rng.random() < 0.3:
+        opts["numa_nodes"] = rng.choice([2, 4])
     return opts
 
 
@@ -329,7 +341,7 @@ class _Budget:
 
 
 @dataclass
-class StepGen:
+class StepGen(FileCallsMixin):
     """Draws the next step for a session from a seeded random source."""
 
     rng: random.Random
@@ -388,6 +400,17 @@ class StepGen:
             (1 if s.names("ch") else 0, self.child_access),
             (2, self.close),
             (1, self.check_extension),
+            (2, self.memfd_create),
+            (5 if gmems or s.names("f") else 0, self.file_call),
+            (2, self.raw_ioctl),
+            (3, self.kvm_mmap),
+            (6 if maps else 0, self.mm_call),
+            (1, self.set_mempolicy),
+            (1 if maps else 0, self.mmap_fixed),
+            (0.3, self.kvm_fork),
+            (2 if maps and s.names("ch") else 0, self.child_call),
+            (0.3, self.numa_nodes),
+            (2 if vms else 0, self.get_dirty_log),
         ]
         table = [(w, f) for w, f in table if w > 0]  # hypothesis' Random may pick weight-0 items
         for _ in range(50):
@@ -408,7 +431,7 @@ class StepGen:
         t = self.rng.choice([0, 0, 1, 1, 4, 4, 5, 5, 2, 3, 6])
         a = self.arg(t, o.ULONG)
         name = s.fresh("vm")
-        types = s.kvm.options.vm_types
+        types = s.kvm.options.built_vm_types
 
         def exp(ss: Session) -> Expect:
             e = expect_for({"vm_type": a}, ss.is_closed("kvm"))
@@ -463,6 +486,7 @@ class StepGen:
         vm = self.pick(s.names("vm"))
         assert vm is not None
         order = s.kvm.options.gmem_folio_order
+        release_flags = s.kvm.options.release.gmem_flags
         sizes = [self.pages(), 16 * PS, 2 << 20, 4 << 20] + ([1 << 30] if order == 18 else [])
         size = self.rng.choice(sizes)
         flags = self.rng.choice([0, 1, 3, 3, 2, 4, 1 << 63])
@@ -471,7 +495,7 @@ class StepGen:
 
         def exp(ss: Session) -> Expect:
             e = expect_for({"size": a_size, "flags": a_flags}, ss.is_closed(vm))
-            if a_flags.good and a_flags.conv & ~(u.GUEST_MEMFD_FLAG_MMAP | u.GUEST_MEMFD_FLAG_INIT_SHARED):
+            if a_flags.good and a_flags.conv & ~release_flags:
                 e.bad("unknown guest_memfd flag", errno.EINVAL)
             if a_size.good:
                 sz = o.convert(a_size.conv, o.S64)  # i_size is a loff_t
@@ -536,7 +560,11 @@ class StepGen:
             (f"{g}.truncate({s.ns[g].size * 2:#x})", "guest_memfd size is immutable"),
         ])
 
+        negative = "truncate" in code and s.ns[g].size * 2 >= 1 << 63
+
         def exp(ss: Session) -> Expect:
+            if negative:  # do_sys_ftruncate: a negative length is EINVAL before the fd is looked up
+                return Expect("KvmError", errno.EINVAL, "negative truncate length")
             e = expect_for({}, ss.is_closed(g))
             e.bad(why)
             return e
@@ -708,12 +736,13 @@ class StepGen:
              "attributes": self.arg(attrs, o.U64), "flags": self.arg(flags, o.U64)}
         supported = s.ns[vm].supported_mem_attributes()
         gmem_mode = s.kvm.options.gmem_attributes
+        mem_attrs = s.kvm.options.memory_attributes
 
         def exp(ss: Session) -> Expect:
             e = expect_for(a, ss.is_closed(vm))
             if not all(x.good for x in a.values()):
                 return e
-            if gmem_mode:  # the per-VM ioctl is gone (ENOTTY) before any argument is looked at
+            if gmem_mode or not mem_attrs:  # the ioctl is gone (ENOTTY) before any argument is looked at
                 e.bad("per-VM attributes disabled", errno.ENOTTY)
                 return e
             if a["flags"].conv:
@@ -805,6 +834,8 @@ class StepGen:
                     whole = -(-length // PS) * PS
                     if off % PS:
                         e.bad("discard start unaligned", errno.EINVAL)
+                    elif -(-n // PS) * PS >= 1 << 64:
+                        e.bad("discard length wraps when page-aligned (madvise)", errno.EINVAL)
                     elif n and off + -(-n // PS) * PS > whole:
                         e.bad("discard range reaches past the mapping", errno.ENOMEM)
                 elif off > length or n > length - off:
@@ -968,12 +999,15 @@ class StepGen:
         gpa, size = self._gpa_in_slot(s, vmn) if vmn else (0, PS)
         a = {"gpa": self.arg(gpa, o.U64), "size": self.arg(size, o.U64),
              "flags": self.arg(0 if self.rng.random() < 0.9 else 1, o.U64)}
+        pre_fault_ioctl = s.kvm.options.release.pre_fault_ioctl
 
         def exp(ss: Session) -> Expect:
             e = expect_for(a, ss.is_closed(c))
             if e.must is None and getattr(getattr(ss.ns.get(c), "vm", None), "bugged", False):
                 return Expect("KvmError", errno.EIO, "the VM is bugged (checked first)")
             if all(x.good for x in a.values()):
+                if not pre_fault_ioctl:
+                    e.bad("no KVM_PRE_FAULT_MEMORY before 6.10 (x86's default: EINVAL)", errno.EINVAL)
                 if a["flags"].conv:
                     e.bad("flags must be 0", errno.EINVAL)
                 if a["gpa"].conv % PS or a["size"].conv % PS or a["size"].conv == 0:

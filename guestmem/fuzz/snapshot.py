@@ -5,7 +5,12 @@ difference can be named by section.  It reads the model's objects directly (this
 model is below): the fd table, mappings, every VM (memslots, per-VM attributes, SPTEs, open
 invalidations, vCPUs, launch state), every live file with a page cache (its pages as ranges,
 folio orders, pins, uptodate, guest_memfd attributes/hwpoison/bindings, and a digest of contents),
-and the frame pool's counters.  Everything is walked as ranges, so it is cheap for sparse guests;
+and the frame pool's counters.  The state the file and mm calls change is there too: each fd's open
+file description (``f_flags``, ``f_pos``, FD_CLOEXEC), a memfd's seals and mode, every mapping's
+protections, the task's and every file's NUMA policy, and each logging memslot's dirty bitmap.
+Which pages hold host PTEs is left out: a refused conversion may zap them first, as the kernel
+does (a refault restores them, so nothing a caller sees has changed).
+Everything is walked as ranges, so it is cheap for sparse guests;
 contents are digested over at most ``SAMPLE_PAGES`` pages per file run, which keeps a 1 GiB folio
 affordable while still catching a refused call that scribbled on memory.
 """
@@ -46,8 +51,26 @@ def _cache_state(cache: Any, pool: Any) -> dict[str, Any]:
     }
 
 
+def _policy_state(f: Any) -> tuple | None:
+    """A file's shared NUMA policy (``mbind`` on a mapping of it): its ranges, or None."""
+    sp = getattr(f, "shared_policy", None)
+    return None if sp is None else _items(sp.ranges)
+
+
+def _fd_state(fd: int, obj: Any, cloexec: set[int]) -> tuple:
+    """One fd: its object, and for a file with the file ABI its open file description (shared by
+    dups, own for a reopen), seals and mode: what fcntl/lseek/fchmod/reopen change."""
+    desc: tuple = ()
+    if hasattr(obj, "_desc") and hasattr(obj, "_i_seals"):
+        d = obj._desc()
+        desc = (obj._f_flags(), obj._f_pos(), tuple(sorted((k, repr(v)) for k, v in d.items())),
+                obj._i_seals(), obj._i_mode())
+    return (fd, type(obj).__name__, id(getattr(obj, "_dup_of", obj)), fd in cloexec, desc)
+
+
 def _file_state(f: Any, pool: Any) -> dict[str, Any]:
-    out: dict[str, Any] = {"type": type(f).__name__, "cache": _cache_state(f.cache, pool)}
+    out: dict[str, Any] = {"type": type(f).__name__, "cache": _cache_state(f.cache, pool),
+                           "policy": _policy_state(f)}
     if hasattr(f, "attributes") and hasattr(f, "hwpoison"):  # a guest_memfd inode
         out["attributes"] = _items(f.attributes)
         out["hwpoison"] = _items(f.hwpoison)
@@ -84,16 +107,22 @@ def _vm_state(vm: Any) -> dict[str, Any]:
         "finalized": getattr(arch, "finalized", None),
         "accepted": _items(arch.accepted) if hasattr(arch, "accepted") else None,
         "assigned": _items(arch.assigned) if hasattr(arch, "assigned") else None,
+        "dirty": tuple(sorted((sl.as_id, sl.id, None if sl.dirty_bitmap is None else
+                               _items(sl.dirty_bitmap)) for ms in vm.memslots for sl in ms)),
     }
 
 
-def snapshot(kvm: Any) -> dict[str, Any]:
-    """Everything observable about the model system ``kvm`` (a ``ModelKvm``)."""
+def snapshot(kvm: Any, views: tuple[Any, ...] = ()) -> dict[str, Any]:
+    """Everything observable about the model system ``kvm`` (a ``ModelKvm``).  ``views`` are the
+    caller's file objects: a reopened fd's own open file description is reachable only through
+    its object (the fd table holds the one struct file)."""
     proc = kvm.process
     with proc._lock:
-        fds = tuple(sorted((fd, type(o).__name__, id(o))
+        fds = tuple(sorted(_fd_state(fd, o, proc.fd_cloexec)
                            for fd in list(proc._fds) if (o := proc.fget(fd)) is not None))
-    maps = tuple(sorted((m.addr, m.length, m.pgoff, id(m.file), m.closed) for m in proc.mappings()))
+    maps = tuple(sorted((m.addr, m.length, m.pgoff, id(m.file), m.closed, m.shared,
+                         _items(m.prot_map), _policy_state(m.source))
+                        for m in proc.mappings()))
     files = {}
     for f in kvm.live_files():
         files[id(f)] = _file_state(f, kvm.pool)
@@ -104,6 +133,9 @@ def snapshot(kvm: Any) -> dict[str, Any]:
         "vms": {id(vm): _vm_state(vm) for vm in list(kvm.vms)},
         "files": files,
         "pool": (kvm.pool.allocated, kvm.pool.deferred),
+        "task_policy": proc.task_policy.policy,
+        "descriptions": tuple(sorted((v.fd, repr(sorted(v._own_desc.items()))) for v in views
+                                     if getattr(v, "_own_desc", None) is not None)),
     }
 
 

@@ -123,9 +123,10 @@ class KernelFileOps:
 
     def sendfile(self, in_file: Any, offset: int | None, count: int) -> int:
         """``sendfile(self.fd, in_file, &offset or NULL, count)``; ``in_file`` a file object or fd."""
-        count = u64(count, "count")
+        # The integer rule in the order of the signature: the offset, then the count.
         if offset is not None:
             offset = s64(offset, "offset")
+        count = u64(count, "count")
         if isinstance(in_file, KernelFileOps):
             in_fd = in_file._sysfd()
         elif isinstance(in_file, bool) or not isinstance(in_file, int):

@@ -24,7 +24,7 @@ import weakref
 from typing import Any
 
 from guestmem import mman
-from guestmem.args import as_bytes, mapping_range, pin_range, s32, s64, u8, u32, u64
+from guestmem.args import as_bytes, mapping_range, pin_range, u8, u64
 from guestmem.errors import GuestAccessFault, KvmError
 from guestmem.linux import _sys
 from guestmem.linux.fileops import KernelFileOps
@@ -203,9 +203,7 @@ class KernelMapping:
         return off, n
 
     def mprotect(self, offset: int, length: int, prot: int) -> None:
-        off, n = u64(offset, "offset"), u64(length, "length")
-        value = mman.check_prot("mprotect", prot)
-        off, n = self._range("mprotect", off, n, errno.ENOMEM)
+        off, n, value = mman.mprotect_range(offset, length, prot, self.length, self.closed)
         if not n:
             return
         _sys.mprotect(self.addr + off, n, value)
@@ -234,12 +232,10 @@ class KernelMapping:
 
     def mbind(self, offset: int, length: int, mode: int, nodemask: int | None = None, maxnode: int = 64,
               flags: int = 0) -> None:
-        off, n = u64(offset, "offset"), u64(length, "length")
+        off, n, mode, mask, maxn, fl = mman.convert_mbind_args(offset, length, mode, nodemask, maxnode,
+                                                               flags)
         base, mode_flags = mman.sanitize_mode("mbind", mode)
-        mask = mman.nodemask_value(nodemask)
-        maxn = u64(maxnode, "maxnode")
         mman.get_nodes("mbind", mask, maxn)
-        fl = u64(flags, "flags")
         if fl & ~mman.MPOL_MF_VALID:
             raise KvmError(errno.EINVAL, "mbind", f"invalid flags {fl:#x}")
         if self.closed:
@@ -247,9 +243,9 @@ class KernelMapping:
         if off % PAGE_SIZE:
             raise KvmError(errno.EINVAL, "mbind", "address must be page aligned")
         rounded = -(-n // PAGE_SIZE) * PAGE_SIZE
-        if off + rounded >= 1 << 64:
-            raise KvmError(errno.EINVAL, "mbind", "range wraps")
-        if not rounded:
+        # PAGE_ALIGN to 0 is do_mbind's `end == start` (nothing to do); a relative offset + length
+        # past 2**64 is unmapped memory past the mapping (EFAULT below), not a wrap.
+        if not rounded or rounded >= 1 << 64:
             return
         nodes = mman.get_nodes("mbind", mask, maxn)
         mman.mpol_new("mbind", base, mode_flags, nodes, online_node_mask())
@@ -307,6 +303,8 @@ class KernelMapping:
             raise KvmError(errno.EBADF, "madvise", "mapping is closed")
         if offset % PAGE_SIZE:
             raise KvmError(errno.EINVAL, "madvise", "offset must be page aligned")
+        if -(-length // PAGE_SIZE) * PAGE_SIZE >= 1 << 64:  # madvise: `len_in && !len`
+            raise KvmError(errno.EINVAL, "madvise", "length wraps when page-aligned")
         if length and offset + length > -(-self.length // PAGE_SIZE) * PAGE_SIZE:
             raise KvmError(errno.ENOMEM, "madvise", "range reaches past the mapping")
         _sys.madvise(self.addr + offset, length, _sys.MADV_REMOVE)
@@ -352,9 +350,8 @@ def map_request(length: object, prot: object, flags: object, fd: object, offset:
                 fixed: int | None = None, parent: KernelMapping | None = None) -> KernelMapping:
     """``mmap(2)`` for :meth:`guestmem.api.Kvm.mmap` and :meth:`KernelMapping.mmap_fixed`:
     the kernel answers; MAP_FIXED only through ``fixed`` (an address this process owns)."""
-    length_, off = u64(length, "length"), s64(offset, "offset")
-    prot_ = s32(prot, "prot") & (mman.PROT_READ | mman.PROT_WRITE | mman.PROT_EXEC)
-    flags_ = u32(flags, "flags")
+    length_, prot_, flags_, off = mman.convert_mmap_args(length, prot, flags, fd, offset)
+    prot_ &= mman.PROT_READ | mman.PROT_WRITE | mman.PROT_EXEC
     if fd is not None and not isinstance(fd, int):
         obj = fd
         fd = getattr(obj, "fd", None)

@@ -88,8 +88,10 @@ class KernelKvm:
     def mmap(self, length: int, prot: int = 3, flags: int = 0x01, fd: object = None,
              offset: int = 0) -> KernelMapping:
         """``mmap(NULL, length, prot, flags, fd, offset)``; the kernel answers."""
+        from guestmem import mman
         from guestmem.linux.memory import map_request
 
+        mman.convert_mmap_args(length, prot, flags, fd, offset)  # the integer rule before EBADF
         self._fd("mmap")
         return map_request(length, prot, flags, fd, offset)
 

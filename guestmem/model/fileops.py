@@ -337,9 +337,10 @@ class ModelFileOps:
     # --- sendfile ---------------------------------------------------------------------------------
     def sendfile(self, in_file: Any, offset: int | None, count: int) -> int:
         """``sendfile(self.fd, in_file.fd, offset, count)`` (``do_sendfile``), in its order of checks."""
-        count = u64(count, "count")
+        # The integer rule in the order of the signature: the offset, then the count.
         if offset is not None:
             offset = s64(offset, "offset")
+        count = u64(count, "count")
         src = resolve_file(self.owner_process, in_file)  # type: ignore[attr-defined]
         op = "sendfile"
         if src is None:

@@ -303,7 +303,6 @@ class ModelMapping:
         if n == 0:
             return 0, False
         writable = self._permitted(offset, n * PS, PROT_WRITE) == offset + n * PS
-        self.mapped.set(offset // PS, offset // PS + n, True)  # GUP faults them into the host
         overlay = getattr(self.source, "overlay", None)
         if writable and not write and overlay is not None:
             first = self.pgoff + offset // PS
@@ -381,9 +380,8 @@ class ModelMapping:
         range past the mapping; then every page of the range gets ``prot``."""
         from guestmem import mman
 
-        off, n = u64(offset, "offset"), u64(length, "length")
-        value = mman.check_prot("mprotect", prot)
-        off, n = self._range("mprotect", off, n, errno.ENOMEM)
+        self.process.run_deferred()
+        off, n, value = mman.mprotect_range(offset, length, prot, self.length, self.closed)
         if not n:
             return
         if value & ~self.max_prot:  # do_mprotect_pkey: a VM_WRITE/VM_EXEC without its VM_MAY*
@@ -496,10 +494,10 @@ class ModelMapping:
         EIO (the policy set) when a page could not be moved."""
         from guestmem import mman
 
-        off, n = u64(offset, "offset"), u64(length, "length")
+        off, n, mode, nodemask, maxnode, fl = mman.convert_mbind_args(offset, length, mode, nodemask,
+                                                                      maxnode, flags)
         base, mode_flags = mman.sanitize_mode("mbind", mode)
         nodes = mman.get_nodes("mbind", nodemask, maxnode)
-        fl = u64(flags, "flags")
         if fl & ~mman.MPOL_MF_VALID:
             raise KvmError(errno.EINVAL, "mbind", f"invalid flags {fl:#x}")
         if self.closed:
@@ -507,9 +505,9 @@ class ModelMapping:
         if off % PS:
             raise KvmError(errno.EINVAL, "mbind", "address must be page aligned")
         n = -(-n // PS) * PS
-        if off + n >= 1 << 64:
-            raise KvmError(errno.EINVAL, "mbind", "range wraps")
-        if not n:
+        # A length PAGE_ALIGN rounds up to 0 is do_mbind's `end == start`: nothing to do.  An
+        # offset + length past 2**64 is relative: unmapped memory past the mapping (EFAULT below).
+        if not n or n >= 1 << 64:
             return
         pol = mman.mpol_new("mbind", base, mode_flags, nodes, self.process.online_nodes)
         if mman.past_mapping(off, n, self.length):

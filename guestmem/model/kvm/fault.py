@@ -136,6 +136,10 @@ def host_runs(vm: ModelVm, slot: Memslot, gfn: int, stop: int, write: bool,
     mapping, off = hit
     first = mapping.pgoff + off // PS
     n = min(stop - gfn, (mapping.length - off + PS - 1) // PS)
+    for c in mapping.children:  # a MAP_FIXED piece further on is another mapping: stop before it
+        lo = c.addr - mapping.addr
+        if not c.closed and lo > off:
+            n = min(n, (lo - off) // PS)
     n, host_writable = mapping.gup_range(off - off % PS, n, write)
     if n == 0:  # GUP refuses (PROT_NONE, or a write to a read-only mapping): KVM_RUN fails
         raise KvmError(errno.EFAULT, "KVM_RUN", f"gfn {gfn:#x}: the host mapping at {hva:#x} "
@@ -149,8 +153,12 @@ def host_runs(vm: ModelVm, slot: Memslot, gfn: int, stop: int, write: bool,
             raw = folio_runs(first, first + n)
         else:
             raw = [(s, e, pfn, 0) for s, e, pfn in source.host_fault(first, first + n, write)]
-    except HostFault:
+    except HostFault as f:
+        # GUP faulted in the pages before the one that failed, and only those get host PTEs.
+        if f.index > first:
+            mapping.mapped.set(off // PS, off // PS + f.index - first, True)
         raise KvmError(errno.EFAULT, "KVM_RUN", f"gfn {gfn:#x}: host access to {hva:#x} faults") from None
+    mapping.mapped.set(off // PS, off // PS + n, True)  # GUP faulted them into the host
     base = gfn - first
     return [(s + base, e + base, pfn, order) for s, e, pfn, order in raw]
 

@@ -7,7 +7,7 @@ the invariant and the gfn range.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from guestmem import uapi as u
 from guestmem.model.kvm.mmu import Spte
@@ -39,11 +39,29 @@ def _backing_pfns(vm: ModelVm, slot: Memslot, sp: Spte, s: int, e: int
         i0 = slot.gfn_to_index(s)
         return [(slot.index_to_gfn(a), slot.index_to_gfn(b), pfn, o)
                 for a, b, pfn, o in f.inode.cache.lookup_range(i0, i0 + (e - s))]
-    hit = vm.system.process.resolve(slot.gfn_to_hva(s))
-    if hit is None:
-        _fail(1, f"shared SPTE at gfn {s:#x} maps an unmapped host address")
-    assert hit is not None
-    mapping, off = hit
+    # One SPTE run may cover several host mappings (a MAP_FIXED piece inside a mapping whose
+    # frames happen to continue the run's pfns): resolve each mapping's part on its own.
+    out: list[tuple[int, int, int | None, int]] = []
+    g = s
+    while g < e:
+        hit = vm.system.process.resolve(slot.gfn_to_hva(g))
+        if hit is None:
+            _fail(1, f"shared SPTE at gfn {g:#x} maps an unmapped host address")
+        assert hit is not None
+        mapping, off = hit
+        n = (mapping.length - off + PS - 1) // PS
+        for c in getattr(mapping, "children", ()):
+            lo = c.addr - mapping.addr
+            if not c.closed and lo > off:
+                n = min(n, (lo - off) // PS)
+        ge = min(e, g + max(1, n))
+        out.extend(_mapping_pfns(mapping, off, g, ge))
+        g = ge
+    return out
+
+
+def _mapping_pfns(mapping: Any, off: int, s: int, e: int) -> list[tuple[int, int, int | None, int]]:
+    """What one host mapping holds for gfns [s, e) starting at mapping offset ``off``."""
     if hasattr(mapping.source, "overlay"):  # MAP_PRIVATE: its copies, else the file's pages
         first = mapping.pgoff + off // PS
         pieces = mapping.source.lookup_range(first, first + (e - s))

@@ -15,7 +15,7 @@ from collections import Counter
 
 from guestmem import fileabi as fa
 from guestmem import uapi as u
-from guestmem.args import s64, u32, u64
+from guestmem.args import s64, u64
 from guestmem.errors import KvmError
 from guestmem.model.anon import ShmemBacking
 from guestmem.model.kvm.arch import FLAVOURS
@@ -119,6 +119,9 @@ class ModelKvm:
     def mmap(self, length: int, prot: int = 3, flags: int = 0x01, fd: object = None,
              offset: int = 0) -> ModelMapping:
         """``mmap(NULL, length, prot, flags, fd, offset)`` (see :meth:`guestmem.api.Kvm.mmap`)."""
+        from guestmem import mman
+
+        mman.convert_mmap_args(length, prot, flags, fd, offset)  # the integer rule before EBADF
         self._check_open("mmap")
         return self.map_into(self.process, length, prot, flags, fd, offset, None)
 
@@ -126,12 +129,10 @@ class ModelKvm:
                  offset: object, fixed: int | None) -> ModelMapping:
         """``do_mmap`` in ``process``: the checks in the kernel's order, then the file's mmap."""
         from guestmem import mman
-        from guestmem.args import s32
         from guestmem.model.kvm.guest_memfd import GmemFile
 
-        length, off = u64(length, "length"), s64(offset, "offset")
-        prot = s32(prot, "prot") & (mman.PROT_READ | mman.PROT_WRITE | mman.PROT_EXEC)
-        flags = u32(flags, "flags")
+        length, prot, flags, off = mman.convert_mmap_args(length, prot, flags, fd, offset)
+        prot &= mman.PROT_READ | mman.PROT_WRITE | mman.PROT_EXEC
         if fd is not None and not isinstance(fd, int):
             fd = getattr(fd, "fd", None)
             if not isinstance(fd, int):
@@ -148,9 +149,9 @@ class ModelKvm:
             file = process.fget(fd)  # type: ignore[arg-type]
             if file is None:
                 raise KvmError(errno.EBADF, "mmap", f"fd {fd} is not open")
-        if off < 0:
-            raise KvmError(errno.EOVERFLOW, "mmap", "offset beyond MAX_LFS_FILESIZE")
-        check_mmap_length(length, 0 if anon else off // PS)
+        npages = check_mmap_length(length)
+        if not anon and not mman.file_mmap_ok(off, npages * PS):
+            raise KvmError(errno.EOVERFLOW, "mmap", "offset + length beyond MAX_LFS_FILESIZE")
         kind = flags & mman.MAP_TYPE
         shared = kind in (mman.MAP_SHARED, mman.MAP_SHARED_VALIDATE)
         if anon:
@@ -256,7 +257,10 @@ class ModelKvm:
     def set_mempolicy(self, mode: int, nodemask: int | None = None, maxnode: int = 64) -> None:
         """``set_mempolicy``: the task's policy, which allocations with no file policy follow."""
         from guestmem import mman
+        from guestmem.args import s32
 
+        # The integer rule for every argument before the kernel's first refusal (the mode's).
+        mode, nodemask, maxnode = s32(mode, "mode"), mman.nodemask_value(nodemask), u64(maxnode, "maxnode")
         base, flags = mman.sanitize_mode("set_mempolicy", mode)
         nodes = mman.get_nodes("set_mempolicy", nodemask, maxnode)
         self._check_open("set_mempolicy")
