@@ -97,3 +97,27 @@ def test_range_past_2_64_relative_to_a_mapping_is_unmapped_memory(backend: Kvm) 
     with raises_errno(errno.EINVAL):
         m.discard(0, (1 << 64) - 1)  # PAGE_ALIGN(len) is 0: madvise's own EINVAL
     m.mbind(0, (1 << 64) - 1, mman.MPOL_BIND, 1, 64, 0)  # do_mbind: end == start, nothing to do
+
+
+def test_mmap_through_a_dup_after_the_original_fd_is_closed(backend: Kvm) -> None:
+    """guestmem fuzz (seed 15): a dup keeps the guest_memfd's struct file open after the fd it was
+    created with is closed, so mmap through the dup's fd reaches the file's own checks
+    (MAP_PRIVATE: EINVAL; MAP_SHARED maps), not EBADF."""
+    import guestmem.uapi as u
+
+    from .support import require_cap
+
+    require_cap(backend, u.KVM_CAP_GUEST_MEMFD)
+    with backend.create_vm(u.KVM_X86_DEFAULT_VM) as vm:
+        flags = vm.check_extension(u.KVM_CAP_GUEST_MEMFD_FLAGS) & u.GUEST_MEMFD_FLAG_MMAP
+        if not flags:
+            pytest.skip("host lacks GUEST_MEMFD_FLAG_MMAP for DEFAULT VMs")
+        size = 3 * u.PAGE_SIZE
+        g = vm.create_guest_memfd(size, flags)
+        d = g.dup()
+        g.close()
+        with raises_errno(errno.EINVAL):
+            backend.mmap(size, mman.PROT_READ | mman.PROT_WRITE, mman.MAP_PRIVATE, d.fd, 0)
+        m = backend.mmap(size, mman.PROT_READ | mman.PROT_WRITE, mman.MAP_SHARED, d.fd, 0)
+        m.close()
+        d.close()

@@ -168,7 +168,8 @@ class ModelKvm:
         if kind == mman.MAP_SHARED_VALIDATE and flags & ~known:
             raise KvmError(errno.EOPNOTSUPP, "mmap", f"unknown flags {flags & ~known:#x}")
         if isinstance(file, GmemFile):
-            file._check_open("mmap")
+            # The fd table lookup above is the open check: ``file`` is the struct file, which a
+            # dup keeps open after the fd it was created with is closed.
             # guest_memfd's mount is MNT_NOEXEC (kvm_gmem_init: ``mnt_flags |= MNT_NOEXEC``; up to
             # 6.18 the anon_inode mount is SB_I_NOEXEC): do_mmap refuses PROT_EXEC with EPERM
             # before the file's mmap, and takes VM_MAYEXEC away.
