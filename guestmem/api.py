@@ -21,7 +21,7 @@ import errno as errno_mod
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, Self, runtime_checkable
 
 from guestmem import uapi as u
 
@@ -359,25 +359,10 @@ class Mapping(Protocol):
 
 
 @runtime_checkable
-class HostFile(Protocol):
-    """A plain host file (a regular memfd): something that is *not* a guest_memfd, for binding tests."""
+class OpenFile(Protocol):
+    """The ordinary file system calls a guest_memfd and a memfd share (issue 11 §1): both are
+    kernel files, and each call answers as the kernel's file_operations for that file do."""
 
-    fd: int
-
-    def close(self) -> None:
-        """``close(2)``."""
-        ...
-
-    def read(self, length: int, offset: int | None = None) -> bytes:
-        """``read(2)`` at the file position (which advances), or ``pread(2)`` at ``offset``: up to
-        the end of the file; holes read as zeros.  ``length`` is clamped to MAX_RW_COUNT."""
-        ...
-
-    def write(self, data: bytes, offset: int | None = None) -> int:
-        """``write(2)``/``pwrite(2)``: grows the file; with O_APPEND both write at its end."""
-        ...
-
-    # --- ordinary file system calls (issue 11 §1; guestmem/model/fileops.py, linux/fileops.py) ---
     def fcntl(self, cmd: int, arg: int = 0) -> int:
         """``fcntl(2)``: F_GETFD/F_SETFD (per fd), F_GETFL/F_SETFL (per open file, shared with a
         :meth:`dup`; O_DIRECT is EINVAL on both files here, FASYNC is dropped), F_ADD_SEALS/
@@ -390,12 +375,12 @@ class HostFile(Protocol):
         seeks (SEEK_DATA/SEEK_HOLE over up-to-date pages, ENXIO at or past the end)."""
         ...
 
-    def dup(self) -> HostFile:
+    def dup(self) -> Self:
         """``dup(2)``: another object, another fd, the same open file (offset and flags shared;
         close-on-exec clear); the file lives until every fd and mapping is gone."""
         ...
 
-    def reopen(self, flags: int) -> HostFile:
+    def reopen(self, flags: int) -> Self:
         """``open("/proc/self/fd/N", flags)``: a new open file description (own offset and flags) of
         the same inode.  A memfd opened this way can do O_DIRECT (``shmem_file_open`` sets
         FMODE_CAN_ODIRECT; tmpfs asks no alignment); a guest_memfd cannot be opened (ENXIO).  Flags:
@@ -435,7 +420,27 @@ class HostFile(Protocol):
 
 
 @runtime_checkable
-class GuestMemfd(Protocol):
+class HostFile(OpenFile, Protocol):
+    """A plain host file (a regular memfd): something that is *not* a guest_memfd, for binding tests."""
+
+    fd: int
+
+    def close(self) -> None:
+        """``close(2)``."""
+        ...
+
+    def read(self, length: int, offset: int | None = None) -> bytes:
+        """``read(2)`` at the file position (which advances), or ``pread(2)`` at ``offset``: up to
+        the end of the file; holes read as zeros.  ``length`` is clamped to MAX_RW_COUNT."""
+        ...
+
+    def write(self, data: bytes, offset: int | None = None) -> int:
+        """``write(2)``/``pwrite(2)``: grows the file; with O_APPEND both write at its end."""
+        ...
+
+
+@runtime_checkable
+class GuestMemfd(OpenFile, Protocol):
     """A guest_memfd file (``KVM_CREATE_GUEST_MEMFD``): fd-based guest memory owned by one VM.
 
     Upstream: ``virt/kvm/guest_memfd.c``.  The file holds a reference on its VM (closing the VM fd
@@ -506,62 +511,6 @@ class GuestMemfd(Protocol):
 
     def __enter__(self) -> GuestMemfd: ...
     def __exit__(self, *exc: object) -> None: ...
-
-    # --- ordinary file system calls (issue 11 §1; guestmem/model/fileops.py, linux/fileops.py) ---
-    def fcntl(self, cmd: int, arg: int = 0) -> int:
-        """``fcntl(2)``: F_GETFD/F_SETFD (per fd), F_GETFL/F_SETFL (per open file, shared with a
-        :meth:`dup`; O_DIRECT is EINVAL on both files here, FASYNC is dropped), F_ADD_SEALS/
-        F_GET_SEALS (guest_memfd: EINVAL; this memfd carries F_SEAL_SEAL: EPERM).  EINVAL for an
-        unknown command; F_DUPFD* is a ValueError (use :meth:`dup`)."""
-        ...
-
-    def lseek(self, offset: int, whence: int) -> int:
-        """``lseek(2)``: EINVAL for a whence past SEEK_HOLE, then guest_memfd: ESPIPE; a memfd
-        seeks (SEEK_DATA/SEEK_HOLE over up-to-date pages, ENXIO at or past the end)."""
-        ...
-
-    def dup(self) -> GuestMemfd:
-        """``dup(2)``: another object, another fd, the same open file (offset and flags shared;
-        close-on-exec clear); the file lives until every fd and mapping is gone."""
-        ...
-
-    def reopen(self, flags: int) -> GuestMemfd:
-        """``open("/proc/self/fd/N", flags)``: a new open file description (own offset and flags) of
-        the same inode.  A memfd opened this way can do O_DIRECT (``shmem_file_open`` sets
-        FMODE_CAN_ODIRECT; tmpfs asks no alignment); a guest_memfd cannot be opened (ENXIO).  Flags:
-        an access mode, O_DIRECT, O_APPEND, O_NONBLOCK, O_NOATIME, O_CLOEXEC (ValueError else)."""
-        ...
-
-    def fstat(self) -> FileStat:
-        """``fstat(2)`` (mode, size, 512-byte blocks allocated, block size, links, inode)."""
-        ...
-
-    def fstatfs(self) -> FsStat:
-        """``fstatfs(2)``: ``f_type`` is the filesystem magic."""
-        ...
-
-    def fsync(self) -> None:
-        """``fsync(2)`` (guest_memfd has none: EINVAL; shmem: nothing to do)."""
-        ...
-
-    def fdatasync(self) -> None:
-        """``fdatasync(2)``, as :meth:`fsync`."""
-        ...
-
-    def fchmod(self, mode: int) -> None:
-        """``fchmod(2)``: guest_memfd refuses every attribute change (EINVAL)."""
-        ...
-
-    def sendfile(self, in_file: GuestMemfd | HostFile | int, offset: int | None, count: int) -> int:
-        """``sendfile(self, in_file, offset or NULL, count)``: copy from ``in_file`` (at ``offset``,
-        else at its file position, which advances) to this file's position.  Returns the bytes
-        copied.  guest_memfd can be neither end (EINVAL; ESPIPE when it is the source and an
-        offset is given); EINVAL when this file is O_APPEND."""
-        ...
-
-    def ioctl(self, request: int, arg: bytes | int = 0) -> tuple[int, bytes]:
-        """The raw escape hatch: ``ioctl(fd, request, arg)`` (see :meth:`Kvm.ioctl`)."""
-        ...
 
 
 @runtime_checkable
