@@ -303,7 +303,11 @@ class FileCallsMixin:
                 e.errno = None
                 return e
             if not anon and src.startswith("g") and e.must is None:
-                if not gmem_flags & u.GUEST_MEMFD_FLAG_MMAP:
+                if a_prot.good and a_prot.conv & mman.PROT_EXEC:
+                    # guest_memfd's mount is noexec (kvm_gmem_init: MNT_NOEXEC): do_mmap's
+                    # path_noexec check refuses PROT_EXEC before the file's own mmap.
+                    e.bad("guest_memfd is on a noexec mount", errno.EPERM)
+                elif not gmem_flags & u.GUEST_MEMFD_FLAG_MMAP:
                     e.bad("guest_memfd without MMAP", errno.ENODEV)
                 elif fl & mman.MAP_TYPE == mman.MAP_PRIVATE:
                     e.bad("guest_memfd needs MAP_SHARED", errno.EINVAL)

@@ -63,3 +63,33 @@ def test_kvm_fault_stops_at_a_map_fixed_piece() -> None:
              "Write(0x4000, 0x1000, 0x61, 'auto')]))",
              "x14 = c14.run()"]
     assert _replay({"attributes": "gmem", "inplace_revision": "v5"}, lines) == []
+
+
+def test_gup_stops_at_an_unmapped_map_fixed_piece() -> None:
+    """guestmem fuzz (seed 2041:5746): a MAP_FIXED piece inside a memslot's mapping, unmapped
+    again, leaves a hole.  KVM's host fault must stop before it (and fail there with EFAULT), not
+    map the hole's gfns to the parent mapping's pages (invariant 1)."""
+    import errno
+    from contextlib import ExitStack
+
+    import guestmem
+    from guestmem.errors import KvmError
+    from guestmem.guest.ops import Program, Write
+
+    kvm = guestmem.open("model")
+    m = kvm.mmap_anonymous(0x5000)
+    vm = kvm.create_vm(0)
+    vm.set_user_memory_region(1, 0, 1 << 32, 0x5000, m.addr)
+    vcpu = vm.create_vcpu(0)
+    with ExitStack() as pins:
+        pins.enter_context(m.pin(0x3000, 0x2000))
+        piece = m.mmap_fixed(0x1000, 0x3000, 0, 0x22)  # PROT_NONE, MAP_PRIVATE|MAP_ANONYMOUS
+        piece.close()
+        vcpu.load(Program([Write(1 << 32, 0x4000, 0xE5)]))
+        try:
+            vcpu.run()
+        except KvmError as err:
+            assert err.errno == errno.EFAULT
+        else:
+            raise AssertionError("a guest write over the unmapped hole must fail with EFAULT")
+        vm.check_invariants()

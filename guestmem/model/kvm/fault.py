@@ -136,9 +136,11 @@ def host_runs(vm: ModelVm, slot: Memslot, gfn: int, stop: int, write: bool,
     mapping, off = hit
     first = mapping.pgoff + off // PS
     n = min(stop - gfn, (mapping.length - off + PS - 1) // PS)
-    for c in mapping.children:  # a MAP_FIXED piece further on is another mapping: stop before it
+    # A MAP_FIXED piece further on is another mapping, or (once unmapped) a hole: either way GUP
+    # stops before it, and the pages there are resolved (or refused) on their own.
+    for c in mapping.children:
         lo = c.addr - mapping.addr
-        if not c.closed and lo > off:
+        if lo > off:
             n = min(n, (lo - off) // PS)
     n, host_writable = mapping.gup_range(off - off % PS, n, write)
     if n == 0:  # GUP refuses (PROT_NONE, or a write to a read-only mapping): KVM_RUN fails
