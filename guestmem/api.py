@@ -359,7 +359,26 @@ class Mapping(Protocol):
 
 
 @runtime_checkable
-class OpenFile(Protocol):
+class FdObject(Protocol):
+    """Anything the interface hands out that is an fd in the kernel (/dev/kvm, a VM, a vCPU, a
+    guest_memfd, a memfd): each takes any ioctl, byte for byte, as the kernel would."""
+
+    def ioctl(self, request: int, arg: bytes | int = 0) -> tuple[int, bytes]:
+        """The raw escape hatch: ``ioctl(fd, request, arg)`` exactly as given; returns ``(ret,
+        out)``, the kernel's return value and the argument buffer after the call (``b""`` for an
+        int argument).  ``arg`` as bytes is copied to a buffer whose address is passed; it must
+        hold ``_IOC_SIZE`` bytes (shorter: ValueError before the call, as the kernel would read past
+        it).  An int is the argument itself; for an ioctl that copies a struct only 0 (NULL:
+        EFAULT) is allowed (ValueError otherwise).  Failures raise ``KvmError`` with the kernel's
+        errno, wrong-fd and unknown numbers included (``guestmem/fileabi.py`` has the rule).  An fd
+        the call creates is wrapped in its object and kept in ``self.raw_objects[fd]``.  The model
+        decodes the bytes and calls the typed methods; an ioctl it does not implement raises
+        ``NotImplementedError`` (never a made-up errno)."""
+        ...
+
+
+@runtime_checkable
+class OpenFile(FdObject, Protocol):
     """The ordinary file system calls a guest_memfd and a memfd share (issue 11 §1): both are
     kernel files, and each call answers as the kernel's file_operations for that file do."""
 
@@ -412,10 +431,6 @@ class OpenFile(Protocol):
         else at its file position, which advances) to this file's position.  Returns the bytes
         copied.  guest_memfd can be neither end (EINVAL; ESPIPE when it is the source and an
         offset is given); EINVAL when this file is O_APPEND."""
-        ...
-
-    def ioctl(self, request: int, arg: bytes | int = 0) -> tuple[int, bytes]:
-        """The raw escape hatch: ``ioctl(fd, request, arg)`` (see :meth:`Kvm.ioctl`)."""
         ...
 
 
@@ -514,7 +529,7 @@ class GuestMemfd(OpenFile, Protocol):
 
 
 @runtime_checkable
-class Vcpu(Protocol):
+class Vcpu(FdObject, Protocol):
     """A vCPU (``KVM_CREATE_VCPU``) running a guest program in the op language."""
 
     id: int
@@ -541,22 +556,9 @@ class Vcpu(Protocol):
 
     def close(self) -> None: ...
 
-    def ioctl(self, request: int, arg: bytes | int = 0) -> tuple[int, bytes]:
-        """The raw escape hatch: ``ioctl(fd, request, arg)`` exactly as given; returns ``(ret,
-        out)``, the kernel's return value and the argument buffer after the call (``b""`` for an
-        int argument).  ``arg`` as bytes is copied to a buffer whose address is passed; it must
-        hold ``_IOC_SIZE`` bytes (shorter: ValueError before the call, as the kernel would read past
-        it).  An int is the argument itself; for an ioctl that copies a struct only 0 (NULL:
-        EFAULT) is allowed (ValueError otherwise).  Failures raise ``KvmError`` with the kernel's
-        errno, wrong-fd and unknown numbers included (``guestmem/fileabi.py`` has the rule).  An fd
-        the call creates is wrapped in its object and kept in ``self.raw_objects[fd]``.  The model
-        decodes the bytes and calls the typed methods; an ioctl it does not implement raises
-        ``NotImplementedError`` (never a made-up errno)."""
-        ...
-
 
 @runtime_checkable
-class Vm(Protocol):
+class Vm(FdObject, Protocol):
     """A VM (``KVM_CREATE_VM``): memslots, memory attributes, guest_memfds, vCPUs."""
 
     vm_type: int
@@ -631,19 +633,6 @@ class Vm(Protocol):
     def __enter__(self) -> Vm: ...
     def __exit__(self, *exc: object) -> None: ...
 
-    def ioctl(self, request: int, arg: bytes | int = 0) -> tuple[int, bytes]:
-        """The raw escape hatch: ``ioctl(fd, request, arg)`` exactly as given; returns ``(ret,
-        out)``, the kernel's return value and the argument buffer after the call (``b""`` for an
-        int argument).  ``arg`` as bytes is copied to a buffer whose address is passed; it must
-        hold ``_IOC_SIZE`` bytes (shorter: ValueError before the call, as the kernel would read past
-        it).  An int is the argument itself; for an ioctl that copies a struct only 0 (NULL:
-        EFAULT) is allowed (ValueError otherwise).  Failures raise ``KvmError`` with the kernel's
-        errno, wrong-fd and unknown numbers included (``guestmem/fileabi.py`` has the rule).  An fd
-        the call creates is wrapped in its object and kept in ``self.raw_objects[fd]``.  The model
-        decodes the bytes and calls the typed methods; an ioctl it does not implement raises
-        ``NotImplementedError`` (never a made-up errno)."""
-        ...
-
     def get_dirty_log(self, slot: int) -> bytes:
         """``KVM_GET_DIRTY_LOG``: the dirty bitmap of memslot ``slot`` (``as_id << 16 | id``), one
         bit per page (little-endian longs, ``ALIGN(npages, 64) / 8`` bytes), set where the guest
@@ -655,7 +644,7 @@ class Vm(Protocol):
 
 
 @runtime_checkable
-class Kvm(Protocol):
+class Kvm(FdObject, Protocol):
     """The system: ``/dev/kvm`` on the kernel backend, the whole simulated host on the model."""
 
     backend: str
@@ -690,18 +679,6 @@ class Kvm(Protocol):
     def __enter__(self) -> Kvm: ...
     def __exit__(self, *exc: object) -> None: ...
 
-    def ioctl(self, request: int, arg: bytes | int = 0) -> tuple[int, bytes]:
-        """The raw escape hatch: ``ioctl(fd, request, arg)`` exactly as given; returns ``(ret,
-        out)``, the kernel's return value and the argument buffer after the call (``b""`` for an
-        int argument).  ``arg`` as bytes is copied to a buffer whose address is passed; it must
-        hold ``_IOC_SIZE`` bytes (shorter: ValueError before the call, as the kernel would read past
-        it).  An int is the argument itself; for an ioctl that copies a struct only 0 (NULL:
-        EFAULT) is allowed (ValueError otherwise).  Failures raise ``KvmError`` with the kernel's
-        errno, wrong-fd and unknown numbers included (``guestmem/fileabi.py`` has the rule).  An fd
-        the call creates is wrapped in its object and kept in ``self.raw_objects[fd]``.  The model
-        decodes the bytes and calls the typed methods; an ioctl it does not implement raises
-        ``NotImplementedError`` (never a made-up errno)."""
-        ...
 
     # --- host memory management (issue 11 §1b) -----------------------------------------------------
     def mmap(self, length: int, prot: int = 3, flags: int = 0x01,
