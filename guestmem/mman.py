@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 from dataclasses import dataclass
+from typing import Any
 
 from guestmem.args import s32, s64, u32, u64
 from guestmem.errors import KvmError
@@ -158,6 +159,27 @@ def mbind_range(op: str, offset: object, length: object, size: int, closed: bool
 def past_mapping(offset: int, length: int, size: int) -> bool:
     """True when ``[offset, offset+length)`` reaches past a mapping of ``size`` bytes (whole pages)."""
     return offset + length > -(-size // PS) * PS
+
+
+def mmap_fixed_range(mapping: Any, offset: object, length: object) -> tuple[int, int]:
+    """The checks for MAP_FIXED over part of ``mapping`` (either backend's: it has ``addr``,
+    ``length``, ``closed`` and its live MAP_FIXED ``children``), before anything is mapped:
+    EBADF for a closed mapping, EINVAL for an unaligned address (as mmap), and ValueError for what
+    this interface does not let a caller do (an empty range, one outside the mapping, or one over
+    another live piece).  Returns ``(offset, length)`` as the integer rule converts them."""
+    off, n = u64(offset, "offset"), u64(length, "length")
+    if mapping.closed:
+        raise KvmError(errno.EBADF, "mmap", "mapping is closed")
+    if off % PS:
+        raise KvmError(errno.EINVAL, "mmap", "MAP_FIXED address must be page aligned")
+    if n == 0 or past_mapping(off, n, mapping.length):
+        raise ValueError("mmap_fixed must replace a non-empty part of this mapping")
+    end = off + -(-n // PS) * PS
+    for c in mapping.children:
+        lo = c.addr - mapping.addr
+        if not c.closed and lo < end and off < lo + c.length:
+            raise ValueError("mmap_fixed over another live MAP_FIXED mapping")
+    return off, n
 
 
 def check_prot(op: str, prot: object) -> int:

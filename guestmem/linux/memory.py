@@ -278,18 +278,7 @@ class KernelMapping:
     def mmap_fixed(self, offset: int, length: int, prot: int, flags: int, fd: object = None,
                    file_offset: int = 0) -> KernelMapping:
         """``mmap(self.addr + offset, ..., flags | MAP_FIXED, fd, file_offset)``."""
-        off, n = u64(offset, "offset"), u64(length, "length")
-        if self.closed:
-            raise KvmError(errno.EBADF, "mmap", "mapping is closed")
-        if off % PAGE_SIZE:
-            raise KvmError(errno.EINVAL, "mmap", "MAP_FIXED address must be page aligned")
-        if n == 0 or mman.past_mapping(off, n, self.length):
-            raise ValueError("mmap_fixed must replace a non-empty part of this mapping")
-        end = off + -(-n // PAGE_SIZE) * PAGE_SIZE
-        for c in self.children:
-            lo = c.addr - self.addr
-            if not c.closed and lo < end and off < lo + c.length:
-                raise ValueError("mmap_fixed over another live MAP_FIXED mapping")
+        off, n = mman.mmap_fixed_range(self, offset, length)
         child = map_request(n, prot, flags, fd, file_offset, fixed=self.addr + off, parent=self)
         self.children.append(child)
         return child

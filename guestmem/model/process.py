@@ -633,18 +633,7 @@ class ModelMapping:
         """``mmap(self.addr + offset, length, prot, flags | MAP_FIXED, fd, file_offset)``."""
         from guestmem import mman
 
-        off, n = u64(offset, "offset"), u64(length, "length")
-        if self.closed:
-            raise KvmError(errno.EBADF, "mmap", "mapping is closed")
-        if off % PS:
-            raise KvmError(errno.EINVAL, "mmap", "MAP_FIXED address must be page aligned")
-        if n == 0 or mman.past_mapping(off, n, self.length):
-            raise ValueError("mmap_fixed must replace a non-empty part of this mapping")
-        end = off + -(-n // PS) * PS
-        for c in self.children:
-            lo = c.addr - self.addr
-            if not c.closed and lo < end and off < lo + c.length:
-                raise ValueError("mmap_fixed over another live MAP_FIXED mapping")
+        off, n = mman.mmap_fixed_range(self, offset, length)
         child = self.process.map_request(n, prot, flags, fd, file_offset, fixed=self.addr + off)
         child.parent = self
         self.children.append(child)
