@@ -24,7 +24,7 @@ import numpy as np
 
 import guestmem
 import guestmem.uapi as u
-from guestmem import bench_cguest, bench_vmm
+from guestmem import bench_cguest, bench_vmm, native
 from guestmem.errors import KvmError
 from guestmem.guest.ops import Program, Touch, Verify, Write
 
@@ -515,4 +515,6 @@ def run_all(quick: bool = False, only: list[str] | None = None) -> dict[str, Any
         result[name] = benches[name]()
         gc.collect()
     result["total_s"] = time.perf_counter() - t
+    # Which compiled accelerators ran (``GUESTMEM_PURE=1`` runs the Python paths instead).
+    result["implementations"] = native.implementations()
     return result

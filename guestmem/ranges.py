@@ -46,10 +46,10 @@ from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
-try:
-    from guestmem import _rangemap as _native  # type: ignore[attr-defined]
-except ImportError:  # not built (no compiler at install time): the Python chunked layout serves
-    _native = None
+from guestmem import native
+
+# Not built (no compiler at install time) or GUESTMEM_PURE set: the Python chunked layout serves.
+_native = native.load("_rangemap")
 
 V = TypeVar("V")
 

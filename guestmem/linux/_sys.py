@@ -16,6 +16,7 @@ import os
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from guestmem import native
 from guestmem.errors import KvmError
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
@@ -30,14 +31,11 @@ _ioctl.restype = ctypes.c_int
 _ioctl_gil = ctypes.PyDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).ioctl
 _ioctl_gil.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong]
 _ioctl_gil.restype = ctypes.c_int
-try:
-    from guestmem.linux import _fastioctl  # type: ignore[attr-defined]
-
-    FAST_PATH = "c-extension"
+# Not built (no compiler at install time) or GUESTMEM_PURE set: the ctypes path does the same.
+_fastioctl = native.load("linux._fastioctl")
+FAST_PATH = "c-extension" if _fastioctl is not None else "ctypes"
+if _fastioctl is not None:
     _fastioctl.set_error_type(KvmError)
-except ImportError:  # not built (no compiler at install time): the ctypes path does the same
-    _fastioctl = None
-    FAST_PATH = "ctypes"
 
 _mmap_fn = _libc.mmap
 _mmap_fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
