@@ -11,4 +11,5 @@ from setuptools import Extension, setup
 setup(ext_modules=[
     Extension("guestmem.linux._fastioctl", ["guestmem/linux/_fastioctl.c"], optional=True),
     Extension("guestmem._rangemap", ["guestmem/_rangemap.c"], optional=True),
+    Extension("guestmem.model._fastconv", ["guestmem/model/_fastconv.c"], optional=True),
 ])

@@ -20,6 +20,7 @@ from typing import Protocol
 
 import numpy as np
 
+from guestmem import native
 from guestmem import uapi as u
 from guestmem.args import as_bytes, mapping_range, pin_range, u8, u64
 from guestmem.errors import GuestAccessFault, KvmError
@@ -31,6 +32,9 @@ MADV_REMOVE = 9
 PS = u.PAGE_SIZE
 _MMAP_BASE = 0x7F00_0000_0000  # model addresses grow down from here, like the kernel's mmap_base
 _MMAP_MIN = 0x1_0000_0000  # below this the model's address space is "full" (ENOMEM)
+# The compiled one-page MADV_REMOVE (guestmem/model/_fastconv.c; configured by the KVM model, and
+# refusing everything until then), or None: the Python madvise below is the reference.
+_FAST = native.load("model._fastconv")
 PROT_READ, PROT_WRITE = 0x1, 0x2
 PROT_RW = PROT_READ | PROT_WRITE
 U64 = 1 << 64
@@ -407,6 +411,9 @@ class ModelMapping:
         :meth:`guestmem.api.Mapping.madvise` for each one's meaning and errnos."""
         from guestmem import mman
 
+        fast = _FAST  # MADV_REMOVE of one page with nothing to free or zap, compiled
+        if fast is not None and fast.discard_one(self, offset, length, advice) is None:
+            return
         off, n = u64(offset, "offset"), u64(length, "length")
         value = mman.check_advice(advice)
         off, n = self._range("madvise", off, n, errno.ENOMEM)
