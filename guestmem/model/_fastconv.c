@@ -7,7 +7,7 @@
  * general-purpose range code.  This module specialises their common case: one page, the per-VM
  * attribute store, nothing mapped in the SPTEs of that gfn, no explorer, no lock held.
  *
- * The contract (docs/design.md, "Accelerators"): every entry first checks every precondition of the
+ * The accelerator contract (guestmem/native.py): every entry first checks every precondition of the
  * case it handles, reading state only; if one fails it returns NotImplemented before changing
  * anything and the Python path (the reference, unchanged) runs from a clean state.  When it does
  * run it makes exactly the changes, in the same maps, with the same counters, that the Python path
@@ -104,7 +104,13 @@ static int rm_open(RM *r, PyObject *map, int edit) {
     if ((PyObject *)t == FlatType) {
         r->kind = RM_FLAT;
         r->starts = PyObject_GetAttr(map, s_starts);
-        r->ends = r->starts ? PyObject_GetAttr(map, s_ends) : NULL;
+        if (r->starts == NULL || !PyList_CheckExact(r->starts)) goto refuse;
+        if (!edit && PyList_GET_SIZE(r->starts) == 0) { /* empty: only the default is ever read */
+            r->deflt = PyObject_GetAttr(map, s_default);
+            if (r->deflt == NULL) goto refuse;
+            return 1;
+        }
+        r->ends = PyObject_GetAttr(map, s_ends);
         r->values = r->ends ? PyObject_GetAttr(map, s_values) : NULL;
         r->deflt = r->values ? PyObject_GetAttr(map, s_default) : NULL;
         if (r->deflt == NULL) goto refuse;
@@ -344,6 +350,8 @@ static int set_ll(PyObject *obj, PyObject *name, long long value) {
     return rc;
 }
 
+static int named_locks_free(PyObject *owner, PyObject *const *lock_names, int nlocks);
+
 /* No explorer installed, this thread holds no named lock, and nobody holds ``lock_names``' locks of
    ``owner``: what lets an entry act as if it took and released them in one step. */
 static int no_locks_held(PyObject *owner, PyObject *const *lock_names, int nlocks) {
@@ -360,6 +368,11 @@ static int no_locks_held(PyObject *owner, PyObject *const *lock_names, int nlock
     int empty = PyList_CheckExact(stack) && PyList_GET_SIZE(stack) == 0;
     Py_DECREF(stack);
     if (!empty) return 0;
+    return named_locks_free(owner, lock_names, nlocks);
+}
+
+/* Nobody holds these NamedLocks of ``owner`` (their threading.Lock is not locked). */
+static int named_locks_free(PyObject *owner, PyObject *const *lock_names, int nlocks) {
     for (int i = 0; i < nlocks; i++) {
         PyObject *named = PyObject_GetAttr(owner, lock_names[i]);
         PyObject *raw = named ? PyObject_GetAttr(named, s_lock) : NULL;
@@ -405,6 +418,16 @@ static const int ORDERS[2] = {9, 18};
 typedef struct {
     long long in_progress, range_start, range_end, seq;
 } Inval;
+
+/* Write back an MMU's invalidation state: only the fields whose value changed (the Python path
+   stores an equal int where it adds and subtracts one; nothing can tell the two apart). */
+static int store_inval(PyObject *mmu, const Inval *before, const Inval *after) {
+    if (after->in_progress != before->in_progress && set_ll(mmu, s_in_progress, after->in_progress)) return -1;
+    if (after->range_start != before->range_start && set_ll(mmu, s_range_start, after->range_start)) return -1;
+    if (after->range_end != before->range_end && set_ll(mmu, s_range_end, after->range_end)) return -1;
+    if (after->seq != before->seq && set_ll(mmu, s_seq, after->seq)) return -1;
+    return 0;
+}
 
 static void range_add(Inval *v, long long start, long long end) {
     if (v->range_start == -1) {
@@ -555,6 +578,7 @@ static PyObject *set_attributes_one(PyObject *self, PyObject *const *args, Py_ss
             goto refuse;
     }
 
+    Inval inv0 = inv;
     /* ---- the change: attributes.apply_vm_attributes' steps, in its order ---- */
     if (!ntg) {
         if (rm_set(&amap, gfn, gfn + 1, attributes)) goto error;
@@ -618,9 +642,7 @@ static PyObject *set_attributes_one(PyObject *self, PyObject *const *args, Py_ss
     /* invalidate_end */
     inv.seq += 1;
     inv.in_progress -= 1;
-    if (set_ll(mmu, s_in_progress, inv.in_progress) || set_ll(mmu, s_range_start, inv.range_start) ||
-        set_ll(mmu, s_range_end, inv.range_end) || set_ll(mmu, s_seq, inv.seq))
-        goto error;
+    if (store_inval(mmu, &inv0, &inv)) goto error;
     if (bump(stats, s_conversions)) goto error;
     result = Py_NewRef(Py_None);
     goto out;
@@ -689,7 +711,7 @@ static int lock_free(PyObject *owner, PyObject *name) {
 typedef struct {
     PyObject *vm; /* new reference */
     PyObject *mmu;
-    Inval inv;
+    Inval inv0, inv; /* as read, as it will be */
 } VmNote;
 
 static PyObject *discard_one(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
@@ -820,12 +842,13 @@ static PyObject *discard_one(PyObject *self, PyObject *const *args, Py_ssize_t n
             VmNote *vn = &vms[nvms++];
             vn->vm = Py_NewRef(vm);
             PyObject *names[1] = {s_mmu_lock};
-            if (!no_locks_held(vm, names, 1)) goto refuse;
+            if (!named_locks_free(vm, names, 1)) goto refuse; /* (explorer and this thread: above) */
             if (!(vn->mmu = PyObject_GetAttr(vm, s_mmu))) goto refuse;
             if (get_ll(vn->mmu, s_in_progress, &vn->inv.in_progress) != 1 ||
                 get_ll(vn->mmu, s_range_start, &vn->inv.range_start) != 1 ||
                 get_ll(vn->mmu, s_range_end, &vn->inv.range_end) != 1 || get_ll(vn->mmu, s_seq, &vn->inv.seq) != 1)
                 goto refuse;
+            vn->inv0 = vn->inv;
         }
     }
     /* Simulate each VM's invalidate_range_start/end pairs (vm.py), refusing an SPTE to zap. */
@@ -901,9 +924,7 @@ static PyObject *discard_one(PyObject *self, PyObject *const *args, Py_ssize_t n
         if (rm_set(&mapped[k], mpage[k], mpage[k] + 1, Py_False)) goto error;
     for (int v = 0; v < nvms; v++) {
         VmNote *vn = &vms[v];
-        if (set_ll(vn->mmu, s_in_progress, vn->inv.in_progress) || set_ll(vn->mmu, s_range_start, vn->inv.range_start) ||
-            set_ll(vn->mmu, s_range_end, vn->inv.range_end) || set_ll(vn->mmu, s_seq, vn->inv.seq))
-            goto error;
+        if (store_inval(vn->mmu, &vn->inv0, &vn->inv)) goto error;
     }
     result = Py_NewRef(Py_None);
     goto out;
