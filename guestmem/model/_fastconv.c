@@ -18,7 +18,8 @@
  * (only C methods of lists, dicts, ints, threading.Lock and the compiled RangeMap core), so no
  * other thread can run in between; the entry checks that neither lock is held by anyone (and that
  * this thread holds no named lock at all, so the lock order cannot be violated) and then does the
- * work as if it had taken and released both locks in one step.  Anything that would run Python code
+ * work as if it had taken and released both locks in one step; the cyclic GC is paused meanwhile, so
+ * no finalizer can run Python code in the middle.  Anything that would run Python code
  * (a RangeMap about to change layout, an SPTE to zap, an explorer, a non-int value) is refused by
  * the checks, before any change.
  *
@@ -336,8 +337,12 @@ static int get_ll(PyObject *obj, PyObject *name, long long *out) {
         PyErr_Clear();
         return 0;
     }
-    int ok = key_fits(v);
-    if (ok) *out = key_of(v);
+    int ok = 0;
+    if (PyLong_CheckExact(v)) {
+        int overflow;
+        *out = PyLong_AsLongLongAndOverflow(v, &overflow);
+        ok = !overflow;
+    }
     Py_DECREF(v);
     return ok;
 }
@@ -483,6 +488,7 @@ static PyObject *set_attributes_one(PyObject *self, PyObject *const *args, Py_ss
     int ntg = 0;
     memset(tg, 0, sizeof tg);
     long long fd;
+    int gc_was_on = 0;
 
     /* ---- preconditions: reads only ---- */
     if (!(system = PyObject_GetAttr(vm, s_system))) goto refuse;
@@ -504,6 +510,7 @@ static PyObject *set_attributes_one(PyObject *self, PyObject *const *args, Py_ss
         PyObject *names[2] = {s_slots_lock, s_mmu_lock};
         if (!no_locks_held(vm, names, 2)) goto refuse;
     }
+    gc_was_on = PyGC_Disable(); /* no finalizer (Python code) may run from here on */
     if (!(attrmap_obj = PyObject_GetAttr(vm, s_attributes))) goto refuse;
     if (rm_open(&amap, attrmap_obj, 1) != 1) goto refuse;
     if (!(cur = rm_get(&amap, gfn))) goto error;
@@ -654,6 +661,7 @@ refuse:
 error:
     result = NULL;
 out:
+    if (gc_was_on) PyGC_Enable();
     for (int k = 0; k < MAX_TARGETS; k++) {
         Py_XDECREF(tg[k].slot);
         Py_XDECREF(tg[k].lpage);
@@ -742,6 +750,7 @@ static PyObject *discard_one(PyObject *self, PyObject *const *args, Py_ssize_t n
     memset(mapped, 0, sizeof mapped);
     memset(vms, 0, sizeof vms);
     long long mlen, pgoff;
+    int gc_was_on = 0;
 
     if (!(process = PyObject_GetAttr(mp, s_process))) goto refuse;
     if (!(deferred = PyObject_GetAttr(process, s_deferred)) || PyObject_Length(deferred) != 0) goto refuse;
@@ -758,6 +767,7 @@ static PyObject *discard_one(PyObject *self, PyObject *const *args, Py_ssize_t n
     if (!(cache = PyObject_GetAttr(file, s_cache)) || (PyObject *)Py_TYPE(cache) != PageCacheType) goto refuse;
     long long start = pgoff + off / (long long)PAGE, end = start + 1;
     if (!no_locks_held(mp, NULL, 0)) goto refuse;
+    gc_was_on = PyGC_Disable(); /* no finalizer (Python code) may run from here on */
     if (!lock_free(process, s_lock) || !lock_free(cache, s_lock)) goto refuse;
 
     /* page cache: remove()'s early return (a hole with nothing recorded), or the Python path */
@@ -936,6 +946,7 @@ refuse:
 error:
     result = NULL;
 out:
+    if (gc_was_on) PyGC_Enable();
     for (int k = 0; k < MAX_MAPS; k++) {
         Py_XDECREF(maps[k]);
         rm_close(&mapped[k]);

@@ -280,3 +280,44 @@ def test_closed_vm_and_mapping_refuse() -> None:
     with pytest.raises(KvmError) as ei:
         extra.madvise(0, PAGE, MADV_REMOVE)
     assert ei.value.errno == errno.EBADF
+
+
+def test_a_lock_held_elsewhere_sends_the_call_to_python() -> None:
+    """Where another thread holds slots_lock, mmu_lock, the process's lock or the page cache's, the
+    compiled path refuses (the Python path would wait for it), changing nothing."""
+    import threading
+
+    m = _machine("tdx")
+    r = m.regions[0]
+    vm = r.vm
+    locks = {
+        "slots_lock": (vm.slots_lock(), "attr"),
+        "mmu_lock": (vm.mmu_lock(), "both"),
+        "process": (vm.system.process._lock, "remove"),
+        "cache": (r.shared.file.cache._lock, "remove"),
+    }
+    for name, (lock, which) in locks.items():
+        before = state(m, [])  # (it takes the locks itself: not while another thread holds one)
+        held, release = threading.Event(), threading.Event()
+
+        def hold(lock: object = lock, held: threading.Event = held,
+                 release: threading.Event = release) -> None:
+            with lock:  # type: ignore[attr-defined]
+                held.set()
+                release.wait(30)
+
+        t = threading.Thread(target=hold)
+        t.start()
+        held.wait(30)
+        try:
+            if which in ("attr", "both"):
+                assert FAST.set_attributes_one(vm, GPA + PAGE, PAGE, PRIV, 0) is NotImplemented, name
+            if which in ("remove", "both"):
+                assert FAST.discard_one(r.shared, PAGE, PAGE, MADV_REMOVE) is NotImplemented, name
+        finally:
+            release.set()
+            t.join(30)
+        assert state(m, []) == before, name
+    assert FAST.set_attributes_one(vm, GPA + PAGE, PAGE, PRIV, 0) is None
+    assert FAST.discard_one(r.shared, PAGE, PAGE, MADV_REMOVE) is None
+    vm.check_invariants()
