@@ -30,6 +30,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <structmember.h>
 #include <limits.h>
 
 #define PAGE 4096ULL
@@ -50,6 +51,19 @@ static PyObject *s_starts, *s_ends, *s_values, *s_core, *s_default, *s_LOAD, *s_
     *s_mappings, *s_addr, *s_mapped, *s_notifiers, *s_userspace_addr;
 
 #define NI() Py_NewRef(Py_NotImplemented)
+
+/* Byte offsets of RangeMap's __slots__ (_starts, _ends, _values, default, _core) in its instances,
+   read from the class's member descriptors by configure(): the same read PyMember_GetOne makes,
+   without the attribute lookup (every map read here is of exactly that class or its native
+   subclass, which adds no slots).  -1 until configured. */
+static Py_ssize_t off_starts = -1, off_ends = -1, off_values = -1, off_default = -1, off_core = -1;
+
+/* A slot's value as a new reference, or NULL (no exception) when it is unset. */
+static PyObject *slot_get(PyObject *obj, Py_ssize_t off) {
+    PyObject *v = *(PyObject **)((char *)obj + off);
+    Py_XINCREF(v);
+    return v;
+}
 
 /* ---- RangeMap access ------------------------------------------------------------------------- */
 
@@ -104,16 +118,17 @@ static int rm_open(RM *r, PyObject *map, int edit) {
     }
     if ((PyObject *)t == FlatType) {
         r->kind = RM_FLAT;
-        r->starts = PyObject_GetAttr(map, s_starts);
+        r->starts = slot_get(map, off_starts);
         if (r->starts == NULL || !PyList_CheckExact(r->starts)) goto refuse;
         if (!edit && PyList_GET_SIZE(r->starts) == 0) { /* empty: only the default is ever read */
-            r->deflt = PyObject_GetAttr(map, s_default);
+            r->deflt = slot_get(map, off_default);
             if (r->deflt == NULL) goto refuse;
             return 1;
         }
-        r->ends = PyObject_GetAttr(map, s_ends);
-        r->values = r->ends ? PyObject_GetAttr(map, s_values) : NULL;
-        r->deflt = r->values ? PyObject_GetAttr(map, s_default) : NULL;
+        r->ends = slot_get(map, off_ends);
+        r->values = slot_get(map, off_values);
+        r->deflt = slot_get(map, off_default);
+        if (r->ends == NULL || r->values == NULL) goto refuse;
         if (r->deflt == NULL) goto refuse;
         if (!PyList_CheckExact(r->starts) || !PyList_CheckExact(r->ends) || !PyList_CheckExact(r->values))
             goto refuse;
@@ -129,7 +144,7 @@ static int rm_open(RM *r, PyObject *map, int edit) {
     }
     if (NativeType != Py_None && (PyObject *)t == NativeType) {
         r->kind = RM_NATIVE;
-        r->core = PyObject_GetAttr(map, s_core);
+        r->core = slot_get(map, off_core);
         r->deflt = r->core ? PyObject_GetAttr(r->core, s_default) : NULL;
         if (r->deflt == NULL) goto refuse;
         Py_ssize_t n = PyObject_Length(r->core);
@@ -330,6 +345,18 @@ done:
 
 /* ---- small helpers ------------------------------------------------------------------------------ */
 
+/* The lock methods this module calls, taken from their types once (module init): a call through
+   the descriptor skips the per-call method lookup.  Other lock types go the general way. */
+static PyObject *LockType, *RLockType, *lock_locked, *rlock_acquire, *rlock_release;
+
+static PyObject *call_lock_method(PyObject *lock, PyObject *type, PyObject *descr, PyObject *name,
+                                  PyObject *arg) {
+    PyObject *args[2] = {lock, arg};
+    if (descr != NULL && (PyObject *)Py_TYPE(lock) == type)
+        return PyObject_Vectorcall(descr, args, arg ? 2 : 1, NULL);
+    return arg ? PyObject_CallMethodOneArg(lock, name, arg) : PyObject_CallMethodNoArgs(lock, name);
+}
+
 /* An attribute that must be an exact int within long long: 1 with *out set, 0 refused, -1 error. */
 static int get_ll(PyObject *obj, PyObject *name, long long *out) {
     PyObject *v = PyObject_GetAttr(obj, name);
@@ -382,7 +409,7 @@ static int named_locks_free(PyObject *owner, PyObject *const *lock_names, int nl
         PyObject *named = PyObject_GetAttr(owner, lock_names[i]);
         PyObject *raw = named ? PyObject_GetAttr(named, s_lock) : NULL;
         Py_XDECREF(named);
-        PyObject *locked = raw ? PyObject_CallMethodNoArgs(raw, s_locked) : NULL;
+        PyObject *locked = raw ? call_lock_method(raw, LockType, lock_locked, s_locked, NULL) : NULL;
         Py_XDECREF(raw);
         if (locked != Py_False) {
             Py_XDECREF(locked);
@@ -703,11 +730,11 @@ static int lock_free(PyObject *owner, PyObject *name) {
         PyErr_Clear();
         return 0;
     }
-    PyObject *got = PyObject_CallMethodOneArg(lock, s_acquire, Py_False);
+    PyObject *got = call_lock_method(lock, RLockType, rlock_acquire, s_acquire, Py_False);
     int ok = got == Py_True;
     Py_XDECREF(got);
     if (ok) {
-        PyObject *r = PyObject_CallMethodNoArgs(lock, s_release);
+        PyObject *r = call_lock_method(lock, RLockType, rlock_release, s_release, NULL);
         if (r == NULL) ok = 0;
         Py_XDECREF(r);
     }
@@ -812,8 +839,9 @@ static PyObject *discard_one(PyObject *self, PyObject *const *args, Py_ssize_t n
             PyObject *mf = PyObject_GetAttr(m, s_file);
             Py_XDECREF(mf);
             if (mf != file) continue;
-            long long ml, mpg, maddr;
-            if (get_ll(m, s_length, &ml) != 1 || get_ll(m, s_pgoff, &mpg) != 1 || get_ll(m, s_addr, &maddr) != 1)
+            long long ml = mlen, mpg = pgoff, maddr;
+            if ((m != mp && (get_ll(m, s_length, &ml) != 1 || get_ll(m, s_pgoff, &mpg) != 1)) ||
+                get_ll(m, s_addr, &maddr) != 1)
                 goto refuse;
             long long npages = (ml + (long long)PAGE - 1) / (long long)PAGE;
             long long a = start > mpg ? start : mpg, b = end < mpg + npages ? end : mpg + npages;
@@ -981,6 +1009,21 @@ static PyObject *configure(PyObject *self, PyObject *const *args, Py_ssize_t nar
         PyErr_SetString(PyExc_TypeError, "configure: types and modules expected");
         return NULL;
     }
+    {
+        PyObject *names[5] = {s_starts, s_ends, s_values, s_default, s_core};
+        Py_ssize_t *offs[5] = {&off_starts, &off_ends, &off_values, &off_default, &off_core};
+        for (int i = 0; i < 5; i++) {
+            PyObject *d = PyDict_GetItemWithError(((PyTypeObject *)args[0])->tp_dict, names[i]);
+            if (d == NULL || Py_TYPE(d) != &PyMemberDescr_Type ||
+                ((PyMemberDescrObject *)d)->d_member->type != T_OBJECT_EX) {
+                if (!PyErr_Occurred())
+                    PyErr_Format(PyExc_TypeError, "configure: %R is not a __slots__ member of the flat RangeMap",
+                                 names[i]);
+                return NULL;
+            }
+            *offs[i] = ((PyMemberDescrObject *)d)->d_member->offset;
+        }
+    }
     Py_XSETREF(FlatType, Py_NewRef(args[0]));
     Py_XSETREF(NativeType, Py_NewRef(args[1]));
     Py_XSETREF(RangesDict, Py_NewRef(PyModule_GetDict(args[2])));
@@ -1074,5 +1117,22 @@ PyMODINIT_FUNC PyInit__fastconv(void) {
     INTERN(s_notifiers, "_notifiers");
     INTERN(s_userspace_addr, "userspace_addr");
     if (!(s_nine = PyLong_FromLong(9)) || !(s_eighteen = PyLong_FromLong(18))) return NULL;
+    {
+        PyObject *thread = PyImport_ImportModule("_thread");
+        if (thread == NULL) return NULL;
+        PyObject *lock = PyObject_CallMethod(thread, "allocate_lock", NULL);
+        RLockType = PyObject_GetAttrString(thread, "RLock");
+        Py_DECREF(thread);
+        if (lock == NULL || RLockType == NULL) {
+            Py_XDECREF(lock);
+            return NULL;
+        }
+        LockType = Py_NewRef((PyObject *)Py_TYPE(lock));
+        Py_DECREF(lock);
+        lock_locked = PyObject_GetAttr(LockType, s_locked);
+        rlock_acquire = PyObject_GetAttr(RLockType, s_acquire);
+        rlock_release = PyObject_GetAttr(RLockType, s_release);
+        if (!lock_locked || !rlock_acquire || !rlock_release) return NULL;
+    }
     return PyModule_Create(&moddef);
 }
