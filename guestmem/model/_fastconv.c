@@ -1011,8 +1011,9 @@ static PyObject *configure(PyObject *self, PyObject *const *args, Py_ssize_t nar
     }
     {
         PyObject *names[5] = {s_starts, s_ends, s_values, s_default, s_core};
+        Py_ssize_t found[5];
         Py_ssize_t *offs[5] = {&off_starts, &off_ends, &off_values, &off_default, &off_core};
-        for (int i = 0; i < 5; i++) {
+        for (int i = 0; i < 5; i++) { /* all found before any is stored: a refusal changes nothing */
             PyObject *d = PyDict_GetItemWithError(((PyTypeObject *)args[0])->tp_dict, names[i]);
             if (d == NULL || Py_TYPE(d) != &PyMemberDescr_Type ||
                 ((PyMemberDescrObject *)d)->d_member->type != T_OBJECT_EX) {
@@ -1021,8 +1022,9 @@ static PyObject *configure(PyObject *self, PyObject *const *args, Py_ssize_t nar
                                  names[i]);
                 return NULL;
             }
-            *offs[i] = ((PyMemberDescrObject *)d)->d_member->offset;
+            found[i] = ((PyMemberDescrObject *)d)->d_member->offset;
         }
+        for (int i = 0; i < 5; i++) *offs[i] = found[i];
     }
     Py_XSETREF(FlatType, Py_NewRef(args[0]));
     Py_XSETREF(NativeType, Py_NewRef(args[1]));

@@ -321,3 +321,28 @@ def test_a_lock_held_elsewhere_sends_the_call_to_python() -> None:
     assert FAST.set_attributes_one(vm, GPA + PAGE, PAGE, PRIV, 0) is None
     assert FAST.discard_one(r.shared, PAGE, PAGE, MADV_REMOVE) is None
     vm.check_invariants()
+
+
+def test_a_class_it_was_not_written_for_switches_it_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """configure() refuses a RangeMap class without the slots it reads, changing nothing (the
+    module keeps working), and configure_fast then turns the accelerator off for the process."""
+
+    class NoSlots:
+        pass
+
+    with pytest.raises(TypeError):
+        FAST.configure(NoSlots, None, ranges, sync, sync._held, object, object, object)
+    m = _machine("snp")
+    assert FAST.set_attributes_one(m.regions[0].vm, GPA, PAGE, PRIV, 0) is None  # still configured
+
+    class Refusing:
+        def configure(self, *args: object) -> None:
+            raise TypeError("not the classes it was written for")
+
+    monkeypatch.setattr(attributes_mod, "FAST", Refusing())
+    monkeypatch.setattr(process_mod, "_FAST", FAST)
+    attributes_mod.configure_fast(object, object, object)
+    assert attributes_mod.FAST is None and process_mod._FAST is None
+    m.regions[0].vm.set_memory_attributes(GPA + PAGE, PAGE, PRIV)  # the Python path
+    m.regions[0].discard_shared(GPA + PAGE, PAGE)
+    m.regions[0].vm.check_invariants()

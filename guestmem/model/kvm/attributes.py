@@ -33,10 +33,19 @@ FAST = native.load("model._fastconv")
 
 def configure_fast(vm_type: type, shmem_type: type, pagecache_type: type) -> None:
     """Give the compiled one-page paths the classes whose objects they may read and edit: a map of
-    any other class, a notifier that is not a model VM, a file that is not shmem is refused."""
-    if FAST is not None:
-        FAST.configure(ranges.RangeMap, ranges._NativeRangeMap, ranges, sync, sync._held, vm_type,
-                       shmem_type, pagecache_type)
+    any other class, a notifier that is not a model VM, a file that is not shmem is refused.  If
+    the classes are not what the compiled code was written for (RangeMap's slots changed), it is
+    switched off here, and the Python paths do everything."""
+    global FAST
+    if FAST is None:
+        return
+    try:
+        FAST.configure(ranges.RangeMap, getattr(ranges, "_NativeRangeMap", None), ranges, sync,
+                       sync._held, vm_type, shmem_type, pagecache_type)
+    except (TypeError, AttributeError):
+        from guestmem.model import process
+
+        FAST = process._FAST = None
 
 
 def set_vm_memory_attributes(vm: ModelVm, address: int, size: int, attributes: int, flags: int) -> None:
