@@ -44,12 +44,16 @@ from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterator
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from guestmem import native
 
-# Not built (no compiler at install time) or GUESTMEM_PURE set: the Python chunked layout serves.
+# Not built (no compiler at install time) or GUESTMEM_PURE set: the Python layouts serve.
 _native = native.load("_rangemap")
+# The compiled module as imported, whatever ``_native`` is later set to: when built, every layout's
+# class derives from its ``Core`` (so ``__class__`` can switch between them, and the compiled
+# layout's methods are the C ones themselves, with no Python call in between).
+_CORE = _native
 
 V = TypeVar("V")
 
@@ -70,18 +74,36 @@ _NATIVE_LOAD = 128
 _I64_MIN, _I64_MAX = -(1 << 63), (1 << 63) - 1
 
 
-class RangeMap(Generic[V]):
+class _PyBase:
+    """The base of every layout when the compiled core is absent: the ``default`` slot (the
+    compiled ``Core`` holds it otherwise)."""
+
+    __slots__ = ("default",)
+
+
+_Base: Any = _PyBase if _CORE is None else _CORE.Core
+
+
+class RangeMap(_Base, Generic[V]):
     """Integer intervals -> values, ``default`` elsewhere; equal neighbours always merged.
 
-    This class is the flat layout; a map that grows large turns itself into the chunked one.
+    This class is the flat layout; a new map takes the compiled layout instead where it is built
+    (and ``_native`` is set), and a flat map that grows large turns itself into the chunked one.
     """
 
-    # Flat layout: _starts/_ends/_values.  Chunked layout: _mins/_ss/_es/_vs/_len.
-    # Native layout: _core.
-    __slots__ = ("_core", "_ends", "_es", "_len", "_mins", "_ss", "_starts", "_values", "_vs", "default")
+    # Flat layout: _starts/_ends/_values.  Chunked layout: _mins/_ss/_es/_vs/_len.  Compiled
+    # layout: the fields of the ``Core`` base.
+    __slots__ = ("_ends", "_es", "_len", "_mins", "_ss", "_starts", "_values", "_vs")
+
+    default: V
 
     def __init__(self, default: V) -> None:
-        self.default: V = default
+        if _native is not None:  # the compiled layout (Core.__new__ stored default)
+            self.__class__ = _NativeRangeMap
+            if _LOAD < _NATIVE_LOAD:
+                self._reset(_LOAD)
+            return
+        self.default = default
         self._starts: list[int] = []
         self._ends: list[int] = []
         self._values: list[V] = []
@@ -207,19 +229,20 @@ class RangeMap(Generic[V]):
             self._grow()
 
     def _grow(self) -> None:
-        """Leave the flat layout: for the native one where it is built and takes these keys."""
+        """Leave the flat layout: for the compiled one where it is built and takes these keys, else
+        (when large) for the chunked one."""
         if _native is not None:
-            core = _native.Core(self.default, min(_LOAD, _NATIVE_LOAD))
             try:
-                core.load(self._starts, self._ends, self._values)
+                self._reset(min(_LOAD, _NATIVE_LOAD))
+                self._load(self._starts, self._ends, self._values)
             except _native.Unsupported:  # a key beyond int64 (or not an int): stay in Python
                 pass
             else:
-                self._core = core
                 self._starts, self._ends, self._values = [], [], []
                 self.__class__ = _NativeRangeMap
                 return
-        self._to_chunked()
+        if len(self._starts) > 2 * _LOAD:
+            self._to_chunked()
 
     def _to_chunked(self) -> None:
         """Switch to the chunked layout: cut the flat lists into chunks of ``_LOAD``."""
@@ -248,11 +271,22 @@ class RangeMap(Generic[V]):
 
     def copy(self) -> RangeMap[V]:
         """An independent map with the same intervals (values are shared, not copied)."""
-        other: RangeMap[V] = RangeMap(self.default)
+        other = _new_flat(self.default)
         other._starts = self._starts.copy()
         other._ends = self._ends.copy()
         other._values = self._values.copy()
         return other
+
+    def __reduce__(self) -> tuple[Callable[..., RangeMap[V]], tuple[object, ...]]:
+        """Pickle and ``copy.deepcopy`` through the intervals (whatever the layout)."""
+        starts: list[int] = []
+        ends: list[int] = []
+        values: list[V] = []
+        for s, e, v in self.items():
+            starts.append(s)
+            ends.append(e)
+            values.append(v)
+        return _rebuild, (self.default, starts, ends, values)
 
     def check(self) -> None:
         """Assert the representation invariants (sorted, disjoint, non-empty, merged, no default)."""
@@ -484,7 +518,7 @@ class _ChunkedRangeMap(RangeMap[V]):
 
     def copy(self) -> RangeMap[V]:
         """An independent map with the same intervals (values are shared, not copied)."""
-        other: RangeMap[V] = RangeMap(self.default)
+        other = _new_flat(self.default)
         other.__class__ = _ChunkedRangeMap
         other._mins = self._mins.copy()
         other._ss = [s.copy() for s in self._ss]
@@ -512,122 +546,98 @@ class _ChunkedRangeMap(RangeMap[V]):
             prev_end, prev_v = e, v
 
 
-class _NativeRangeMap(RangeMap[V]):
-    """The native layout of a large :class:`RangeMap`: ``_core`` is a ``guestmem._rangemap.Core``.
-
-    Every method hands the work to the core; a key the core cannot hold (``Unsupported``, raised
-    before anything changed) moves the map to the Python chunked layout, which then answers.
-    """
-
-    __slots__ = ()
-
-    def __len__(self) -> int:
-        return len(self._core)
-
-    def get(self, index: int) -> V:
-        """The value at ``index``."""
-        try:
-            value: V = self._core.get(index)
-        except _native.Unsupported:
-            self._to_python()
-            return self.get(index)
-        return value
-
-    __getitem__ = get
-
-    def items(self) -> Iterator[tuple[int, int, V]]:
-        """The stored intervals, in order (default-valued gaps are not yielded)."""
-        it: Iterator[tuple[int, int, V]] = self._core.items()
-        return it
-
-    def segments(self, start: int, end: int) -> Iterator[tuple[int, int, V]]:
-        """Cover ``[start, end)`` exactly with maximal pieces ``(s, e, value)``, gaps as ``default``."""
-        try:
-            it: Iterator[tuple[int, int, V]] = self._core.segments(start, end)
-        except _native.Unsupported:
-            if type(start) is int and type(end) is int:
-                return self._segments_wide(start, end)
-            self._to_python()
-            return self.segments(start, end)
-        return it
-
-    def _segments_wide(self, start: int, end: int) -> Iterator[tuple[int, int, V]]:
-        """``segments`` for int bounds beyond int64: every stored key is within it, so the pieces
-        are the core's over the clamped bounds, with the default gaps at either end widened."""
-        if start >= end:
-            return
-        lo, hi = max(start, _I64_MIN), min(end, _I64_MAX)
-        default = self.default
-        if lo >= hi:
-            yield start, end, default
-            return
-        pieces = list(self._core.segments(lo, hi))
-        _, e0, v0 = pieces[0]
-        if start < lo:
-            if v0 is default:  # a gap (stored values never equal default): widen it
-                pieces[0] = (start, e0, v0)
-            else:
-                pieces.insert(0, (start, lo, default))
-        s1, _, v1 = pieces[-1]
-        if end > hi:
-            if v1 is default:
-                pieces[-1] = (s1, end, v1)
-            else:
-                pieces.append((hi, end, default))
-        yield from pieces
-
-    def set(self, start: int, end: int, value: V) -> None:
-        """Assign ``value`` to ``[start, end)`` (``default`` erases), merging equal neighbours."""
-        try:
-            n: int = self._core.set(start, end, value)
-        except _native.Unsupported:
-            self._to_python()
-            self.set(start, end, value)
-            return
-        if n < _LOAD // 2:
-            self._to_flat_from_native()
-
-    def _to_flat_from_native(self) -> None:
-        self._starts, self._ends, self._values = self._core.export()
-        del self._core
-        self.__class__ = RangeMap
-
-    def _to_python(self) -> None:
-        """Move to the Python chunked layout (a key the core cannot hold has arrived)."""
-        self._starts, self._ends, self._values = self._core.export()
-        del self._core
-        self.__class__ = RangeMap
-        self._to_chunked()
-
-    def clear(self) -> None:
-        """Forget every interval: all indices hold ``default`` (and the map is flat again)."""
-        del self._core
-        self._starts, self._ends, self._values = [], [], []
-        self.__class__ = RangeMap
-
-    def copy(self) -> RangeMap[V]:
-        """An independent map with the same intervals (values are shared, not copied)."""
-        other: RangeMap[V] = RangeMap(self.default)
-        other._core = self._core.copy()
-        other.__class__ = _NativeRangeMap
-        return other
-
-    def __reduce__(self) -> tuple[Callable[..., RangeMap[V]], tuple[object, ...]]:
-        """Pickle and ``copy.deepcopy`` through the intervals (the core itself is not picklable)."""
-        starts, ends, values = self._core.export()
-        return _rebuild, (self.default, starts, ends, values)
-
-    def check(self) -> None:
-        """Assert the representation invariants (the core's structure, then the intervals)."""
-        self._core.check()
-        assert len(self) == sum(1 for _ in self.items())
-        RangeMap.check(self)
+def _new_flat(default: V) -> RangeMap[V]:
+    """An empty map in the flat layout, whatever ``_native`` says (``__init__`` is not run)."""
+    m: RangeMap[V] = _Base.__new__(RangeMap)
+    m.default = default
+    m._starts, m._ends, m._values = [], [], []
+    return m
 
 
 def _rebuild(default: V, starts: list[int], ends: list[int], values: list[V]) -> RangeMap[V]:
-    """A map holding these (sorted, merged) intervals: how a native map is unpickled."""
-    m: RangeMap[V] = RangeMap(default)
+    """A map holding these (sorted, merged) intervals, in the layout a new map of them would have:
+    how a map is unpickled and deep-copied."""
+    m = _new_flat(default)
     m._starts, m._ends, m._values = starts, ends, values
-    if len(starts) > 2 * _LOAD:
+    if _native is not None or len(starts) > 2 * _LOAD:
         m._grow()
     return m
+
+
+if _CORE is not None:
+    _Core = _CORE.Core
+
+    class _NativeRangeMap(RangeMap[V]):
+        """The compiled layout of a :class:`RangeMap`: its ``Core`` base holds the intervals, and
+        the methods below are the core's own (C, called with no Python frame in between).
+
+        A key the core cannot hold (not an exact int, or beyond int64) makes the core call
+        ``_unsupported`` before it changed anything: the map moves to a Python layout for good
+        and the call is made again there (a query with int bounds beyond int64 is answered here).
+        """
+
+        __slots__ = ()
+
+        get = _Core.get
+        __getitem__ = _Core.__getitem__
+        __len__ = _Core.__len__
+        set = _Core.set
+        segments = _Core.segments
+        all_equal = _Core.all_equal
+        any_match = _Core.any_match
+        items = _Core.items
+        clear = _Core.clear
+        copy = _Core.copy
+
+        def _unsupported(self, name: str, *args: Any) -> Any:
+            """Called by the core for a key it cannot hold, before it changed anything."""
+            if name == "segments" and type(args[0]) is int and type(args[1]) is int:
+                return self._segments_wide(args[0], args[1])
+            if name in ("all_equal", "any_match"):  # over segments, which knows what to do
+                return getattr(RangeMap, name)(self, *args)
+            self._to_python()
+            return getattr(self, name)(*args)
+
+        def _segments_wide(self, start: int, end: int) -> Iterator[tuple[int, int, V]]:
+            """``segments`` for int bounds beyond int64: every stored key is within it, so the
+            pieces are the core's over the clamped bounds, with the default gaps at either end
+            widened."""
+            if start >= end:
+                return
+            lo, hi = max(start, _I64_MIN), min(end, _I64_MAX)
+            default = self.default
+            if lo >= hi:
+                yield start, end, default
+                return
+            pieces = list(_Core.segments(self, lo, hi))
+            _, e0, v0 = pieces[0]
+            if start < lo:
+                if v0 is default:  # a gap (stored values never equal default): widen it
+                    pieces[0] = (start, e0, v0)
+                else:
+                    pieces.insert(0, (start, lo, default))
+            s1, _, v1 = pieces[-1]
+            if end > hi:
+                if v1 is default:
+                    pieces[-1] = (s1, end, v1)
+                else:
+                    pieces.append((hi, end, default))
+            yield from pieces
+
+        def _to_python(self) -> None:
+            """Move to a Python layout (a key the core cannot hold has arrived): flat, or chunked
+            when large."""
+            starts, ends, values = self._export()
+            _Core.clear(self)
+            self.__class__ = RangeMap
+            self._starts, self._ends, self._values = starts, ends, values
+            if len(starts) > 2 * _LOAD:
+                self._to_chunked()
+
+        def check(self) -> None:
+            """Assert the representation invariants (the core's structure, then the intervals)."""
+            self._check_core()
+            assert len(self) == sum(1 for _ in self.items())
+            RangeMap.check(self)
+
+    _CORE._register(_NativeRangeMap)
