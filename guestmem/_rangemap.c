@@ -289,22 +289,69 @@ static void core_clear_chunks(Core *m) {
     grave_empty(m);
 }
 
-/* Core(default=None, load=128).  RangeMap (a Python subclass) is created with (default): the
-   layout it takes is decided by ranges.py's __init__, which may call _reset(load). */
+static PyTypeObject *native_type; /* ranges._NativeRangeMap, registered by ranges.py */
+static PyTypeObject *flat_type;   /* ranges.RangeMap */
+static PyObject *ranges_globals;  /* ranges.py's module dict: _native, _LOAD, _NATIVE_LOAD */
+static PyObject *str_native, *str_load, *str_native_load;
+
+/* An int from ranges.py's globals (-1 with an exception set when it is missing or not an int). */
+static Py_ssize_t global_int(PyObject *name) {
+    PyObject *o = PyDict_GetItemWithError(ranges_globals, name);
+    if (o == NULL) {
+        if (!PyErr_Occurred()) PyErr_SetObject(PyExc_NameError, name);
+        return -1;
+    }
+    return PyLong_AsSsize_t(o);
+}
+
+/* Core(default=None, load=128).  ``RangeMap(default)`` arrives here first: while ranges._native is
+   set, the map is made as the compiled layout's class straight away, with chunks of
+   min(_LOAD, _NATIVE_LOAD) (read now: tests change them at run time), and no Python __init__
+   runs; otherwise RangeMap.__init__ makes it a flat Python map. */
 static PyObject *core_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"default", "load", NULL};
-    PyObject *deflt = Py_None;
-    Py_ssize_t load = 128;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|On:Core", kwlist, &deflt, &load)) return NULL;
+    PyObject *deflt = NULL;
+    Py_ssize_t load = -1;
+    if (kwds == NULL && PyTuple_GET_SIZE(args) == 1) /* RangeMap(default): the common call */
+        deflt = PyTuple_GET_ITEM(args, 0);
+    else if (!PyArg_ParseTupleAndKeywords(args, kwds, "|On:Core", kwlist, &deflt, &load))
+        return NULL;
+    /* RangeMap(default) (a default, no load) is a new map; RangeMap.__new__(RangeMap) (nothing
+       given, as ranges._new_flat calls it) is a flat one whatever _native says. */
+    int is_new_map = deflt != NULL && load == -1;
+    if (deflt == NULL) deflt = Py_None;
+    if (load == -1) load = 128;
     if (load < 1) {
         PyErr_SetString(PyExc_ValueError, "load must be at least 1");
         return NULL;
+    }
+    if (type == flat_type && native_type != NULL && is_new_map) {
+        PyObject *nat = PyDict_GetItemWithError(ranges_globals, str_native);
+        if (nat == NULL && PyErr_Occurred()) return NULL;
+        if (nat != NULL && nat != Py_None) {
+            Py_ssize_t a = global_int(str_load), b = a < 0 ? a : global_int(str_native_load);
+            if (b < 0) {
+                if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "_LOAD must be at least 1");
+                return NULL;
+            }
+            type = native_type;
+            load = a < b ? a : b;
+            if (load < 1) load = 1;
+        }
     }
     Core *m = (Core *)type->tp_alloc(type, 0);
     if (m == NULL) return NULL;
     m->deflt = Py_NewRef(deflt);
     m->load = load;
     return (PyObject *)m;
+}
+
+/* Nothing to do: everything happened in core_new (the compiled layout's class runs no __init__). */
+static int core_init(PyObject *self, PyObject *args, PyObject *kwds) {
+    (void)self;
+    (void)args;
+    (void)kwds;
+    return 0;
 }
 
 static int core_traverse(Core *m, visitproc visit, void *arg) {
@@ -943,8 +990,6 @@ typedef struct {
     Py_ssize_t (*length)(PyObject *map);
 } RangeMapCAPI;
 
-static PyTypeObject *native_type; /* ranges._NativeRangeMap, registered by ranges.py */
-
 static int capi_is_native(PyObject *map) { return native_type != NULL && Py_TYPE(map) == native_type; }
 
 static PyObject *capi_get(PyObject *map, int64_t index) { return Py_NewRef(map_get64((Core *)map, index)); }
@@ -957,14 +1002,19 @@ static Py_ssize_t capi_length(PyObject *map) { return ((Core *)map)->len; }
 
 static const RangeMapCAPI capi = {1, capi_is_native, capi_get, capi_set, capi_length};
 
-/* _register(cls): the class whose instances have the compiled layout (for is_native). */
-static PyObject *mod_register(PyObject *mod, PyObject *cls) {
+/* _register(flat, native, globals): RangeMap, the compiled layout's class, and ranges.py's globals
+   (see core_new and is_native). */
+static PyObject *mod_register(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
     (void)mod;
-    if (!PyType_Check(cls) || !PyType_IsSubtype((PyTypeObject *)cls, &CoreType)) {
-        PyErr_SetString(PyExc_TypeError, "_register() takes a subclass of Core");
+    if (nargs != 3 || !PyType_Check(args[0]) || !PyType_Check(args[1]) || !PyDict_Check(args[2]) ||
+        !PyType_IsSubtype((PyTypeObject *)args[0], &CoreType) ||
+        !PyType_IsSubtype((PyTypeObject *)args[1], (PyTypeObject *)args[0])) {
+        PyErr_SetString(PyExc_TypeError, "_register(flat, native, globals) takes Core subclasses and a dict");
         return NULL;
     }
-    Py_XSETREF(native_type, (PyTypeObject *)Py_NewRef(cls));
+    Py_XSETREF(flat_type, (PyTypeObject *)Py_NewRef(args[0]));
+    Py_XSETREF(native_type, (PyTypeObject *)Py_NewRef(args[1]));
+    Py_XSETREF(ranges_globals, Py_NewRef(args[2]));
     Py_RETURN_NONE;
 }
 
@@ -1020,6 +1070,7 @@ static PyTypeObject CoreType = {
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_BASETYPE,
     .tp_doc = "Core(default, load): int64 intervals -> values in chunks (see the module docstring).",
     .tp_new = core_new,
+    .tp_init = core_init,
     .tp_dealloc = (destructor)core_dealloc,
     .tp_traverse = (traverseproc)core_traverse,
     .tp_clear = (inquiry)core_clear,
@@ -1041,7 +1092,8 @@ static PyTypeObject IterType = {
 };
 
 static PyMethodDef module_methods[] = {
-    {"_register", (PyCFunction)mod_register, METH_O, "_register(cls): the compiled layout's class"},
+    {"_register", (PyCFunction)(void (*)(void))mod_register, METH_FASTCALL,
+     "_register(flat, native, globals): RangeMap, its compiled layout's class, ranges.py's globals"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -1055,8 +1107,12 @@ PyMODINIT_FUNC PyInit__rangemap(void) {
     if (mod == NULL) return NULL;
     Unsupported = PyErr_NewException("guestmem._rangemap.Unsupported", NULL, NULL);
     str_unsupported = PyUnicode_InternFromString("_unsupported");
+    str_native = PyUnicode_InternFromString("_native");
+    str_load = PyUnicode_InternFromString("_LOAD");
+    str_native_load = PyUnicode_InternFromString("_NATIVE_LOAD");
     PyObject *caps = PyCapsule_New((void *)&capi, "guestmem._rangemap._C_API", NULL);
-    int bad = Unsupported == NULL || str_unsupported == NULL || caps == NULL ||
+    int bad = Unsupported == NULL || str_unsupported == NULL || caps == NULL || str_native == NULL ||
+              str_load == NULL || str_native_load == NULL ||
               PyModule_AddObjectRef(mod, "Unsupported", Unsupported) < 0 ||
               PyModule_AddObjectRef(mod, "Core", (PyObject *)&CoreType) < 0 ||
               PyModule_AddObjectRef(mod, "_C_API", caps) < 0;

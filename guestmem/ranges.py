@@ -98,11 +98,8 @@ class RangeMap(_Base, Generic[V]):
     default: V
 
     def __init__(self, default: V) -> None:
-        if _native is not None:  # the compiled layout (Core.__new__ stored default)
-            self.__class__ = _NativeRangeMap
-            if _LOAD < _NATIVE_LOAD:
-                self._reset(_LOAD)
-            return
+        # (While ``_native`` is set, ``Core.__new__`` makes a new map as ``_NativeRangeMap``
+        # instead, and this is not run.)
         self.default = default
         self._starts: list[int] = []
         self._ends: list[int] = []
@@ -182,49 +179,68 @@ class RangeMap(_Base, Generic[V]):
 
     # --- edits --------------------------------------------------------------------------------
     def set(self, start: int, end: int, value: V) -> None:
-        """Assign ``value`` to ``[start, end)`` (``default`` erases), merging equal neighbours."""
+        """Assign ``value`` to ``[start, end)`` (``default`` erases), merging equal neighbours.
+
+        The one rule of every layout (the chunked one applies it within a chunk, the compiled one
+        in C): which value object a merged interval keeps — always ``value`` — and the ``==`` calls
+        made, in order: ``value == default``, then ``left == value`` and ``right == value`` for the
+        intervals cut or touched at either end.
+        """
         if start >= end:
             return
         starts, ends, values = self._starts, self._ends, self._values
-        # Entries [lo, hi) intersect or touch [start, end).
-        lo = bisect_left(ends, start)
-        hi = bisect_right(starts, end)
-        new_s: list[int] = []
-        new_e: list[int] = []
-        new_v: list[V] = []
-        # Left remainder of the first touched entry.
-        if lo < hi and starts[lo] < start:
-            if values[lo] == value:
-                start = starts[lo]
-            else:
-                new_s.append(starts[lo])
-                new_e.append(start)
-                new_v.append(values[lo])
-        elif lo < hi and starts[lo] == start and ends[lo] == start:
-            pass
-        # Right remainder of the last touched entry.
-        right: tuple[int, int, V] | None = None
-        if lo < hi and ends[hi - 1] > end:
-            if values[hi - 1] == value:
-                end = ends[hi - 1]
-            else:
-                right = (end, ends[hi - 1], values[hi - 1])
-        # Touching (adjacent, not overlapping) neighbours with a different value stay whole.
-        if lo < hi and ends[lo] == start and starts[lo] < start and values[lo] != value:
-            new_s, new_e, new_v = [starts[lo]], [ends[lo]], [values[lo]]
-        if lo < hi and starts[hi - 1] == end and ends[hi - 1] > end and values[hi - 1] != value:
-            right = (starts[hi - 1], ends[hi - 1], values[hi - 1])
-        if value != self.default:
-            new_s.append(start)
-            new_e.append(end)
-            new_v.append(value)
-        if right is not None:
-            new_s.append(right[0])
-            new_e.append(right[1])
-            new_v.append(right[2])
-        starts[lo:hi] = new_s
-        ends[lo:hi] = new_e
-        values[lo:hi] = new_v
+        # Entries [lo, hi) intersect or touch [start, end): i is the last starting before start;
+        # a short edit touches one or two entries after it, looked at before bisecting.
+        i = bisect_left(starts, start) - 1
+        lo = i if i >= 0 and ends[i] >= start else i + 1
+        hi = i + 1
+        n = len(starts)
+        if hi < n and starts[hi] <= end:
+            hi += 1
+            if hi < n and starts[hi] <= end:
+                hi = bisect_right(starts, end, hi + 1)
+        is_default = value == self.default
+        if lo == hi:  # touches nothing: a plain insert
+            if is_default:
+                return
+            starts.insert(lo, start)
+            ends.insert(lo, end)
+            values.insert(lo, value)
+        else:
+            new_s: list[int] = []
+            new_e: list[int] = []
+            new_v: list[V] = []
+            # Left remainder (or untouched left neighbour) of the first touched entry.
+            s_lo = starts[lo]
+            if s_lo < start:
+                v_lo = values[lo]
+                if v_lo == value:
+                    start = s_lo
+                else:
+                    new_s.append(s_lo)
+                    e_lo = ends[lo]
+                    new_e.append(e_lo if e_lo < start else start)
+                    new_v.append(v_lo)
+            if not is_default:
+                new_s.append(start)
+                new_e.append(end)
+                new_v.append(value)
+            # Right remainder (or untouched right neighbour) of the last touched entry.
+            e_hi = ends[hi - 1]
+            if e_hi > end:
+                v_hi = values[hi - 1]
+                if v_hi == value:
+                    if is_default:  # erasing up to the end of an entry that holds default: impossible
+                        raise AssertionError("default value stored")
+                    new_e[-1] = e_hi
+                else:
+                    s_hi = starts[hi - 1]
+                    new_s.append(s_hi if s_hi > end else end)
+                    new_e.append(e_hi)
+                    new_v.append(v_hi)
+            starts[lo:hi] = new_s
+            ends[lo:hi] = new_e
+            values[lo:hi] = new_v
         if len(starts) > 2 * _LOAD:
             self._grow()
 
@@ -578,6 +594,7 @@ if _CORE is not None:
 
         __slots__ = ()
 
+        __init__ = _Core.__init__  # all done by Core.__new__
         get = _Core.get
         __getitem__ = _Core.__getitem__
         __len__ = _Core.__len__
@@ -640,4 +657,4 @@ if _CORE is not None:
             assert len(self) == sum(1 for _ in self.items())
             RangeMap.check(self)
 
-    _CORE._register(_NativeRangeMap)
+    _CORE._register(RangeMap, _NativeRangeMap, globals())
