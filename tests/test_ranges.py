@@ -1,8 +1,9 @@
 """RangeMap against a per-index reference, driven by hypothesis, in every layout it has.
 
-Large maps live in the compiled core (``guestmem._rangemap``) where it is built and in the Python
-chunked layout otherwise; both are tested in every run (the compiled one is skipped, saying so,
-when it is not built), and they are compared with each other op by op.
+Maps live in the compiled core (``guestmem._rangemap``) at every size where it is built, and in
+the Python flat and chunked layouts otherwise; both are tested in every run (the compiled one is
+skipped, saying so, when it is not built), and they are compared with each other op by op.
+tests/test_ranges_layouts.py holds the small-map side (same ``==`` calls, pickles, the C API).
 """
 
 import contextlib
@@ -230,12 +231,13 @@ page_op = st.one_of(
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("load", [4, 8])
+@pytest.mark.parametrize("load", [4, 8, 512])
 @settings(max_examples=40, deadline=None)
 @given(ops=st.lists(page_op, min_size=50, max_size=400))
 def test_long_sequences_match_a_per_page_dict(impl, load, ops):
     """Hundreds of mostly single-page edits (splits and merges, as a fault storm makes them) on a
-    map that grows past the flat layout and shrinks back: every page, every stored interval and
+    map that grows past the flat layout and shrinks back (load 4 and 8), or stays small (512: the
+    flat layout, or the compiled one at a small size): every page, every stored interval and
     every piece of ``segments`` agree with a dict of pages after every step."""
     with layout(impl, load):
         m: RangeMap[int] = RangeMap(0)
