@@ -1,18 +1,23 @@
 /*
- * guestmem._rangemap: the compiled core of a large guestmem.ranges.RangeMap.
+ * guestmem._rangemap: the compiled layout of guestmem.ranges.RangeMap, at every size.
  *
  * Why: a RangeMap of a million ranges kept as Python lists pays a cache and TLB miss for every
  * probe of a bisect (each key is its own int object somewhere on the heap): 5-9 us per random
  * single-page set on this class of machine.  Here the keys are packed int64 arrays in chunks, so a
- * lookup touches a few cache lines of one page per level and no Python objects but the value.
+ * lookup touches a few cache lines of one page per level and no Python objects but the value.  And
+ * most maps are tiny (1-10 intervals, a dozen edits and two dozen lookups per guest fault): there
+ * the cost is the Python calls themselves, so RangeMap's classes derive from Core and the compiled
+ * layout's methods are the ones below, called straight from Python with no Python frame between.
  *
  * Core(default, load) holds sorted, disjoint, non-empty intervals [s, e) -> value, never holding a
  * value equal to ``default`` and never two touching intervals with equal values: exactly the
- * representation and the ``set`` rule of ranges._ChunkedRangeMap (the pure-Python layout this
- * replaces when built), including which value object a merged interval keeps and the order in
- * which values are compared with ``==``.  Chunks hold load/2 .. 2*load intervals; ``mins`` holds
- * each chunk's first start.  Keys must be exact ints within int64: any other key raises
- * ``Unsupported`` before anything changes, and ranges.py then moves the map to the Python layout.
+ * representation and the ``set`` rule of ranges.RangeMap's Python layouts (the fallback when this
+ * is not built), including which value object a merged interval keeps and the order in which
+ * values are compared with ``==``.  Chunks hold load/2 .. 2*load intervals (a small map's one chunk
+ * grows from 4); ``mins`` holds each chunk's first start.  Keys must be exact ints within int64:
+ * given any other key, a method calls the map's Python ``_unsupported(name, *args)`` before
+ * anything changed, and ranges.py moves the map to a Python layout (or widens a query).
+ * Other accelerators can read and edit a map from C through the capsule ``_C_API`` (see below).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>

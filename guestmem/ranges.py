@@ -8,31 +8,42 @@ tree does for guest_memfd attributes), so a uniform 1 TiB guest is one entry.
 The intervals ``[start, end)`` are disjoint, non-empty, never hold ``default``, never touch an equal
 neighbour, and are kept sorted.  Indices not covered hold ``default``.  Three layouts, one behaviour:
 
-* **flat** (:class:`RangeMap`, up to ``2 * _LOAD`` intervals): three parallel sorted lists
-  (starts, ends, values).  Lookups are one ``bisect``; edits splice the lists, whose memmove is
-  negligible at this size.  Almost every map in the model (1-10 intervals) lives here, and this is
-  the cheapest Python layout for it.
-* **chunked** (:class:`_ChunkedRangeMap`, past ``2 * _LOAD``): the same lists cut into chunks of
-  ``_LOAD``..``2 * _LOAD`` intervals, with ``_mins`` holding each chunk's first start — the "list
-  of short sorted lists" of ``sortedcontainers``, specialised.  A point lookup is two bisects,
-  O(log n); an edit splices one chunk, so its memmove is bounded by the chunk size instead of by
-  n (a flat list paid a memmove of the whole tail: 32 µs per single-page set at 200k intervals);
-  an edit covering k intervals drops the chunks it covers whole: O(log n + k / _LOAD + _LOAD).
-* **native** (:class:`_NativeRangeMap`, past ``2 * _LOAD`` where the optional compiled core
-  ``guestmem._rangemap`` is built): the chunked layout again, in C, with the keys packed in int64
-  arrays.  At a million ranges the Python lists pay a cache and TLB miss per bisect probe (every
-  key is its own int object somewhere on the heap): 6-9 µs per random single-page set, against
-  1.1-1.6 µs here (``guestmem bench --only rangemap`` measures both in one run).  The core
-  applies the chunked layout's ``set`` rule to the letter (which value object a merge keeps, the
-  order values are compared with ``==``); it only takes keys that are exact ints within int64,
-  and a map given any other key moves to the Python chunked layout for good (``Unsupported`` is
-  raised before the core changes anything).  ``IMPLEMENTATION`` says which large layout this
-  process uses; without a compiler the Python one does everything.
+* **compiled** (:class:`_NativeRangeMap`, every map made while the optional compiled core
+  ``guestmem._rangemap`` is built): chunks of int64 keys packed in arrays, in C.  Every layout's
+  class derives from the core's ``Core`` type, and this one's ``get``, ``set``, ``segments``,
+  ``all_equal``, ``any_match``, ``items``, ``len`` and ``[]`` *are* the core's C methods, so a
+  call costs one C method call: at 1-100 intervals (almost every map in the model) a ``get`` is
+  0.02-0.07 µs and a single-page ``set`` that splits or merges 0.12-0.3 µs, against 0.13-0.3 and
+  1.2-1.7 µs in the flat Python layout; at a million ranges a random single-page set is 1.1-1.6 µs,
+  where Python lists pay a cache and TLB miss per bisect probe (6-9 µs) — ``guestmem bench
+  --only rangemap`` measures both in one run.  ``RangeMap(default)`` is made in this layout
+  directly by ``Core.__new__``.  The core only takes keys that are exact ints within int64: given
+  any other key it calls ``_unsupported`` before changing anything, and the map moves to a Python
+  layout for good (a query with int bounds beyond int64 is answered without moving).
+  Other C accelerators can call it without a Python method call through the capsule
+  ``guestmem._rangemap._C_API`` (documented in the C file).
+* **flat** (:class:`RangeMap`, when the core is absent, ``GUESTMEM_PURE=1``, or ``_native`` is
+  set to None, up to ``2 * _LOAD`` intervals): three parallel sorted lists (starts, ends,
+  values).  Lookups are one ``bisect``; edits splice the lists, whose memmove is negligible at
+  this size.
+* **chunked** (:class:`_ChunkedRangeMap`, a Python map past ``2 * _LOAD``): the same lists cut
+  into chunks of ``_LOAD``..``2 * _LOAD`` intervals, with ``_mins`` holding each chunk's first
+  start — the "list of short sorted lists" of ``sortedcontainers``, specialised.  A point lookup
+  is two bisects, O(log n); an edit splices one chunk, so its memmove is bounded by the chunk size
+  instead of by n (a flat list paid a memmove of the whole tail: 32 µs per single-page set at 200k
+  intervals); an edit covering k intervals drops the chunks it covers whole:
+  O(log n + k / _LOAD + _LOAD).
 
-A map switches layout by reassigning ``__class__`` (all classes share one slot layout): flat to
-native (or chunked) when it grows past ``2 * _LOAD``, back to flat when it shrinks below
-``_LOAD // 2`` (chunked: to one chunk that small).  Callers see one type, :class:`RangeMap`,
-and cannot tell the layouts apart.
+All three apply one ``set`` rule to the letter (:meth:`RangeMap.set` says it): which value object
+a merged interval keeps and the ``==`` calls made, in order — so a map behaves the same pure or
+compiled, even for values whose ``__eq__`` has effects.  ``IMPLEMENTATION`` says which layout new
+maps take in this process.
+
+A map switches layout by reassigning ``__class__`` (all classes share one layout in memory): a
+Python flat map to chunked when it grows past ``2 * _LOAD`` (or to the compiled layout, when
+``_native`` is set again and its keys fit), back to flat when it shrinks below ``_LOAD // 2``
+(chunked: to one chunk that small); a compiled map to flat or chunked on a key it cannot hold.
+Callers see one type, :class:`RangeMap`, and cannot tell the layouts apart.
 
 A generic ``sortedcontainers.SortedDict`` (start -> (end, value)) was measured against this in
 the same runs and is 2-7x slower per single-page set at 10k-1M intervals, 3-5x per point get: a
@@ -57,8 +68,8 @@ _CORE = _native
 
 V = TypeVar("V")
 
-# Which layout a large map takes in this process ("c-extension" or "python"); tests and the bench
-# set ``_native`` to None to run the Python one.
+# Which layout new maps take in this process ("c-extension" or "python"); tests and the bench set
+# ``_native`` to None to run the Python ones (Core.__new__ reads it, and _LOAD, at each new map).
 IMPLEMENTATION = "c-extension" if _native is not None else "python"
 
 # Intervals per chunk: a flat map becomes chunked above 2 * _LOAD; chunks are cut into pieces of
