@@ -51,6 +51,10 @@ typedef struct {
 
 static PyTypeObject CoreType;
 static PyTypeObject IterType;
+static PyTypeObject *native_type; /* ranges._NativeRangeMap, registered by ranges.py */
+static PyTypeObject *flat_type;   /* ranges.RangeMap */
+static PyObject *ranges_globals;  /* ranges.py's module dict: _native, _LOAD, _NATIVE_LOAD */
+static PyObject *str_native, *str_load, *str_native_load;
 
 /* --- helpers ------------------------------------------------------------------------------------ */
 
@@ -294,10 +298,6 @@ static void core_clear_chunks(Core *m) {
     grave_empty(m);
 }
 
-static PyTypeObject *native_type; /* ranges._NativeRangeMap, registered by ranges.py */
-static PyTypeObject *flat_type;   /* ranges.RangeMap */
-static PyObject *ranges_globals;  /* ranges.py's module dict: _native, _LOAD, _NATIVE_LOAD */
-static PyObject *str_native, *str_load, *str_native_load;
 
 /* An int from ranges.py's globals (-1 with an exception set when it is missing or not an int). */
 static Py_ssize_t global_int(PyObject *name) {
@@ -488,7 +488,18 @@ static int map_set64(Core *m, int64_t start, int64_t end, PyObject *value) {
     /* Comparing values may run Python code (an __eq__), and with it another thread that edits
        this map: everything read before the last comparison is re-read if the map changed. */
     int64_t start0 = start, end0 = end;
+    int again = 0;
 retry:
+    if (again && native_type != NULL && Py_TYPE(m) != native_type) {
+        /* the comparison's code moved the map to a Python layout (a key beyond int64): the edit
+           is made there, not in this core, which the map no longer reads */
+        PyObject *r = PyObject_CallMethod((PyObject *)m, "set", "LLO", (long long)start0,
+                                          (long long)end0, value);
+        if (r == NULL) return -1;
+        Py_DECREF(r);
+        return 0;
+    }
+    again = 1;
     start = start0;
     end = end0;
     uint64_t seen = m->version;

@@ -321,3 +321,30 @@ def test_the_c_api_set_reports_an_eq_that_raises():
         with pytest.raises(ValueError, match="no"):
             api.set(m, 1, 2, Bad())
         assert list(m.items()) == [(0, 4, 1)]
+
+
+@needs_core
+def test_an_eq_that_moves_the_map_to_python_does_not_lose_the_edit():
+    """A value's ``__eq__`` gives the map a key beyond int64 while the core is comparing: the map
+    moves to a Python layout mid-edit, and the edit is made there (not in the core it left)."""
+
+    class Mover:
+        def __init__(self, m: RangeMap[object]) -> None:
+            self.m, self.done = m, False
+
+        def __eq__(self, other: object) -> bool:
+            if not self.done:
+                self.done = True
+                self.m.set(2**64, 2**64 + 1, 9)
+            return False
+
+        __hash__ = None  # type: ignore[assignment]
+
+    with layout("c-extension", 512):
+        m: RangeMap[object] = RangeMap(0)
+        m.set(0, 4, 1)
+        value = Mover(m)
+        m.set(2, 6, value)
+        assert type(m) is RangeMap
+        m.check()
+        assert list(m.items()) == [(0, 2, 1), (2, 6, value), (2**64, 2**64 + 1, 9)]
