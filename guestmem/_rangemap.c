@@ -54,7 +54,18 @@ static PyTypeObject IterType;
 static PyTypeObject *native_type; /* ranges._NativeRangeMap, registered by ranges.py */
 static PyTypeObject *flat_type;   /* ranges.RangeMap */
 static PyObject *ranges_globals;  /* ranges.py's module dict: _native, _LOAD, _NATIVE_LOAD */
-static PyObject *str_native, *str_load, *str_native_load;
+static PyObject *str_native, *str_load, *str_native_load, *str_default;
+/* Byte offset of RangeMap's ``default`` slot in its instances (-1 until registered): RangeMap keeps
+   ``default`` as a plain __slots__ member (Python code and other accelerators read it there), and
+   the core keeps it in ``deflt`` too; both are written together (new maps, copies, _reset). */
+static Py_ssize_t default_offset = -1;
+
+/* Write ``deflt`` into the RangeMap ``default`` slot too, when m is a RangeMap. */
+static void sync_default_slot(Core *m) {
+    if (default_offset < 0 || flat_type == NULL || !PyType_IsSubtype(Py_TYPE(m), flat_type)) return;
+    PyObject **slot = (PyObject **)((char *)m + default_offset);
+    Py_XSETREF(*slot, Py_NewRef(m->deflt));
+}
 
 /* --- helpers ------------------------------------------------------------------------------------ */
 
@@ -348,6 +359,7 @@ static PyObject *core_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
     if (m == NULL) return NULL;
     m->deflt = Py_NewRef(deflt);
     m->load = load;
+    sync_default_slot(m);
     return (PyObject *)m;
 }
 
@@ -652,15 +664,22 @@ static PyObject *core_clear_method(Core *m, PyObject *unused) {
     Py_RETURN_NONE;
 }
 
-/* _reset(load): the chunk size of an empty core (tests lower it to exercise the chunking). */
-static PyObject *core_reset(Core *m, PyObject *arg) {
-    Py_ssize_t load = PyLong_AsSsize_t(arg);
+/* _reset(load, default): the chunk size and default of an empty core (a flat map about to take
+   the compiled layout). */
+static PyObject *core_reset(Core *m, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "_reset(load, default) takes 2 arguments");
+        return NULL;
+    }
+    Py_ssize_t load = PyLong_AsSsize_t(args[0]);
     if (load == -1 && PyErr_Occurred()) return NULL;
     if (load < 1 || m->nchunks) {
-        PyErr_SetString(PyExc_ValueError, "_reset(load) needs load >= 1 and an empty core");
+        PyErr_SetString(PyExc_ValueError, "_reset(load, default) needs load >= 1 and an empty core");
         return NULL;
     }
     m->load = load;
+    Py_SETREF(m->deflt, Py_NewRef(args[1]));
+    sync_default_slot(m);
     Py_RETURN_NONE;
 }
 
@@ -697,6 +716,7 @@ static PyObject *core_copy(Core *m, PyObject *unused) {
     if (o == NULL) return NULL;
     o->deflt = Py_NewRef(m->deflt);
     o->load = m->load;
+    sync_default_slot(o);
     if (chunks_reserve(o, m->nchunks) < 0) {
         Py_DECREF(o);
         return PyErr_NoMemory();
@@ -1028,6 +1048,13 @@ static PyObject *mod_register(PyObject *mod, PyObject *const *args, Py_ssize_t n
         PyErr_SetString(PyExc_TypeError, "_register(flat, native, globals) takes Core subclasses and a dict");
         return NULL;
     }
+    PyObject *d = PyDict_GetItemWithError(((PyTypeObject *)args[0])->tp_dict, str_default);
+    if (d == NULL || Py_TYPE(d) != &PyMemberDescr_Type ||
+        ((PyMemberDescrObject *)d)->d_member->type != T_OBJECT_EX) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "_register: RangeMap has no 'default' slot");
+        return NULL;
+    }
+    default_offset = ((PyMemberDescrObject *)d)->d_member->offset;
     Py_XSETREF(flat_type, (PyTypeObject *)Py_NewRef(args[0]));
     Py_XSETREF(native_type, (PyTypeObject *)Py_NewRef(args[1]));
     Py_XSETREF(ranges_globals, Py_NewRef(args[2]));
@@ -1050,7 +1077,8 @@ static PyMethodDef core_methods[] = {
     {"_load", (PyCFunction)(void (*)(void))core_load, METH_FASTCALL,
      "_load(starts, ends, values): fill an empty core from sorted, merged lists"},
     {"_export", (PyCFunction)core_export, METH_NOARGS, "_export() -> (starts, ends, values) lists"},
-    {"_reset", (PyCFunction)core_reset, METH_O, "_reset(load): the chunk size of an empty core"},
+    {"_reset", (PyCFunction)(void (*)(void))core_reset, METH_FASTCALL,
+     "_reset(load, default): the chunk size and default of an empty core"},
     {"_check_core", (PyCFunction)core_check, METH_NOARGS, "_check_core(): assert the structure's invariants"},
     {NULL, NULL, 0, NULL},
 };
@@ -1126,9 +1154,10 @@ PyMODINIT_FUNC PyInit__rangemap(void) {
     str_native = PyUnicode_InternFromString("_native");
     str_load = PyUnicode_InternFromString("_LOAD");
     str_native_load = PyUnicode_InternFromString("_NATIVE_LOAD");
+    str_default = PyUnicode_InternFromString("default");
     PyObject *caps = PyCapsule_New((void *)&capi, "guestmem._rangemap._C_API", NULL);
     int bad = Unsupported == NULL || str_unsupported == NULL || caps == NULL || str_native == NULL ||
-              str_load == NULL || str_native_load == NULL ||
+              str_load == NULL || str_native_load == NULL || str_default == NULL ||
               PyModule_AddObjectRef(mod, "Unsupported", Unsupported) < 0 ||
               PyModule_AddObjectRef(mod, "Core", (PyObject *)&CoreType) < 0 ||
               PyModule_AddObjectRef(mod, "_C_API", caps) < 0;

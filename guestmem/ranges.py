@@ -86,12 +86,13 @@ _I64_MIN, _I64_MAX = -(1 << 63), (1 << 63) - 1
 
 
 class _PyBase:
-    """The base of every layout when the compiled core is absent: the ``default`` slot (the
-    compiled ``Core`` holds it otherwise)."""
+    """Every layout's base when the compiled core is absent (a class of its own: ``object`` cannot
+    precede ``Generic`` in RangeMap's bases)."""
 
-    __slots__ = ("default",)
+    __slots__ = ()
 
 
+# Every layout's base: the compiled core's type where it is built.
 _Base: Any = _PyBase if _CORE is None else _CORE.Core
 
 
@@ -103,15 +104,16 @@ class RangeMap(_Base, Generic[V]):
     """
 
     # Flat layout: _starts/_ends/_values.  Chunked layout: _mins/_ss/_es/_vs/_len.  Compiled
-    # layout: the fields of the ``Core`` base.
-    __slots__ = ("_ends", "_es", "_len", "_mins", "_ss", "_starts", "_values", "_vs")
-
-    default: V
+    # layout: the fields of the ``Core`` base.  ``default`` is a plain slot in every layout (the
+    # core keeps it in sync with its own copy); ``_core`` is never set (the compiled layout used to
+    # keep a separate core object there, and C code that finds RangeMap's slots by name still
+    # looks it up: it finds the slot, reads it unset, and treats the map as one it does not know).
+    __slots__ = ("_core", "_ends", "_es", "_len", "_mins", "_ss", "_starts", "_values", "_vs", "default")
 
     def __init__(self, default: V) -> None:
         # (While ``_native`` is set, ``Core.__new__`` makes a new map as ``_NativeRangeMap``
         # instead, and this is not run.)
-        self.default = default
+        self.default: V = default
         self._starts: list[int] = []
         self._ends: list[int] = []
         self._values: list[V] = []
@@ -260,7 +262,7 @@ class RangeMap(_Base, Generic[V]):
         (when large) for the chunked one."""
         if _native is not None:
             try:
-                self._reset(min(_LOAD, _NATIVE_LOAD))
+                self._reset(min(_LOAD, _NATIVE_LOAD), self.default)
                 self._load(self._starts, self._ends, self._values)
             except _native.Unsupported:  # a key beyond int64 (or not an int): stay in Python
                 pass

@@ -348,3 +348,32 @@ def test_an_eq_that_moves_the_map_to_python_does_not_lose_the_edit():
         assert type(m) is RangeMap
         m.check()
         assert list(m.items()) == [(0, 2, 1), (2, 6, value), (2**64, 2**64 + 1, 9)]
+
+
+@needs_core
+@pytest.mark.parametrize("n", [0, 3, 40])
+def test_default_is_one_value_in_every_layout_and_every_way_a_map_is_made(n):
+    """``default`` is a plain slot of RangeMap (C readers find it by offset) and the core's own
+    copy: the two agree for new maps, copies, unpickled maps and flat maps that take the compiled
+    layout — erasing with ``default`` works in each."""
+    assert type(RangeMap.__dict__["default"]).__name__ == "member_descriptor"
+    dflt = ("d",)
+    with layout("c-extension", 4):
+        m: RangeMap[object] = RangeMap(dflt)
+        for i in range(n):
+            m.set(3 * i, 3 * i + 2, i)
+        made = [m, m.copy(), pickle.loads(pickle.dumps(m)), copy.deepcopy(m)]
+    with layout("python", 4):
+        flat: RangeMap[object] = RangeMap(dflt)
+        for i in range(8):  # 2 * _LOAD: still flat
+            flat.set(3 * i, 3 * i + 2, i)
+        assert type(flat) is RangeMap
+    with layout("c-extension", 4):
+        flat.set(1000, 1001, 1)  # a flat map growing past 2 * _LOAD takes the compiled layout
+        assert type(flat).__name__ == "_NativeRangeMap"
+        made.append(flat)
+        for x in made:
+            assert x.default == dflt and x.get(-5) == x.default
+            x.set(-10, 10**6, ("d",))  # an equal default erases everything
+            x.check()
+            assert len(x) == 0 and list(x.segments(0, 2)) == [(0, 2, x.default)]
