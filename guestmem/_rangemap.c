@@ -1017,13 +1017,19 @@ static PyObject *core_items(Core *m, PyObject *unused) {
    ``get(map, index)`` returns a new reference to the value at index (never NULL).
    ``set(map, start, end, value)`` is RangeMap.set(start, end, value) for int64 bounds: the same
    rule, the same ``==`` calls (which may run Python code), 0 or -1 with an exception set.
-   ``length(map)`` is len(map). */
+   ``length(map)`` is len(map).
+   ``piece(map, index, &start, &end)`` returns the value at index (borrowed: valid until the map
+   is next edited or Python code runs) and sets [start, end) to the maximal piece holding it — a
+   stored interval, or the gap of ``default`` between its neighbours (INT64_MIN / INT64_MAX where
+   the gap has no neighbour on that side, so it runs on beyond int64).  One call answers
+   ``all_equal``/``any_match``/``segments`` for a range inside one piece. */
 typedef struct {
     int abi; /* 1 */
     int (*is_native)(PyObject *map);
     PyObject *(*get)(PyObject *map, int64_t index);
     int (*set)(PyObject *map, int64_t start, int64_t end, PyObject *value);
     Py_ssize_t (*length)(PyObject *map);
+    PyObject *(*piece)(PyObject *map, int64_t index, int64_t *start, int64_t *end);
 } RangeMapCAPI;
 
 static int capi_is_native(PyObject *map) { return native_type != NULL && Py_TYPE(map) == native_type; }
@@ -1036,7 +1042,33 @@ static int capi_set(PyObject *map, int64_t start, int64_t end, PyObject *value) 
 
 static Py_ssize_t capi_length(PyObject *map) { return ((Core *)map)->len; }
 
-static const RangeMapCAPI capi = {1, capi_is_native, capi_get, capi_set, capi_length};
+static PyObject *capi_piece(PyObject *map, int64_t x, int64_t *start, int64_t *end) {
+    Core *m = (Core *)map;
+    int64_t lo = INT64_MIN, hi = INT64_MAX;
+    Pos next = {0, 0}; /* the first interval starting after x */
+    if (m->nchunks) {
+        Py_ssize_t c = upper_bound(m->mins, m->nchunks, x) - 1;
+        if (c >= 0) {
+            Chunk *ch = m->chunks[c];
+            Py_ssize_t i = upper_bound(ch->s, ch->n, x) - 1; /* >= 0: the chunk's first start <= x */
+            if (x < ch->e[i]) {
+                *start = ch->s[i];
+                *end = ch->e[i];
+                return ch->v[i];
+            }
+            lo = ch->e[i];
+            next = (Pos){c, i + 1};
+        }
+        next = normalize(m, next);
+        Chunk *nc = m->chunks[next.c];
+        if (next.i < nc->n) hi = nc->s[next.i];
+    }
+    *start = lo;
+    *end = hi;
+    return m->deflt;
+}
+
+static const RangeMapCAPI capi = {1, capi_is_native, capi_get, capi_set, capi_length, capi_piece};
 
 /* _register(flat, native, globals): RangeMap, the compiled layout's class, and ranges.py's globals
    (see core_new and is_native). */

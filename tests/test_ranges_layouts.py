@@ -268,6 +268,8 @@ class _CApi(ctypes.Structure):
         ("set", ctypes.PYFUNCTYPE(ctypes.c_int, ctypes.py_object, ctypes.c_int64, ctypes.c_int64,
                                  ctypes.py_object)),
         ("length", ctypes.PYFUNCTYPE(ctypes.c_ssize_t, ctypes.py_object)),
+        ("piece", ctypes.PYFUNCTYPE(ctypes.py_object, ctypes.py_object, ctypes.c_int64,
+                                    ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_int64))),
     ]
 
 
@@ -298,6 +300,15 @@ def test_the_c_api_reads_and_edits_a_compiled_map_as_its_methods_do():
             assert api.length(m) == len(m)
             for x in (-(2**63), -1, 0, 2, 3, 4, 9, 11, 12, 2**63 - 2, 2**63 - 1):
                 assert api.get(m, x) == m.get(x) == ref.get(x)
+                lo, hi = ctypes.c_int64(), ctypes.c_int64()
+                v = api.piece(m, x, ctypes.byref(lo), ctypes.byref(hi))
+                assert lo.value <= x < hi.value or hi.value == 2**63 - 1
+                assert v == m.get(x)
+                # the maximal piece: what segments yields around x (a gap open to the right ends
+                # at INT64_MAX in the API)
+                before = list(m.segments(-(2**63), x + 1))[-1]
+                after = next(iter(m.segments(x, 2**63)))
+                assert (lo.value, hi.value) == (before[0], min(after[1], 2**63 - 1)), (i, x)
     with layout("python", 512):
         assert api.is_native(RangeMap(0)) == 0  # a Python layout: call its methods instead
     with layout("c-extension", 512):
