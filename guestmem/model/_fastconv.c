@@ -58,6 +58,19 @@ static PyObject *s_starts, *s_ends, *s_values, *s_core, *s_default, *s_LOAD, *s_
    subclass, which adds no slots).  -1 until configured. */
 static Py_ssize_t off_starts = -1, off_ends = -1, off_values = -1, off_default = -1, off_core = -1;
 
+/* guestmem._rangemap's C API (its capsule _C_API, abi 1; the struct is declared there): how the
+   compiled RangeMap layout is read and edited here without a Python method call.  NULL when the
+   core is not built, and then no map has that layout. */
+typedef struct {
+    int abi;
+    int (*is_native)(PyObject *map);
+    PyObject *(*get)(PyObject *map, int64_t index);
+    int (*set)(PyObject *map, int64_t start, int64_t end, PyObject *value);
+    Py_ssize_t (*length)(PyObject *map);
+    PyObject *(*piece)(PyObject *map, int64_t index, int64_t *start, int64_t *end);
+} RangeMapCAPI;
+static const RangeMapCAPI *capi;
+
 /* A slot's value as a new reference, or NULL (no exception) when it is unset. */
 static PyObject *slot_get(PyObject *obj, Py_ssize_t off) {
     PyObject *v = *(PyObject **)((char *)obj + off);
@@ -142,15 +155,12 @@ static int rm_open(RM *r, PyObject *map, int edit) {
         if (edit && n + 2 > 2 * load) goto refuse;
         return 1;
     }
-    if (NativeType != Py_None && (PyObject *)t == NativeType) {
+    if (capi != NULL && capi->is_native(map)) {
+        /* The compiled layout (every map, when guestmem._rangemap is built): read and edited
+           through its C API.  It keeps its layout for int64 keys, so an edit needs no check. */
         r->kind = RM_NATIVE;
-        r->core = slot_get(map, off_core);
-        r->deflt = r->core ? PyObject_GetAttr(r->core, s_default) : NULL;
+        r->deflt = slot_get(map, off_default);
         if (r->deflt == NULL) goto refuse;
-        Py_ssize_t n = PyObject_Length(r->core);
-        if (n < 0) goto refuse;
-        /* Below _LOAD // 2 after an edit the map turns flat (Python code): refused. */
-        if (edit && n - 2 < load / 2) goto refuse;
         return 1;
     }
 refuse:
@@ -175,13 +185,7 @@ static Py_ssize_t bisect(PyObject *list, long long x, int right) {
 
 /* RangeMap.get: a new reference. */
 static PyObject *rm_get(RM *r, long long index) {
-    if (r->kind == RM_NATIVE) {
-        PyObject *k = PyLong_FromLongLong(index);
-        if (k == NULL) return NULL;
-        PyObject *v = PyObject_CallMethodOneArg(r->core, s_get, k);
-        Py_DECREF(k);
-        return v;
-    }
+    if (r->kind == RM_NATIVE) return capi->get(r->map, index);
     Py_ssize_t i = bisect(r->starts, index, 1) - 1;
     if (i >= 0 && index < key_of(PyList_GET_ITEM(r->ends, i)))
         return Py_NewRef(PyList_GET_ITEM(r->values, i));
@@ -194,28 +198,17 @@ typedef int (*piece_test)(PyObject *value, PyObject *want);
 
 static int rm_scan(RM *r, long long start, long long end, piece_test test, PyObject *want) {
     if (start >= end) return 0;
-    if (r->kind == RM_NATIVE) {
-        PyObject *a = PyLong_FromLongLong(start), *b = PyLong_FromLongLong(end);
-        PyObject *it = (a && b) ? PyObject_CallMethodObjArgs(r->core, s_segments, a, b, NULL) : NULL;
-        Py_XDECREF(a);
-        Py_XDECREF(b);
-        if (it == NULL) return -1;
-        PyObject *piece;
-        int res = 0;
-        while ((piece = PyIter_Next(it)) != NULL) {
-            if (!PyTuple_Check(piece) || PyTuple_GET_SIZE(piece) != 3) {
-                Py_DECREF(piece);
-                PyErr_SetString(PyExc_SystemError, "RangeMap core: a piece is not (s, e, v)");
-                res = -1;
-                break;
-            }
-            res = test(PyTuple_GET_ITEM(piece, 2), want);
-            Py_DECREF(piece);
-            if (res) break;
+    if (r->kind == RM_NATIVE) { /* the same maximal pieces segments() yields, in order */
+        long long pos = start;
+        while (pos < end) {
+            int64_t s, e;
+            PyObject *v = Py_NewRef(capi->piece(r->map, pos, &s, &e));
+            int res = test(v, want);
+            Py_DECREF(v);
+            if (res) return res;
+            pos = e;
         }
-        Py_DECREF(it);
-        if (res == 0 && PyErr_Occurred()) return -1;
-        return res;
+        return 0;
     }
     PyObject *starts = r->starts, *ends = r->ends, *values = r->values;
     Py_ssize_t n = PyList_GET_SIZE(starts);
@@ -268,15 +261,7 @@ static int append3(PyObject *ls, PyObject *le, PyObject *lv, PyObject *s, PyObje
    are kept, the order values are compared in); the native layout's core.set.  0 or -1. */
 static int rm_set(RM *r, long long start, long long end, PyObject *value) {
     if (start >= end) return 0;
-    if (r->kind == RM_NATIVE) {
-        PyObject *a = PyLong_FromLongLong(start), *b = PyLong_FromLongLong(end);
-        PyObject *n = (a && b) ? PyObject_CallMethodObjArgs(r->core, s_set, a, b, value, NULL) : NULL;
-        Py_XDECREF(a);
-        Py_XDECREF(b);
-        if (n == NULL) return -1;
-        Py_DECREF(n);
-        return 0;
-    }
+    if (r->kind == RM_NATIVE) return capi->set(r->map, start, end, value);
     PyObject *starts = r->starts, *ends = r->ends, *values = r->values;
     int rc = -1;
     PyObject *ns = PyList_New(0), *ne = PyList_New(0), *nv = PyList_New(0);
@@ -1025,6 +1010,15 @@ static PyObject *configure(PyObject *self, PyObject *const *args, Py_ssize_t nar
             found[i] = ((PyMemberDescrObject *)d)->d_member->offset;
         }
         for (int i = 0; i < 5; i++) *offs[i] = found[i];
+    }
+    /* The compiled layout's C API, when the core is built (else no map has that layout). */
+    capi = NULL;
+    if (args[1] != Py_None) {
+        const RangeMapCAPI *api = PyCapsule_Import("guestmem._rangemap._C_API", 0);
+        if (api == NULL)
+            PyErr_Clear();
+        else if (api->abi == 1)
+            capi = api;
     }
     Py_XSETREF(FlatType, Py_NewRef(args[0]));
     Py_XSETREF(NativeType, Py_NewRef(args[1]));
