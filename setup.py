@@ -11,4 +11,5 @@ from setuptools import Extension, setup
 setup(ext_modules=[
     Extension("guestmem.linux._fastioctl", ["guestmem/linux/_fastioctl.c"], optional=True),
     Extension("guestmem._rangemap", ["guestmem/_rangemap.c"], optional=True),
+    Extension("guestmem.model.kvm._fastfault", ["guestmem/model/kvm/_fastfault.c"], optional=True),
 ])
