@@ -1209,7 +1209,28 @@ static PyObject *setup(PyObject *module, PyObject *d)
     Py_RETURN_NONE;
 }
 
+/* flat_set() on its own, for the tests that hold it to RangeMap.set: NotImplemented where the
+ * accelerator would decline (not the flat layout, or no room to stay in it). */
+static PyObject *rangemap_set(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)module;
+    long long start, end, load;
+    Flat f;
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "rangemap_set(map, start, end, value)");
+        return NULL;
+    }
+    if (!G.ready || flat(args[0], &f) || as_ll(args[1], &start) || as_ll(args[2], &end) ||
+        as_ll(PyDict_GetItem(G.ranges_dict, S__LOAD), &load) || !flat_room(&f, load))
+        Py_RETURN_NOTIMPLEMENTED;
+    if (flat_set(&f, start, end, args[3]))
+        return NULL;
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
+    {"rangemap_set", (PyCFunction)(void (*)(void))rangemap_set, METH_FASTCALL,
+     "rangemap_set(map, start, end, value): the accelerator's RangeMap.set (flat layout only)."},
     {"run_accept", run_accept, METH_O,
      "run_accept(vcpu): ModelVcpu.run() for an Accept op's common case, or NotImplemented."},
     {"setup", setup, METH_O, "setup(dict): the classes and constants the checks compare against."},
