@@ -238,6 +238,16 @@ def test_lazy_accept_is_answered_by_the_accelerator(flavour: str, monkeypatch: p
 
 
 @pytest.mark.parametrize("flavour", ["snp", "tdx"])
+def test_one_page_accepts_spread_out(flavour: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bench's sampled mode: one Accept op per page, spread over the guest (and over the hole);
+    the accelerator carries on from one Accept op to the next."""
+    specs = [("accept", p, 1, 0) for p in range(0, NPAGES, 5)]
+    steps = [("load", specs), *[("run", 1), ("serve",)] * (len(specs) + 2), ("run", 1)]
+    fast, _ = compare(flavour, steps, monkeypatch)
+    assert fast.counting.answered >= len(specs) - 3
+
+
+@pytest.mark.parametrize("flavour", ["snp", "tdx"])
 def test_accept_over_a_hole_and_the_second_slot(flavour: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The range crosses the gap between the memslots: a private fault there has no memslot."""
     steps = [("convert", 0, NPAGES, True), ("convert", SLOT_PAGES - 2, 8, False)]

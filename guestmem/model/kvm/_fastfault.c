@@ -1054,20 +1054,23 @@ static PyObject *run_accept(PyObject *module, PyObject *vcpu)
         Py_RETURN_NOTIMPLEMENTED;
     PyObject *load = PyDict_GetItem(G.ranges_dict, S__LOAD);
     long long gpa, size, progress;
-    if (as_ll(load, &c.load) || attr_ll(op, S_gpa, &gpa) || attr_ll(op, S_size, &size) ||
-        attr_ll(vcpu, S_progress, &progress))
+    if (as_ll(load, &c.load) || attr_ll(vcpu, S_progress, &progress))
         Py_RETURN_NOTIMPLEMENTED;
-    if (c.tdx && (gpa & TDX_SHARED_BIT))
-        gpa &= ~TDX_SHARED_BIT;
-    if (gpa < 0 || size < 0 || progress < 0 || gpa > (1LL << 60) || size > (1LL << 60) || progress > (1LL << 60))
-        Py_RETURN_NOTIMPLEMENTED;
-    c.gpa = gpa;
-    c.end = gpa + size;
-    c.pos = gpa + progress;
     PyObject *sptes = attr(c.mmu, S_sptes);
     if (sptes == NULL || !PyList_CheckExact(sptes) || PyList_GET_SIZE(sptes) < 1)
         Py_RETURN_NOTIMPLEMENTED;
     PyObject *sp0 = PyList_GET_ITEM(sptes, 0);
+
+next_op: /* _run's loop, for as long as the op at pc is an Accept */
+    if (attr_ll(op, S_gpa, &gpa) || attr_ll(op, S_size, &size))
+        goto bail;
+    if (c.tdx && (gpa & TDX_SHARED_BIT))
+        gpa &= ~TDX_SHARED_BIT;
+    if (gpa < 0 || size < 0 || progress < 0 || gpa > (1LL << 60) || size > (1LL << 60) || progress > (1LL << 60))
+        goto bail;
+    c.gpa = gpa;
+    c.end = gpa + size;
+    c.pos = gpa + progress;
 
     /* _accept's loop */
     while (c.pos < c.end) {
@@ -1113,9 +1116,17 @@ static PyObject *run_accept(PyObject *module, PyObject *vcpu)
             return res;
         }
     }
-    /* The op is done: _run moves on to the next op, which the Python interpreter runs. */
-    if (attr_set_ll(vcpu, S_pc, pc + 1) || attr_set_ll(vcpu, S_progress, 0))
+    /* The op is done: _run moves on to the next op; another Accept is carried on here, anything
+     * else is left to the Python interpreter. */
+    pc += 1;
+    progress = 0;
+    if (attr_set_ll(vcpu, S_pc, pc) || attr_set_ll(vcpu, S_progress, 0))
         return NULL;
+    if (pc < PyTuple_GET_SIZE(ops)) {
+        op = PyTuple_GET_ITEM(ops, pc);
+        if (Py_TYPE(op) == (PyTypeObject *)G.accept_type)
+            goto next_op;
+    }
 bail:
     Py_RETURN_NOTIMPLEMENTED;
 }
