@@ -67,7 +67,7 @@ static unsigned char zero_page[PAGE_SIZE];
     X(assigned) X(directmap_splits) X(as_id) X(_last_small) X(stats) X(faults) X(installs) \
     X(exits) X(private) X(order) X(delta) X(writable) X(engine) X(backend) X(_native) X(_ctx) \
     X(pages_encrypted) X(chunk_pages) X(_arrays) X(stack) X(errno) X(_explorer) X(_LOAD) X(native) \
-    X(__dict__)
+    X(__dict__) X(get)
 #define DECL(n) static PyObject *S_##n;
 NAMES(DECL)
 #undef DECL
@@ -290,14 +290,29 @@ static PyObject *new_spte(int private, long long delta, int writable)
 
 typedef struct {
     PyObject *map, *s, *e, *v, *dflt; /* borrowed */
+    int py; /* not the flat layout: served by the map's own (Python) methods */
 } Flat;
 
-/* The map's three lists, if it is a RangeMap in the flat layout (exactly that class). */
+/* Whether this is the only Python thread (set per call): then the map's own methods, Python code,
+ * may serve a map not in the flat layout -- no other thread can run while they do.  Otherwise
+ * such a map makes the accelerator decline. */
+static int single_thread;
+
+/* The map's three lists, if it is a RangeMap in the flat layout (exactly that class); any other
+ * RangeMap layout is served through its methods when single_thread. */
 static int flat(PyObject *map, Flat *f)
 {
-    if (map == NULL || Py_TYPE(map) != (PyTypeObject *)G.rangemap_type)
+    if (map == NULL)
         return BAIL;
     f->map = map;
+    f->py = 0;
+    if (Py_TYPE(map) != (PyTypeObject *)G.rangemap_type) {
+        if (!single_thread || !PyObject_TypeCheck(map, (PyTypeObject *)G.rangemap_type))
+            return BAIL;
+        f->py = 1;
+        f->dflt = attr(map, S_default);
+        return f->dflt == NULL ? BAIL : OK;
+    }
     char *base = (char *)map;
     f->s = *(PyObject **)(base + G.off_starts);
     f->e = *(PyObject **)(base + G.off_ends);
@@ -348,15 +363,6 @@ static Py_ssize_t bisect_left(PyObject *list, long long x)
     return lo;
 }
 
-/* RangeMap.get: borrowed. */
-static PyObject *flat_get(Flat *f, long long x)
-{
-    Py_ssize_t i = bisect_right(f->s, x) - 1;
-    if (i >= 0 && x < key(f->e, i))
-        return PyList_GET_ITEM(f->v, i);
-    return f->dflt;
-}
-
 /* The index of the first stored interval segments(x, ...) meets (its first piece may be a gap). */
 static Py_ssize_t flat_first(Flat *f, long long x)
 {
@@ -366,25 +372,120 @@ static Py_ssize_t flat_first(Flat *f, long long x)
     return i;
 }
 
-/* The end of the first piece of segments(start, end) (start < end). */
-static long long flat_piece_end(Flat *f, long long start, long long end)
+/* RangeMap.get: borrowed (the map holds it); NULL (no error set) if the map's get raised. */
+static PyObject *flat_get(Flat *f, long long x)
 {
-    Py_ssize_t i = flat_first(f, start), n = PyList_GET_SIZE(f->s);
-    if (i >= n)
-        return end;
-    long long s = key(f->s, i);
-    if (s >= end)
-        return end;
-    if (s > start)
-        return s;
-    long long e = key(f->e, i);
-    return e < end ? e : end;
+    if (f->py) {
+        PyObject *k = PyLong_FromLongLong(x), *v = k ? PyObject_CallMethodOneArg(f->map, S_get, k) : NULL;
+        Py_XDECREF(k);
+        if (v == NULL) {
+            PyErr_Clear();
+            return NULL;
+        }
+        Py_DECREF(v); /* stored in the map (or its default) */
+        return v;
+    }
+    Py_ssize_t i = bisect_right(f->s, x) - 1;
+    if (i >= 0 && x < key(f->e, i))
+        return PyList_GET_ITEM(f->v, i);
+    return f->dflt;
 }
 
-/* Whether the map can take one set() without leaving the flat layout (set adds at most two). */
+/* Pieces (s, e, value) covering [start, end) exactly, as RangeMap.segments yields them. */
+typedef struct {
+    Flat *f;
+    long long pos, end;
+    Py_ssize_t i, n;
+    PyObject *it;
+} Seg;
+
+static int seg_begin(Seg *g, Flat *f, long long start, long long end)
+{
+    g->f = f;
+    g->pos = start;
+    g->end = end;
+    g->it = NULL;
+    if (f->py) {
+        PyObject *r = PyObject_CallMethod(f->map, "segments", "LL", start, end);
+        g->it = r ? PyObject_GetIter(r) : NULL;
+        Py_XDECREF(r);
+        if (g->it == NULL) {
+            PyErr_Clear();
+            return BAIL;
+        }
+        return OK;
+    }
+    g->i = flat_first(f, start);
+    g->n = PyList_GET_SIZE(f->s);
+    return OK;
+}
+
+static void seg_end(Seg *g)
+{
+    Py_CLEAR(g->it);
+}
+
+/* 1: a piece (its value borrowed: the map holds it), 0: done, -1: declined (no error set). */
+static int seg_next(Seg *g, long long *s, long long *e, PyObject **v)
+{
+    if (g->it != NULL) {
+        PyObject *t = PyIter_Next(g->it);
+        if (t == NULL) {
+            if (PyErr_Occurred()) {
+                PyErr_Clear();
+                return -1;
+            }
+            return 0;
+        }
+        int ok = PyTuple_CheckExact(t) && PyTuple_GET_SIZE(t) == 3 && !as_ll(PyTuple_GET_ITEM(t, 0), s) &&
+                 !as_ll(PyTuple_GET_ITEM(t, 1), e);
+        *v = ok ? PyTuple_GET_ITEM(t, 2) : NULL;
+        Py_DECREF(t);
+        return ok ? 1 : -1;
+    }
+    Flat *f = g->f;
+    if (g->pos >= g->end)
+        return 0;
+    *s = g->pos;
+    if (g->i >= g->n || key(f->s, g->i) >= g->end) {
+        *e = g->end;
+        *v = f->dflt;
+    } else if (key(f->s, g->i) > g->pos) {
+        *e = key(f->s, g->i);
+        *v = f->dflt;
+    } else {
+        long long ie = key(f->e, g->i);
+        *e = ie < g->end ? ie : g->end;
+        *v = PyList_GET_ITEM(f->v, g->i);
+        g->i++;
+    }
+    g->pos = *e;
+    return 1;
+}
+
+/* The end of the first piece of segments(start, end) (start < end); -1 if declined. */
+static long long flat_piece_end(Flat *f, long long start, long long end)
+{
+    Seg g;
+    long long s, e;
+    PyObject *v;
+    if (seg_begin(&g, f, start, end))
+        return -1;
+    int r = seg_next(&g, &s, &e, &v);
+    seg_end(&g);
+    return r == 1 ? e : r == 0 ? end : -1;
+}
+
+/* Whether the map can take one set() in place, without leaving the flat layout (a set adds at
+ * most two intervals); one that cannot is handed to its own set() when single_thread. */
 static int flat_room(Flat *f, long long load)
 {
-    return PyList_GET_SIZE(f->s) + 2 <= 2 * load;
+    if (f->py || PyList_GET_SIZE(f->s) + 2 <= 2 * load)
+        return 1;
+    if (!single_thread)
+        return 0;
+    f->py = 1;
+    return 1;
 }
 
 /* Replace list[lo:hi] with the k objects of items (borrowed), in place where the lengths allow:
@@ -409,6 +510,11 @@ static int splice(PyObject *list, Py_ssize_t lo, Py_ssize_t hi, PyObject **items
  * bools, None or Spte (value_eq). */
 static int flat_set(Flat *f, long long start_ll, long long end_ll, PyObject *value)
 {
+    if (f->py) {
+        PyObject *r = PyObject_CallMethod(f->map, "set", "LLO", start_ll, end_ll, value);
+        Py_XDECREF(r);
+        return r == NULL ? -1 : 0;
+    }
     if (start_ll >= end_ll)
         return 0;
     PyObject *starts = f->s, *ends = f->e, *values = f->v;
@@ -538,30 +644,24 @@ static int accept_run(Ctx *c, long long s, long long e, long long pfn)
     /* TDX: ACCEPT clears each page not yet accepted (encrypted zeros), then marks the run. */
     long long todo[8][2];
     int ntodo = 0;
-    long long pos = s;
-    Py_ssize_t i = flat_first(&acc, s), n = PyList_GET_SIZE(acc.s);
-    while (pos < e) {
-        long long ps = i < n ? key(acc.s, i) : e, pe;
-        PyObject *v;
-        if (ps > pos) { /* a gap: the default (False) */
-            pe = ps < e ? ps : e;
-            v = acc.dflt;
-        } else {
-            pe = key(acc.e, i) < e ? key(acc.e, i) : e;
-            v = PyList_GET_ITEM(acc.v, i);
-            i++;
-        }
-        if (v != Py_True && v != Py_False)
-            return BAIL;
+    Seg g;
+    long long ps, pe;
+    PyObject *v;
+    int r;
+    if (seg_begin(&g, &acc, s, e))
+        return BAIL;
+    while ((r = seg_next(&g, &ps, &pe, &v)) == 1) {
+        if ((v != Py_True && v != Py_False) || (v == Py_False && ntodo == 8))
+            break;
         if (v == Py_False) {
-            if (ntodo == 8)
-                return BAIL;
-            todo[ntodo][0] = pfn + (pos - s);
-            todo[ntodo][1] = pe - pos;
+            todo[ntodo][0] = pfn + (ps - s);
+            todo[ntodo][1] = pe - ps;
             ntodo++;
         }
-        pos = pe;
     }
+    seg_end(&g);
+    if (r != 0)
+        return BAIL;
     PyObject *engine = NULL, *lock = NULL;
     void *ctx = NULL;
     unsigned char *dst[8];
@@ -700,6 +800,8 @@ static int fault_one(Ctx *c, long long gfn, long long end_gfn, PyObject **res)
     if (base + npages < stop)
         stop = base + npages;
     long long run_end = flat_piece_end(&attrs, gfn, end_gfn);
+    if (run_end < 0)
+        return BAIL;
     if (run_end < stop)
         stop = run_end;
     int logging;
@@ -799,28 +901,23 @@ static int fault_one(Ctx *c, long long gfn, long long end_gfn, PyObject **res)
         if (as_ll(PyList_GET_ITEM(hint, 0), &lo) || lo >= cap)
             return BAIL;
         /* _find(1, 0): the first free frame at or after the hint */
-        Py_ssize_t k = flat_first(&pfree, lo), n = PyList_GET_SIZE(pfree.s);
-        long long pos = lo;
-        while (base_pfn < 0 && pos < cap) {
-            long long s = k < n ? key(pfree.s, k) : cap;
-            if (s > pos) { /* a gap holds the default */
-                if (pfree.dflt == Py_True) {
-                    base_pfn = pos;
-                    break;
-                }
-                pos = s < cap ? s : cap;
-                continue;
-            }
-            PyObject *v = PyList_GET_ITEM(pfree.v, k);
+        Seg g;
+        long long ps, pe;
+        PyObject *v;
+        int r;
+        if (seg_begin(&g, &pfree, lo, cap))
+            return BAIL;
+        while ((r = seg_next(&g, &ps, &pe, &v)) == 1) {
+            if (v != Py_True && v != Py_False)
+                break;
             if (v == Py_True) {
-                base_pfn = pos;
+                base_pfn = ps;
                 break;
             }
-            if (v != Py_False)
-                return BAIL;
-            pos = key(pfree.e, k);
-            k++;
         }
+        seg_end(&g);
+        if (r < 0 || (r == 1 && base_pfn < 0))
+            return BAIL;
         if (base_pfn < 0)
             return BAIL; /* ENOMEM: the Python path raises it */
     }
@@ -835,28 +932,23 @@ static int fault_one(Ctx *c, long long gfn, long long end_gfn, PyObject **res)
         if (rmp == NULL || flat(attr(rmp, S_assigned), &assigned) || !flat_room(&assigned, c->load))
             return BAIL;
         long long rlo = pfn >> 9 << 9, rhi = rlo + 512;
-        Py_ssize_t k = flat_first(&assigned, rlo), n = PyList_GET_SIZE(assigned.s);
-        long long pos = rlo;
-        while (pos < rhi) {
-            long long s = k < n ? key(assigned.s, k) : rhi;
-            PyObject *v;
-            long long pe;
-            if (s > pos) {
-                v = assigned.dflt;
-                pe = s < rhi ? s : rhi;
-            } else {
-                v = PyList_GET_ITEM(assigned.v, k);
-                pe = key(assigned.e, k);
-                k++;
-            }
+        Seg g;
+        long long ps, pe;
+        PyObject *v;
+        int r;
+        if (seg_begin(&g, &assigned, rlo, rhi))
+            return BAIL;
+        while ((r = seg_next(&g, &ps, &pe, &v)) == 1) {
             if (v != Py_True && v != Py_False)
-                return BAIL;
+                break;
             if (v == Py_True) {
                 region_owned = 1;
                 break;
             }
-            pos = pe;
         }
+        seg_end(&g);
+        if (r < 0 || (r == 1 && !region_owned))
+            return BAIL;
     }
     /* Mmu.install at order 0 */
     PyObject *sptes = attr(mmu, S_sptes);
@@ -996,6 +1088,8 @@ static PyObject *run_accept(PyObject *module, PyObject *vcpu)
     (void)module;
     if (!G.ready || environment_ok())
         Py_RETURN_NOTIMPLEMENTED;
+    PyThreadState *head = PyInterpreterState_ThreadHead(PyInterpreterState_Get());
+    single_thread = head != NULL && PyThreadState_Next(head) == NULL;
     Ctx c = {0};
     c.vcpu = vcpu;
     /* ModelVcpu.run()'s checks and _run()'s dispatch: an Accept at pc, nothing pending */
@@ -1079,11 +1173,17 @@ next_op: /* _run's loop, for as long as the op at pc is an Accept */
         long long cur = gfn;
         while (cur < end_gfn) {
             Flat sp;
+            Seg g;
+            long long ps, e;
+            PyObject *v;
             TRY(flat(sp0, &sp));
-            Py_ssize_t k = bisect_right(sp.s, cur) - 1;
-            if (k < 0 || key(sp.e, k) <= cur)
+            TRY(seg_begin(&g, &sp, cur, end_gfn));
+            int r = seg_next(&g, &ps, &e, &v);
+            seg_end(&g);
+            if (r != 1)
+                goto bail;
+            if (v == Py_None)
                 break; /* no SPTE here */
-            PyObject *v = PyList_GET_ITEM(sp.v, k);
             long long delta;
             if (Py_TYPE(v) != (PyTypeObject *)G.spte_type)
                 goto bail;
@@ -1094,7 +1194,6 @@ next_op: /* _run's loop, for as long as the op at pc is an Accept */
                 break; /* a shared SPTE: not usable for a private access */
             if (attr_ll(v, S_delta, &delta))
                 goto bail;
-            long long e = key(sp.e, k) < end_gfn ? key(sp.e, k) : end_gfn;
             TRY(accept_run(&c, cur, e, cur + delta));
             c.pos = e << PAGE_SHIFT < c.end ? e << PAGE_SHIFT : c.end;
             if (set_progress(&c))
@@ -1231,6 +1330,7 @@ static PyObject *rangemap_set(PyObject *module, PyObject *const *args, Py_ssize_
         PyErr_SetString(PyExc_TypeError, "rangemap_set(map, start, end, value)");
         return NULL;
     }
+    single_thread = 0;
     if (!G.ready || flat(args[0], &f) || as_ll(args[1], &start) || as_ll(args[2], &end) ||
         as_ll(PyDict_GetItem(G.ranges_dict, S__LOAD), &load) || !flat_room(&f, load))
         Py_RETURN_NOTIMPLEMENTED;
