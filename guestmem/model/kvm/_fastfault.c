@@ -784,6 +784,8 @@ static int fault_one(Ctx *c, long long gfn, long long end_gfn, PyObject **res)
     if (flat(attr(ms, S_by_gfn), &by_gfn))
         return BAIL;
     PyObject *sid = flat_get(&by_gfn, gfn);
+    if (sid == NULL)
+        return BAIL;
     if (sid == Py_None)
         return (*res = fault_exit(c, gfn, G.efault)) ? OK : ERR;
     PyObject *by_id = attr(ms, S_by_id);
@@ -841,7 +843,10 @@ static int fault_one(Ctx *c, long long gfn, long long end_gfn, PyObject **res)
     Flat bindings, hwpoison;
     if (flat(attr(gfile, S_bindings), &bindings) || flat(attr(inode, S_hwpoison), &hwpoison))
         return BAIL;
-    if (flat_get(&bindings, i) != slot)
+    PyObject *bound = flat_get(&bindings, i);
+    if (bound == NULL)
+        return BAIL;
+    if (bound != slot)
         return (*res = fault_exit(c, gfn, G.eio)) ? OK : ERR;
     PyObject *poisoned = flat_get(&hwpoison, i);
     if (poisoned != Py_False) {
