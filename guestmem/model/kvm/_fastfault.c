@@ -1062,7 +1062,13 @@ static int environment_ok(void)
     PyObject *ex = PyDict_GetItem(G.sync_dict, S__explorer);
     if (ex == NULL || ex != Py_None)
         return BAIL;
-    PyObject *st = attr(G.held, S_stack);
+    /* threading.local: its own getattro finds this thread's dict (never the instance dict slot) */
+    PyObject *st = PyObject_GetAttr(G.held, S_stack);
+    if (st == NULL) {
+        PyErr_Clear();
+        return BAIL;
+    }
+    Py_DECREF(st); /* this thread's dict holds it */
     if (st == NULL || !PyList_CheckExact(st) || PyList_GET_SIZE(st))
         return BAIL;
     Py_ssize_t n = PyTuple_GET_SIZE(G.originals);
@@ -1091,10 +1097,8 @@ static int environment_ok(void)
 static PyObject *run_accept(PyObject *module, PyObject *vcpu)
 {
     (void)module;
-    if (!G.ready || environment_ok())
+    if (!G.ready)
         Py_RETURN_NOTIMPLEMENTED;
-    PyThreadState *head = PyInterpreterState_ThreadHead(PyInterpreterState_Get());
-    single_thread = head != NULL && PyThreadState_Next(head) == NULL;
     Ctx c = {0};
     c.vcpu = vcpu;
     /* ModelVcpu.run()'s checks and _run()'s dispatch: an Accept at pc, nothing pending */
@@ -1108,7 +1112,11 @@ static PyObject *run_accept(PyObject *module, PyObject *vcpu)
         Py_RETURN_NOTIMPLEMENTED;
     PyObject *op = PyTuple_GET_ITEM(ops, pc);
     if (Py_TYPE(op) != (PyTypeObject *)G.accept_type)
+        Py_RETURN_NOTIMPLEMENTED; /* first, so that a run of any other op pays only this */
+    if (environment_ok())
         Py_RETURN_NOTIMPLEMENTED;
+    PyThreadState *head = PyInterpreterState_ThreadHead(PyInterpreterState_Get());
+    single_thread = head != NULL && PyThreadState_Next(head) == NULL;
     int closed, halted, busy, bugged, finalized;
     if (attr(vcpu, S_cpu) != Py_None || attr(vcpu, S_image) != Py_None || attr(vcpu, S__pending) != Py_None ||
         attr_truth(vcpu, S_closed, &closed) || closed || attr_truth(vcpu, S_halted, &halted) || halted)
