@@ -398,6 +398,15 @@ def test_declines_when_a_method_is_replaced(monkeypatch: pytest.MonkeyPatch) -> 
     _declines(w)
     ex = w.vcpu.run()  # the Python path, through the replacement
     assert calls and type(ex).__name__ == "ExitMemoryFault"
+    monkeypatch.undo()
+    # A method inherited from a base class, replaced there.
+    from guestmem.model.kvm.arch.encrypted import EncryptedFlavour
+
+    monkeypatch.setattr(EncryptedFlavour, "mark_accepted", EncryptedFlavour.mark_accepted)
+    w = _world_at_a_fault()  # the same function set again: a re-check finds the original
+    assert type(FAST.run_accept(w.vcpu)).__name__ == "ExitMemoryFault"
+    monkeypatch.setattr(EncryptedFlavour, "mark_accepted", lambda *a: None)
+    _declines(_world_at_a_fault())
 
 
 def test_declines_on_a_poisoning_pool_and_a_numpy_engine() -> None:

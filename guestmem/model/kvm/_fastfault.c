@@ -45,6 +45,9 @@ static struct {
     PyObject *sync_dict, *ranges_dict, *held, *finalize_registry;
     Py_ssize_t off_starts, off_ends, off_values, off_default; /* RangeMap's slots */
     PyObject *exit_template; /* an ExitMemoryFault: its dict's keys in __init__'s order */
+    PyTypeObject *types[32]; /* the classes among the originals' owners (borrowed: originals holds them) */
+    unsigned int tags[32];   /* their version tags when the originals were last found in place */
+    int ntypes;
     PyObject *originals; /* tuple of (owner, name, function): a monkeypatched one disables this */
     gm_pages_fn gm_pages;
     long long ehwpoison, max_index, efault, eio;
@@ -1071,17 +1074,33 @@ static int environment_ok(void)
     Py_DECREF(st); /* this thread's dict holds it */
     if (st == NULL || !PyList_CheckExact(st) || PyList_GET_SIZE(st))
         return BAIL;
+    /* The classes' version tags change whenever an attribute of theirs (or of a base) is set: while
+     * none has, only the module-level originals need looking up. */
+    int fresh = 1;
+    for (int k = 0; k < G.ntypes; k++) {
+        PyTypeObject *t = G.types[k];
+        if (!(t->tp_flags & Py_TPFLAGS_VALID_VERSION_TAG) || t->tp_version_tag != G.tags[k] || !G.tags[k])
+            fresh = 0;
+    }
     Py_ssize_t n = PyTuple_GET_SIZE(G.originals);
     for (Py_ssize_t k = 0; k < n; k++) {
         PyObject *t = PyTuple_GET_ITEM(G.originals, k), *owner = PyTuple_GET_ITEM(t, 0);
         PyObject *cur;
-        if (PyType_Check(owner))
+        if (PyType_Check(owner)) {
+            if (fresh)
+                continue;
             cur = _PyType_Lookup((PyTypeObject *)owner, PyTuple_GET_ITEM(t, 1)); /* borrowed, MRO */
-        else
+        } else {
             cur = PyDict_GetItem(PyModule_GetDict(owner), PyTuple_GET_ITEM(t, 1));
+        }
         if (cur != PyTuple_GET_ITEM(t, 2))
             return BAIL;
     }
+    if (!fresh) /* every original is in place: remember the tags the lookups left */
+        for (int k = 0; k < G.ntypes; k++) {
+            PyTypeObject *t = G.types[k];
+            G.tags[k] = (t->tp_flags & Py_TPFLAGS_VALID_VERSION_TAG) ? t->tp_version_tag : 0;
+        }
     return OK;
 }
 
@@ -1309,12 +1328,27 @@ static PyObject *setup(PyObject *module, PyObject *d)
         PyErr_SetString(PyExc_TypeError, "setup: ExitMemoryFault/Spte are not plain dataclasses");
         return NULL;
     }
+    G.ntypes = 0;
     for (Py_ssize_t k = 0; k < PyTuple_GET_SIZE(G.originals); k++) {
         PyObject *t = PyTuple_GET_ITEM(G.originals, k);
         if (!PyTuple_CheckExact(t) || PyTuple_GET_SIZE(t) != 3 ||
             !(PyType_Check(PyTuple_GET_ITEM(t, 0)) || PyModule_Check(PyTuple_GET_ITEM(t, 0)))) {
             PyErr_SetString(PyExc_TypeError, "setup: originals are (class or module, name, object)");
             return NULL;
+        }
+        if (PyType_Check(PyTuple_GET_ITEM(t, 0))) {
+            PyTypeObject *owner = (PyTypeObject *)PyTuple_GET_ITEM(t, 0);
+            int seen = 0;
+            for (int j = 0; j < G.ntypes; j++)
+                seen |= G.types[j] == owner;
+            if (!seen) {
+                if (G.ntypes == 32) {
+                    PyErr_SetString(PyExc_ValueError, "setup: more than 32 classes among the originals");
+                    return NULL;
+                }
+                G.tags[G.ntypes] = 0; /* unknown: the first call looks everything up */
+                G.types[G.ntypes++] = owner;
+            }
         }
     }
     PyObject **names[] = {&S__starts, &S__ends, &S__values, &S_default};
