@@ -450,3 +450,24 @@ def test_rangemap_set_matches_python(default: Any, edits: list[tuple[int, int, A
         # both maps were given the same value objects: a merge must keep the same one
         assert all(x is y for (_, _, x), (_, _, y) in zip(a.items(), b.items(), strict=True))
         b.check()
+
+
+def test_a_refused_setup_turns_it_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A build that does not fit this tree (here: a RangeMap without the flat slots it reads)
+    is turned off at first use, and the Python path runs."""
+
+    class Other:  # RangeMap's methods, not its flat layout's slots
+        __slots__ = ("x",)
+        get, set, segments = ranges.RangeMap.get, ranges.RangeMap.set, ranges.RangeMap.segments
+
+    w = World("snp", True)
+    w.vcpu.load(Program([Accept(GPA, PS)]))
+    monkeypatch.setattr(vcpu_mod, "_fast_ready", False)
+    monkeypatch.setattr(vcpu_mod, "_fast_why", "")
+    monkeypatch.setattr(ranges, "RangeMap", Other)  # what setup hands over: not the layout it reads
+    try:
+        assert type(w.vcpu.run()).__name__ == "ExitMemoryFault"
+        assert vcpu_mod._fast is None and "layout" in vcpu_mod._fast_why
+    finally:
+        monkeypatch.undo()
+        vcpu_mod._fast, vcpu_mod._fast_ready = FAST, False

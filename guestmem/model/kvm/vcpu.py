@@ -44,12 +44,14 @@ U64 = (1 << 64) - 1
 # not finished.  None when not built or GUESTMEM_PURE is set; tests set it to None to compare.
 _fast = native.load("model.kvm._fastfault")
 _fast_ready = False
+_fast_why = ""  # why the accelerator was turned off after loading (setup refused this build)
 
 
 def _fast_setup() -> None:
     """Hand the accelerator the classes and constants its checks compare against (on first use:
-    the arch modules import this one)."""
-    global _fast_ready
+    the arch modules import this one).  If it refuses them (a class it reads changed shape, e.g.
+    RangeMap's flat layout), it is turned off for this process and the Python path runs."""
+    global _fast, _fast_ready, _fast_why
     import weakref
 
     from guestmem import errors, ranges, sync
@@ -57,6 +59,8 @@ def _fast_setup() -> None:
     from guestmem.model.kvm import guest_memfd, mmu
     from guestmem.model.kvm.arch.snp import Rmp, SnpFlavour
     from guestmem.model.kvm.arch.tdx import TdxFlavour
+    from guestmem.model.kvm.memslot import Memslots
+    from guestmem.model.kvm.vm import ModelVm
     from guestmem.model.mm import encryption, frames, pagecache
 
     lib = encryption._load_native()
@@ -65,34 +69,34 @@ def _fast_setup() -> None:
         import ctypes
 
         gm_pages = ctypes.cast(lib.lib.gm_pages, ctypes.c_void_p).value  # type: ignore[attr-defined]
-    from guestmem.model.kvm.memslot import Memslots
-    from guestmem.model.kvm.vm import ModelVm
-
     # What the C runs instead of: if any is replaced (a test's monkeypatch), the Python path runs.
-    originals = tuple((owner, name, getattr(owner, name)) for owner, name in (
-        (sys.modules[__name__], "page_fault"), (ModelVcpu, "_accept"), (ModelVcpu, "_run"),
-        (guest_memfd.GmemFile, "get_pfn_range"), (guest_memfd.GmemFile, "_get_pfn_one"),
-        (pagecache.PageCache, "get_page"), (frames.FramePool, "alloc_range"),
-        (frames.FramePool, "_find"), (mmu.Mmu, "translate"), (mmu.Mmu, "install"),
-        (mmu.Mmu, "retry"), (ModelVm, "mem_is_private"), (ModelVm, "attribute_run_end"),
-        (Memslots, "lookup"), (SnpFlavour, "gmem_prepare"), (SnpFlavour, "on_accept"),
-        (SnpFlavour, "mark_accepted"), (SnpFlavour, "accept_key"), (TdxFlavour, "on_accept"),
-        (TdxFlavour, "gmem_prepare"), (TdxFlavour, "mark_accepted"), (TdxFlavour, "accept_key"),
-        (Rmp, "assign"), (encryption.EncryptionEngine, "fill_encrypt"),
-        (ranges.RangeMap, "get"), (ranges.RangeMap, "set"), (ranges.RangeMap, "segments"),
-    ))
-    assert _fast is not None
-    _fast.setup({
-        "RangeMap": ranges.RangeMap, "Spte": mmu.Spte, "ExitMemoryFault": ExitMemoryFault,
-        "Accept": Accept, "Program": Program, "SnpFlavour": SnpFlavour, "TdxFlavour": TdxFlavour,
-        "sync_dict": vars(sync), "ranges_dict": vars(ranges), "held": sync._held,
-        "finalize_registry": weakref.finalize._registry,  # type: ignore[attr-defined]
-        "originals": originals, "exit_template": ExitMemoryFault(0, 0, 0, 0),
-        "EHWPOISON": errors.EHWPOISON, "MAX_INDEX": pagecache.MAX_INDEX,
-        "EFAULT": errno.EFAULT, "EIO": errno.EIO, "ATTR_PRIVATE": u.KVM_MEMORY_ATTRIBUTE_PRIVATE,
-        "EXIT_PRIVATE": u.KVM_MEMORY_EXIT_FLAG_PRIVATE, "MEM_GUEST_MEMFD": u.KVM_MEM_GUEST_MEMFD,
-        "MEM_READONLY": u.KVM_MEM_READONLY, "gm_pages": gm_pages,
-    })
+    try:
+        originals = tuple((owner, name, getattr(owner, name)) for owner, name in (
+            (sys.modules[__name__], "page_fault"), (ModelVcpu, "_accept"), (ModelVcpu, "_run"),
+            (guest_memfd.GmemFile, "get_pfn_range"), (guest_memfd.GmemFile, "_get_pfn_one"),
+            (pagecache.PageCache, "get_page"), (frames.FramePool, "alloc_range"),
+            (frames.FramePool, "_find"), (mmu.Mmu, "translate"), (mmu.Mmu, "install"),
+            (mmu.Mmu, "retry"), (ModelVm, "mem_is_private"), (ModelVm, "attribute_run_end"),
+            (Memslots, "lookup"), (SnpFlavour, "gmem_prepare"), (SnpFlavour, "on_accept"),
+            (SnpFlavour, "mark_accepted"), (SnpFlavour, "accept_key"), (TdxFlavour, "on_accept"),
+            (TdxFlavour, "gmem_prepare"), (TdxFlavour, "mark_accepted"), (TdxFlavour, "accept_key"),
+            (Rmp, "assign"), (encryption.EncryptionEngine, "fill_encrypt"),
+            (ranges.RangeMap, "get"), (ranges.RangeMap, "set"), (ranges.RangeMap, "segments"),
+        ))
+        assert _fast is not None
+        _fast.setup({
+            "RangeMap": ranges.RangeMap, "Spte": mmu.Spte, "ExitMemoryFault": ExitMemoryFault,
+            "Accept": Accept, "Program": Program, "SnpFlavour": SnpFlavour, "TdxFlavour": TdxFlavour,
+            "sync_dict": vars(sync), "ranges_dict": vars(ranges), "held": sync._held,
+            "finalize_registry": weakref.finalize._registry,  # type: ignore[attr-defined]
+            "originals": originals, "exit_template": ExitMemoryFault(0, 0, 0, 0),
+            "EHWPOISON": errors.EHWPOISON, "MAX_INDEX": pagecache.MAX_INDEX,
+            "EFAULT": errno.EFAULT, "EIO": errno.EIO, "ATTR_PRIVATE": u.KVM_MEMORY_ATTRIBUTE_PRIVATE,
+            "EXIT_PRIVATE": u.KVM_MEMORY_EXIT_FLAG_PRIVATE, "MEM_GUEST_MEMFD": u.KVM_MEM_GUEST_MEMFD,
+            "MEM_READONLY": u.KVM_MEM_READONLY, "gm_pages": gm_pages,
+        })
+    except (AttributeError, TypeError, KeyError, ValueError) as exc:
+        _fast, _fast_why = None, f"_fastfault does not fit this tree: {exc}"
     _fast_ready = True
 
 
@@ -162,7 +166,7 @@ class ModelVcpu:
         if _fast is not None:  # the accelerator first; NotImplemented: this path from where it stopped
             if not _fast_ready:
                 _fast_setup()
-            ex = _fast.run_accept(self)
+            ex = _fast.run_accept(self) if _fast is not None else NotImplemented
             if ex is not NotImplemented:
                 return ex  # type: ignore[no-any-return]
         self.vm.system.process.run_deferred()
