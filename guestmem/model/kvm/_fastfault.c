@@ -4,7 +4,10 @@
  * while the op at pc is an Accept (vcpu.py _accept -> mmu.translate -> arch.on_accept, and
  * fault.page_fault for one gfn -> GmemFile._get_pfn_one -> PageCache.get_page -> FramePool
  * alloc_range -> arch gmem_prepare -> Mmu.install), on the SNP-like and TDX-like flavours with
- * per-VM attributes, order-0 guest_memfd files and every RangeMap it touches in the flat layout.
+ * per-VM attributes and order-0 guest_memfd files.  RangeMaps in the flat layout are read and
+ * edited in place (flat_set is RangeMap.set's flat rule to the letter); a map in another layout
+ * (a fragmented guest) is served through its own methods, but only while this is the only Python
+ * thread (see single_thread), else the accelerator declines.
  *
  * run_accept(vcpu) answers the exit the Python path would return, or NotImplemented.  Every unit
  * of work (one translated run and its acceptance; one fault) is planned first -- each of its
@@ -15,15 +18,15 @@
  * advanced as _run advances them and NotImplemented lets the Python interpreter run the next op.
  *
  * Locks.  The GIL is held from entry to the end of the last commit: no Python code runs (values are
- * compared in C, objects built in C, no property or method implemented in Python is called), so no
- * other thread runs meanwhile.  The Python path's locks (mmu_lock, the inode's invalidate_lock
+ * compared in C, Spte and ExitMemoryFault objects built in C, no property or method implemented in
+ * Python is called -- except a non-flat map's own methods, and then no other Python thread exists),
+ * so no other thread runs meanwhile.  The Python path's locks (mmu_lock, the inode's invalidate_lock
  * shared, the page cache's and the frame pool's locks, the encryption engine's lock) are each taken
  * and released within one step with nothing else able to run in between; so instead of taking them
  * this code checks that each is free (and that this thread holds no named lock, and that no
  * interleaving explorer is installed: it needs every scheduling point), which makes taking and
  * releasing them an unobservable no-op.  The locks that are real mutexes here (page cache RLock,
  * pool lock, engine lock) are taken non-blocking for the duration of the commit all the same.
- * The one call into Python, building the ExitMemoryFault, happens after every state change.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
