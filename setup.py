@@ -13,4 +13,5 @@ setup(ext_modules=[
     Extension("guestmem.linux._fastioctl", ["guestmem/linux/_fastioctl.c"], optional=True),
     Extension("guestmem._rangemap", ["guestmem/_rangemap.c"], optional=True),
     Extension("guestmem.model._fastconv", ["guestmem/model/_fastconv.c"], optional=True),
+    Extension("guestmem.model.kvm._fastfault", ["guestmem/model/kvm/_fastfault.c"], optional=True),
 ])
