@@ -85,8 +85,14 @@ static PyObject *unsupported(void) {
     return NULL;
 }
 
+/* The C API's set_with_eq: a caller's own comparison, in C, for the values of its maps, while that
+   one set runs (the GIL is held throughout and the comparison runs no Python code, so nothing else
+   can see or change this). */
+static int (*eq_override)(PyObject *a, PyObject *b);
+
 /* ``a == b`` as Python evaluates it (no identity shortcut, except for types where it is exact). */
 static int eq(PyObject *a, PyObject *b) {
+    if (eq_override != NULL) return eq_override(a, b);
     if (a == b && (PyLong_CheckExact(a) || PyUnicode_CheckExact(a) || a == Py_None || PyBool_Check(a)))
         return 1;
     PyObject *r = PyObject_RichCompare(a, b, Py_EQ);
@@ -1022,7 +1028,10 @@ static PyObject *core_items(Core *m, PyObject *unused) {
    is next edited or Python code runs) and sets [start, end) to the maximal piece holding it — a
    stored interval, or the gap of ``default`` between its neighbours (INT64_MIN / INT64_MAX where
    the gap has no neighbour on that side, so it runs on beyond int64).  One call answers
-   ``all_equal``/``any_match``/``segments`` for a range inside one piece. */
+   ``all_equal``/``any_match``/``segments`` for a range inside one piece.
+   ``set_with_eq(map, start, end, value, eq)`` is ``set`` with ``eq(a, b)`` (1, 0, or -1 with an
+   exception set) making every comparison the rule makes: a caller whose values have a Python
+   ``__eq__`` it can decide in C passes its own, and the set then runs no Python code. */
 typedef struct {
     int abi; /* 1 */
     int (*is_native)(PyObject *map);
@@ -1030,6 +1039,8 @@ typedef struct {
     int (*set)(PyObject *map, int64_t start, int64_t end, PyObject *value);
     Py_ssize_t (*length)(PyObject *map);
     PyObject *(*piece)(PyObject *map, int64_t index, int64_t *start, int64_t *end);
+    int (*set_with_eq)(PyObject *map, int64_t start, int64_t end, PyObject *value,
+                       int (*eq)(PyObject *a, PyObject *b));
 } RangeMapCAPI;
 
 static int capi_is_native(PyObject *map) { return native_type != NULL && Py_TYPE(map) == native_type; }
@@ -1041,6 +1052,19 @@ static int capi_set(PyObject *map, int64_t start, int64_t end, PyObject *value) 
 }
 
 static Py_ssize_t capi_length(PyObject *map) { return ((Core *)map)->len; }
+
+/* set(), with ``eq`` deciding every ``==`` the rule makes (same calls, same order).  For a caller
+   whose values have a Python __eq__ (a dataclass) that it can decide in C: the set then runs no
+   Python code at all, so no other thread can run in the middle of it. */
+static int capi_set_with_eq(PyObject *map, int64_t start, int64_t end, PyObject *value,
+                            int (*cmp)(PyObject *a, PyObject *b)) {
+    if (start >= end) return 0;
+    int (*saved)(PyObject *, PyObject *) = eq_override;
+    eq_override = cmp;
+    int r = map_set64((Core *)map, start, end, value);
+    eq_override = saved;
+    return r;
+}
 
 static PyObject *capi_piece(PyObject *map, int64_t x, int64_t *start, int64_t *end) {
     Core *m = (Core *)map;
@@ -1068,7 +1092,8 @@ static PyObject *capi_piece(PyObject *map, int64_t x, int64_t *start, int64_t *e
     return m->deflt;
 }
 
-static const RangeMapCAPI capi = {1, capi_is_native, capi_get, capi_set, capi_length, capi_piece};
+static const RangeMapCAPI capi = {1, capi_is_native, capi_get, capi_set, capi_length, capi_piece,
+                                  capi_set_with_eq};
 
 /* _register(flat, native, globals): RangeMap, the compiled layout's class, and ranges.py's globals
    (see core_new and is_native). */

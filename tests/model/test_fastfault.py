@@ -435,17 +435,31 @@ value = st.one_of(st.none(), st.booleans(), st.integers(-3, 3), st.integers(0, 7
 
 @settings(max_examples=300, deadline=None)
 @given(default=st.sampled_from([None, False, 0]),
-       edits=st.lists(st.tuples(st.integers(0, 40), st.integers(0, 12), value), min_size=1, max_size=25))
-def test_rangemap_set_matches_python(default: Any, edits: list[tuple[int, int, Any]]) -> None:
-    """Same intervals, same value objects kept (identity), after every edit."""
+       edits=st.lists(st.tuples(st.integers(0, 40), st.integers(0, 12), value), min_size=1, max_size=25),
+       compiled=st.booleans())
+def test_rangemap_set_matches_python(default: Any, edits: list[tuple[int, int, Any]], compiled: bool) -> None:
+    """Same intervals, same value objects kept (identity), after every edit: in the flat layout
+    (edited in place by the accelerator) and in the compiled one (edited through the RangeMap core's
+    C API with the accelerator's own Spte comparison)."""
     if not vcpu_mod._fast_ready:
         vcpu_mod._fast_setup()
-    a, b = ranges.RangeMap(default), ranges.RangeMap(default)
+    saved = ranges._native
+    if not compiled:
+        ranges._native = None  # maps made now take the Python flat layout
+    try:
+        a, b = ranges.RangeMap(default), ranges.RangeMap(default)
+    finally:
+        ranges._native = saved
+    layout = type(b)
+    assert (layout is not ranges.RangeMap) == (compiled and saved is not None)
     for start, n, v in edits:
         a.set(start, start + n, v)
-        if FAST.rangemap_set(b, start, start + n, v) is NotImplemented:
+        done = FAST.rangemap_set(b, start, start + n, v)
+        if layout is not ranges.RangeMap:
+            assert done is None  # the compiled layout is always served by the C API
+        if done is NotImplemented:
             b.set(start, start + n, v)
-        assert type(b) is ranges.RangeMap
+        assert type(b) is layout
         assert [(s, e) for s, e, _ in a.items()] == [(s, e) for s, e, _ in b.items()]
         # both maps were given the same value objects: a merge must keep the same one
         assert all(x is y for (_, _, x), (_, _, y) in zip(a.items(), b.items(), strict=True))

@@ -296,8 +296,24 @@ static PyObject *new_spte(int private, long long delta, int writable)
 
 typedef struct {
     PyObject *map, *s, *e, *v, *dflt; /* borrowed */
-    int py; /* not the flat layout: served by the map's own (Python) methods */
+    int py;  /* not the flat layout: served by the map's own (Python) methods */
+    int nat; /* the compiled layout: served by guestmem._rangemap's C API (no Python code runs) */
 } Flat;
+
+/* guestmem._rangemap's C API (its capsule _C_API, abi 1; the struct is declared there), found by
+ * setup(): how the compiled layout -- every map's, when that core is built -- is read and edited
+ * here without a Python call.  NULL when the core is not built. */
+typedef struct {
+    int abi;
+    int (*is_native)(PyObject *map);
+    PyObject *(*get)(PyObject *map, int64_t index);
+    int (*set)(PyObject *map, int64_t start, int64_t end, PyObject *value);
+    Py_ssize_t (*length)(PyObject *map);
+    PyObject *(*piece)(PyObject *map, int64_t index, int64_t *start, int64_t *end);
+    int (*set_with_eq)(PyObject *map, int64_t start, int64_t end, PyObject *value,
+                       int (*eq)(PyObject *a, PyObject *b));
+} RangeMapCAPI;
+static const RangeMapCAPI *capi;
 
 /* Whether this is the only Python thread (set per call): then the map's own methods, Python code,
  * may serve a map not in the flat layout -- no other thread can run while they do.  Otherwise
@@ -312,6 +328,12 @@ static int flat(PyObject *map, Flat *f)
         return BAIL;
     f->map = map;
     f->py = 0;
+    f->nat = 0;
+    if (capi != NULL && capi->is_native(map)) {
+        f->nat = 1;
+        f->dflt = *(PyObject **)((char *)map + G.off_default); /* kept in step with the core's */
+        return f->dflt == NULL ? BAIL : OK;
+    }
     if (Py_TYPE(map) != (PyTypeObject *)G.rangemap_type) {
         if (!single_thread || !PyObject_TypeCheck(map, (PyTypeObject *)G.rangemap_type))
             return BAIL;
@@ -381,6 +403,11 @@ static Py_ssize_t flat_first(Flat *f, long long x)
 /* RangeMap.get: borrowed (the map holds it); NULL (no error set) if the map's get raised. */
 static PyObject *flat_get(Flat *f, long long x)
 {
+    if (f->nat) {
+        PyObject *v = capi->get(f->map, x);
+        Py_DECREF(v); /* stored in the map (or its default) */
+        return v;
+    }
     if (f->py) {
         PyObject *k = PyLong_FromLongLong(x), *v = k ? PyObject_CallMethodOneArg(f->map, S_get, k) : NULL;
         Py_XDECREF(k);
@@ -411,6 +438,8 @@ static int seg_begin(Seg *g, Flat *f, long long start, long long end)
     g->pos = start;
     g->end = end;
     g->it = NULL;
+    if (f->nat)
+        return OK; /* seg_next asks for the piece at pos each step */
     if (f->py) {
         PyObject *r = PyObject_CallMethod(f->map, "segments", "LL", start, end);
         g->it = r ? PyObject_GetIter(r) : NULL;
@@ -453,6 +482,13 @@ static int seg_next(Seg *g, long long *s, long long *e, PyObject **v)
     if (g->pos >= g->end)
         return 0;
     *s = g->pos;
+    if (f->nat) { /* the maximal piece holding pos, cut at end: what segments yields */
+        int64_t ps, pe;
+        *v = capi->piece(f->map, g->pos, &ps, &pe);
+        *e = pe < g->end ? pe : g->end;
+        g->pos = *e;
+        return 1;
+    }
     if (g->i >= g->n || key(f->s, g->i) >= g->end) {
         *e = g->end;
         *v = f->dflt;
@@ -486,7 +522,7 @@ static long long flat_piece_end(Flat *f, long long start, long long end)
  * most two intervals); one that cannot is handed to its own set() when single_thread. */
 static int flat_room(Flat *f, long long load)
 {
-    if (f->py || PyList_GET_SIZE(f->s) + 2 <= 2 * load)
+    if (f->nat || f->py || PyList_GET_SIZE(f->s) + 2 <= 2 * load)
         return 1;
     if (!single_thread)
         return 0;
@@ -516,6 +552,8 @@ static int splice(PyObject *list, Py_ssize_t lo, Py_ssize_t hi, PyObject **items
  * bools, None or Spte (value_eq). */
 static int flat_set(Flat *f, long long start_ll, long long end_ll, PyObject *value)
 {
+    if (f->nat) /* the core's rule, with this file's C comparison (no Spte.__eq__ runs) */
+        return capi->set_with_eq(f->map, start_ll, end_ll, value, value_eq);
     if (f->py) {
         PyObject *r = PyObject_CallMethod(f->map, "set", "LLO", start_ll, end_ll, value);
         Py_XDECREF(r);
@@ -1365,6 +1403,12 @@ static PyObject *setup(PyObject *module, PyObject *d)
         }
         *offs[k] = ((PyMemberDescrObject *)descr)->d_member->offset;
     }
+    capi = NULL; /* not built: no map has the compiled layout */
+    const RangeMapCAPI *api = PyCapsule_Import("guestmem._rangemap._C_API", 0);
+    if (api == NULL)
+        PyErr_Clear();
+    else if (api->abi == 1)
+        capi = api;
     G.ready = 1;
     Py_RETURN_NONE;
 }
