@@ -69,6 +69,17 @@ class ExitHandler:
         self._last_fault: dict[int, tuple[int, int, int]] = {}
 
     def handle(self, vid: int, vcpu: Vcpu, ex: Exit) -> Verdict:
+        if ex.__class__ is ExitMemoryFault:  # the common exit first (a subclass takes the long way)
+            gpa, flags = ex.gpa, ex.flags
+            last = self._last_fault.get(vid)
+            n = last[2] + 1 if last is not None and last[0] == gpa and last[1] == flags else 1
+            self._last_fault[vid] = (gpa, flags, n)
+            if n > MAX_REPEATED_FAULTS:
+                return self._stuck(ex, n)
+            out = self.converter.handle_memory_fault(ex, vid, vcpu)
+            if out.ok:
+                return CONTINUE
+            return Verdict(Action.FAIL, f"unresolvable memory fault: {out.error}")
         if not isinstance(ex, ExitMemoryFault):
             self._last_fault.pop(vid, None)
         if isinstance(ex, ExitHypercall):
@@ -105,13 +116,17 @@ class ExitHandler:
             key = (ex.gpa, ex.flags, last[2] + 1)
         self._last_fault[vid] = key
         if key[2] > MAX_REPEATED_FAULTS:
-            return Verdict(Action.FAIL, f"the guest is stuck: {key[2]} memory faults in a row at gpa "
-                           f"{ex.gpa:#x} ({'private' if ex.private else 'shared'}) that conversion "
-                           "does not resolve")
+            return self._stuck(ex, key[2])
         out = self.converter.handle_memory_fault(ex, vid, vcpu)
         if not out.ok:
             return Verdict(Action.FAIL, f"unresolvable memory fault: {out.error}")
         return CONTINUE
+
+    @staticmethod
+    def _stuck(ex: ExitMemoryFault, n: int) -> Verdict:
+        return Verdict(Action.FAIL, f"the guest is stuck: {n} memory faults in a row at gpa "
+                       f"{ex.gpa:#x} ({'private' if ex.private else 'shared'}) that conversion "
+                       "does not resolve")
 
     def _mmio(self, vid: int, ex: ExitMmio) -> Verdict:
         if ex.is_write:
