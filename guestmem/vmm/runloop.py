@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from guestmem.api import Exit, ExitHypercall, ExitMemoryFault, ExitSync, Vcpu
-from guestmem.vmm.exits import Action, ExitHandler
+from guestmem.vmm.exits import CONTINUE, Action, ExitHandler
 from guestmem.vmm.trace import EXIT, GUEST, EventTrace
 
 Status = Literal["halted", "failed", "stopped", "stuck"]
@@ -124,6 +124,8 @@ def run_vcpus(vcpus: Mapping[int, Vcpu], handler: ExitHandler, trace: EventTrace
                 if on_exit is not None:
                     on_exit(vid, ex)
                 verdict = handle(vid, vcpu, ex)
+                if verdict is CONTINUE:  # the shared verdict of every exit that keeps running
+                    continue
                 if verdict.action is Action.HALT:
                     res.status = "halted"
                     return

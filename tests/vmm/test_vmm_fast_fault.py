@@ -199,7 +199,8 @@ def test_lifecycle_same_both_ways(flavour: str, policy: str, sampling: str,
 
 @pytest.mark.parametrize("revision", ["v5", "v8"])
 @pytest.mark.parametrize("content", ["auto", "preserve", "zero", "unspecified"])
-def test_inplace_same_both_ways(revision: str, content: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_inplace_same_both_ways(revision: str, content: str, sampling: str,
+                                monkeypatch: pytest.MonkeyPatch) -> None:
     """In-place conversion (per-file attributes, content modes, their EOPNOTSUPP fallback)."""
     try:
         guestmem.open("model", attributes="gmem", inplace_revision=revision).close()
@@ -287,19 +288,19 @@ def _edge_run(flavour: str, exits: list[tuple[int, int, int, int]], **config: An
 
 
 @pytest.mark.parametrize("flavour", ["default", "sw-protected", "snp", "tdx"])
-def test_edge_exits_same_both_ways(flavour: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_edge_exits_same_both_ways(flavour: str, sampling: str, monkeypatch: pytest.MonkeyPatch) -> None:
     out = _both(lambda: _edge_run(flavour, EDGE_EXITS), monkeypatch)
     assert any(a.value == "fail" for a, _ in out["verdicts"])
 
 
-def test_stuck_guest_same_both_ways(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_stuck_guest_same_both_ways(sampling: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The same fault over and over: the repeat counter stops it at the same exit, both ways."""
     exits = [(GPA, PAGE, PRIVATE_FLAG, errno.EFAULT)] * 70 + [(GPA + PAGE, PAGE, 0, errno.EFAULT)]
     out = _both(lambda: _edge_run("snp", exits), monkeypatch)
     assert "stuck: 65 memory faults" in out["verdicts"][64][1]
 
 
-def test_attribute_refusal_same_both_ways(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_attribute_refusal_same_both_ways(sampling: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The model refuses KVM_SET_MEMORY_ATTRIBUTES: the same error text, counters and state."""
     def run() -> dict[str, Any]:
         kvm = guestmem.open("model")
@@ -329,7 +330,7 @@ def test_attribute_refusal_same_both_ways(monkeypatch: pytest.MonkeyPatch) -> No
     assert "setting attributes on" in out["verdicts"][1][1]
 
 
-def test_discard_raising_leaves_the_same_state(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_discard_raising_leaves_the_same_state(sampling: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A discard that raises (the backend failed under it) leaves the attribute recorded and the
     shared side still counted as populated, as the general path leaves it."""
     def run() -> dict[str, Any]:
