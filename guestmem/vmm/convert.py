@@ -49,10 +49,12 @@ ZERO = u.KVM_SET_MEMORY_ATTRIBUTES2_MODE_ZERO
 
 _TO_PRIVATE, _TO_SHARED = "a conversion to private", "a conversion to shared"
 
-#: Memory faults on one page of RAM take :meth:`ConversionManager._fault_page`, one straight path,
-#: instead of the general ``convert`` path it is a specialisation of (identical in every count,
-#: state change and error).  The differential test turns it off to compare the two.
+#: Memory faults and other requests on one page of RAM take
+#: :meth:`ConversionManager._convert_one_page`, one straight path, instead of the general path it
+#: is a specialisation of (identical in every count, state change and error).  The differential
+#: test (tests/vmm/test_vmm_fast_fault.py) turns it off to compare the two.
 FAST_FAULT = True
+_ORIGIN_KEYS = {o: f"requests_{o}" for o in ("fault", "hypercall", "host")}  # no formatting per request
 _LAST_PAGE = (1 << 64) - PAGE  # the highest page-aligned gpa a one-page request may start at
 _ATTR_PRIVATE = u.KVM_MEMORY_ATTRIBUTE_PRIVATE
 _PRIVATE_MEMORY = (Strategy.SEPARATE, Strategy.INPLACE)  # Strategy.private_memory, as a tuple
@@ -148,7 +150,7 @@ class ConversionManager:
                 args["ok"] = out.ok
             return out
         # The common case, inline: a well-formed fault on one page of RAM with no listener to
-        # tell goes straight to _fault_page; everything else takes the general path.
+        # tell goes straight to _convert_one_page; everything else takes the general path.
         flags = ex.flags
         if FAST_FAULT and ex.errno == errno.EFAULT and not flags & ~u.KVM_MEMORY_EXIT_FLAG_PRIVATE:
             gpa = ex.gpa
@@ -158,7 +160,8 @@ class ConversionManager:
                 to_private = flags == u.KVM_MEMORY_EXIT_FLAG_PRIVATE
                 if i is not None and (not to_private or self.strategy in _PRIVATE_MEMORY):
                     self.stats["memory_faults"] += 1
-                    return self._fault_page(self.regions[i], start, to_private, tid, vcpu)
+                    return self._convert_one_page(self.regions[i], start, to_private, tid, vcpu,
+                                                  "requests_fault")
         return self._memory_fault(ex, tid, vcpu)
 
     def _memory_fault(self, ex: ExitMemoryFault, tid: int, vcpu: Vcpu | None) -> Outcome:
@@ -173,17 +176,18 @@ class ConversionManager:
         end = (ex.gpa + max(ex.size, 1) + PAGE - 1) // PAGE * PAGE
         return self.convert(start, end - start, ex.private, origin="fault", tid=tid, vcpu=vcpu)
 
-    def _fault_page(self, region: RegionBacking, gpa: int, to_private: bool, tid: int, vcpu: Vcpu | None
-                    ) -> Outcome:
-        """``convert(gpa, PAGE, to_private, origin="fault")`` for the common memory fault -- one page
-        of RAM, no listener, trace off -- as one straight path: the same steps in the same order,
-        the same counters, tracker state, accounting check, pre-fault and errors as the general
-        path (:meth:`_convert_page`), with the page's tracker state written once: the attribute
-        and the discard that follows it are one state change (written before the discard only if
-        the discard raises, so the tracker never claims a discard that did not happen)."""
+    def _convert_one_page(self, region: RegionBacking, gpa: int, to_private: bool, tid: int,
+                          vcpu: Vcpu | None, origin_key: str) -> Outcome:
+        """``convert(gpa, PAGE, to_private, origin=...)`` for the common request -- one page of RAM
+        (every lazily accepted page, every 4 KiB MAP_GPA_RANGE), no listener, trace off -- as one
+        straight path: the same steps in the same order, the same counters, tracker state,
+        accounting check, pre-fault and errors as the general path (:meth:`_convert_page`), with
+        the page's tracker state written once: the attribute and the discard that follows it are
+        one state change (written before the discard only if the discard raises, so the tracker
+        never claims a discard that did not happen).  ``origin_key`` is ``"requests_<origin>"``."""
         stats = self.stats
         stats["requests"] += 1
-        stats["requests_fault"] += 1
+        stats[origin_key] += 1
         tracker = self.tracker
         gfn = gpa // PAGE
         with self._lock:
@@ -262,6 +266,12 @@ class ConversionManager:
     def convert(self, gpa: int, size: int, to_private: bool, *, origin: str, tid: int,
                 vcpu: Vcpu | None = None, granule: int = PAGE) -> Outcome:
         """Convert ``[gpa, gpa+size)``; ``granule`` is the page size the request was made in."""
+        if (size == PAGE and granule == PAGE and FAST_FAULT and not gpa % PAGE and 0 <= gpa <= _LAST_PAGE
+                and not self.listeners and not self.trace.enabled):
+            i = self.layout.region_at(gpa)
+            if i is not None and (not to_private or self.strategy in _PRIVATE_MEMORY):
+                key = _ORIGIN_KEYS.get(origin) or f"requests_{origin}"
+                return self._convert_one_page(self.regions[i], gpa, to_private, tid, vcpu, key)
         if not self.trace.enabled:
             out = self._convert(gpa, size, to_private, origin, tid, granule)
         else:

@@ -23,9 +23,10 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as hs
-from vmm_helpers import GPA, PAGE, PRIVATE_FLAG, E, MiB
+from vmm_helpers import GPA, PAGE, PRIVATE_FLAG, SZ_2M, E, MiB
 
 import guestmem
+import guestmem.uapi as u
 from guestmem.api import ExitMemoryFault
 from guestmem.fuzz.snapshot import snapshot as model_snapshot
 from guestmem.guest.ops import Accept, MapGpaRange, Op, Program, Sync, Touch, Verify, Write
@@ -170,7 +171,12 @@ def _lifecycle(accept: bool) -> list[Op]:
             Verify(HOLE + 16 * PAGE, 4 * PAGE, 0x66, "private"),
             *acc(HOLE + 20 * PAGE, 8 * PAGE),
             *acc(GPA + 20 * PAGE, 2 * PAGE),  # shared pages going private again
-            *acc(GPA, 2 * PAGE)]
+            *acc(GPA, 2 * PAGE),
+            # 4 KiB MAP_GPA_RANGE hypercalls (the conversion storm's request), one changing nothing
+            MapGpaRange(GPA + 28 * PAGE, 1, E), MapGpaRange(GPA + 28 * PAGE, 1, E),
+            MapGpaRange(GPA + 28 * PAGE, 1, 0), MapGpaRange(HOLE + 17 * PAGE, 1, 0),
+            MapGpaRange(HOLE + 18 * PAGE, 1, E), MapGpaRange(HOLE + PAGE, 1, 0),
+            MapGpaRange(HOLE + PAGE, 1, E, -u.KVM_EINVAL), MapGpaRange(GPA + 29 * PAGE, 1, E | SZ_2M, None)]
 
 
 POLICIES = {
@@ -218,11 +224,18 @@ def test_trace_on_same_both_ways(sampling: str, monkeypatch: pytest.MonkeyPatch)
 
 
 def _pin_actions(m: Machine, pins: ExitStack, value: int) -> None:
-    """Sync 1: pin pages 40..44 for DMA (their discards are deferred); Sync 2: release them."""
+    """Sync 1: pin pages 40..44 for DMA (their discards are deferred); Sync 2: release them;
+    Sync 3/4: the host converts page 50 to private / shared (``origin="host"``), and page 51 and
+    a page of the hole, and two pages, as a hostile host might."""
     if value == 1:
         pins.enter_context(m.dma_pin(GPA + 40 * PAGE, 4 * PAGE))
     elif value == 2:
         pins.close()
+    elif value in (3, 4):
+        for gpa, size in ((GPA + 50 * PAGE, PAGE), (GPA + 51 * PAGE + 8, PAGE), (HOLE, PAGE),
+                          (GPA + 52 * PAGE, 2 * PAGE)):
+            out = m.convert(gpa, size, value == 3)
+            m.converter.warnings.append(f"host convert {gpa:#x}+{size:#x}: {out}")  # compared
 
 
 @pytest.mark.parametrize("flavour", ["sw-protected", "snp"])
@@ -231,7 +244,7 @@ def test_pins_defer_discards_both_ways(flavour: str, sampling: str, monkeypatch:
     ops: list[Op] = [Write(GPA + 38 * PAGE, 8 * PAGE, 0x10, "shared"), Sync(1),
                      Accept(GPA + 38 * PAGE, 8 * PAGE) if accept else MapGpaRange(GPA + 38 * PAGE, 8, E),
                      Write(GPA + 38 * PAGE, 8 * PAGE, 0x20, "private"), Sync(2),
-                     Write(GPA + 41 * PAGE, 2 * PAGE, 0x30, "shared")]
+                     Write(GPA + 41 * PAGE, 2 * PAGE, 0x30, "shared"), Sync(3), Sync(4), Sync(3)]
     out = _both(lambda: run_machine(ops, flavour=flavour, on_sync=_pin_actions), monkeypatch)
     assert out["result"][0], out["result"]
     stats = dict(out["stats"])
@@ -381,7 +394,7 @@ def _op(draw: hs.DrawFn) -> Op:
         return MapGpaRange(page, draw(hs.integers(1, 4)), draw(hs.sampled_from([E, 0])), None)
     if kind == "accept":
         return Accept(page, draw(hs.sampled_from([PAGE, 2 * PAGE])))
-    return Sync(draw(hs.sampled_from([1, 2])))
+    return Sync(draw(hs.sampled_from([1, 2, 3, 4])))
 
 
 @hs.composite
