@@ -191,8 +191,10 @@ class ConversionManager:
         tracker = self.tracker
         gfn = gpa // PAGE
         with self._lock:
-            with tracker._lock:
-                old = tracker.state.get(gfn)
+            # Read without the tracker's lock: every writer of the tracker's state holds the
+            # conversion lock (held here), so the state cannot change under this read; readers
+            # elsewhere (the accounting) take the tracker's lock against the write below.
+            old = tracker.state.get(gfn)
             if bool(old & st.PRIVATE) == to_private:
                 stats["pages_to_private" if to_private else "pages_to_shared"] += 0
                 stats["pages_unchanged"] += 1
@@ -219,7 +221,7 @@ class ConversionManager:
                 if separate:
                     if policy.shared_backing in _UNDISCARDABLE or not policy.discard_shared:
                         stats["shared_discards_skipped"] += 1
-                    elif tracker.pinned(gfn):
+                    elif tracker.any_pins and tracker.pinned(gfn):
                         tracker.deferred_discard.set(gfn, gfn + 1, True)
                         stats["shared_discards_deferred"] += 1
                     else:
