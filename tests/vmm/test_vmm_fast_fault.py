@@ -28,9 +28,12 @@ from vmm_helpers import GPA, PAGE, PRIVATE_FLAG, SZ_2M, E, MiB
 import guestmem
 import guestmem.uapi as u
 from guestmem.api import ExitMemoryFault
+from guestmem.errors import CapabilityMissing
 from guestmem.fuzz.snapshot import snapshot as model_snapshot
 from guestmem.guest.ops import Accept, MapGpaRange, Op, Program, Sync, Touch, Verify, Write
 from guestmem.model.mm import encryption
+from guestmem.scenarios import load, shipped
+from guestmem.scenarios.run import run_scenario
 from guestmem.vmm import Machine, MachineConfig, RegionSpec
 from guestmem.vmm import accounting as acct_mod
 from guestmem.vmm import convert as convert_mod
@@ -439,3 +442,37 @@ def test_two_vcpus_same_totals_both_ways(monkeypatch: pytest.MonkeyPatch) -> Non
 
     out = _both(run, monkeypatch)
     assert out["bound"]
+
+
+# --- the shipped scenarios ---------------------------------------------------------------------------
+
+SCENARIO_MEMORY = {"snp-lazy-4g": 16 << 20, "c-guest-snp": 4 << 20, "c-guest-tdx": 4 << 20}
+
+
+@pytest.mark.parametrize("name", shipped())
+def test_shipped_scenarios_same_both_ways(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every shipped scenario, run both ways: the same result, exits and bound; with one vCPU also
+    the same conversion counters and resident figures (measured at every conversion, so they do
+    not depend on timing).  With several vCPUs the interleaving decides how many requests find
+    their pages already converted -- it differs between two runs of the same path."""
+    monkeypatch.setattr(acct_mod, "MIN_SAMPLE_GAP_NS", 0)
+    monkeypatch.setattr(acct_mod, "MEASURE_COST_FACTOR", 0)
+    scn = load(name)
+
+    def run() -> dict[str, Any]:
+        try:
+            report = run_scenario(scn, memory=SCENARIO_MEMORY.get(name), trace=False)
+        except CapabilityMissing as exc:
+            if scn.guest is None:
+                raise
+            pytest.skip(str(exc))
+        s = report.summary()
+        out = {"ok": (s["ok"], s["error"]), "exits": s["exits_by_reason"], "bound_ok": s["bound"]["ok"],
+               "vcpus": [(v["status"], v["error"]) for v in s["vcpu_results"]]}
+        if report.vcpus == 1:  # one vCPU: deterministic to the last counter
+            out.update(conversions=s["conversions"], stats=list(s["machine"]["conversion"].items()),
+                       bound=s["bound"], now=s["machine"]["accounting"]["now"], frames_peak=s["frames_peak"])
+        return out
+
+    out = _both(run, monkeypatch)
+    assert out["ok"][0], out["ok"]
