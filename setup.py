@@ -1,9 +1,10 @@
-"""Build hook for the two optional compiled pieces: ``guestmem.linux._fastioctl`` (the kernel
-backend's sub-microsecond ioctls) and ``guestmem._rangemap`` (the core of large RangeMaps).
+"""Build hook for the optional compiled pieces: ``guestmem.linux._fastioctl`` (the kernel
+backend's sub-microsecond ioctls), ``guestmem._rangemap`` (the core of large RangeMaps) and
+``guestmem.model._fastconv`` (the model's one-page conversion steps).
 
-Everything else is in pyproject.toml.  Both extensions are ``optional``: on a machine without a C
-compiler ``pip install .`` still succeeds, the kernel backend uses its ctypes path and RangeMap its
-Python chunked layout (``guestmem bench`` says which ones ran).
+Everything else is in pyproject.toml.  Every extension is ``optional``: on a machine without a C
+compiler ``pip install .`` still succeeds, the kernel backend uses its ctypes path, RangeMap its
+Python chunked layout and the model its Python conversion paths (``guestmem bench`` says which ones ran).
 """
 
 from setuptools import Extension, setup
@@ -11,4 +12,6 @@ from setuptools import Extension, setup
 setup(ext_modules=[
     Extension("guestmem.linux._fastioctl", ["guestmem/linux/_fastioctl.c"], optional=True),
     Extension("guestmem._rangemap", ["guestmem/_rangemap.c"], optional=True),
+    Extension("guestmem.model._fastconv", ["guestmem/model/_fastconv.c"], optional=True),
+    Extension("guestmem.model.kvm._fastfault", ["guestmem/model/kvm/_fastfault.c"], optional=True),
 ])

@@ -385,15 +385,19 @@ def bench_resident(size: int) -> dict[str, Any]:
 RANGEMAP_SET_GOAL_US = 3.0  # per random single-page set at 1M ranges
 
 
-def bench_rangemap(sizes: list[int], ops: int = 2000, repeat: int = 7) -> dict[str, Any]:
-    """Random single-page ``set`` and point ``get`` on a RangeMap holding ``n`` ranges.
+def bench_rangemap(sizes: list[int], ops: int = 2000, repeat: int = 7,
+                   small: tuple[int, ...] = (1, 10, 100)) -> dict[str, Any]:
+    """Random single-page ``set``, point ``get``, one-piece ``segments`` and ``all_equal`` on a
+    RangeMap holding ``n`` ranges, for the ``small`` sizes most of the model's maps have (1-100:
+    attributes, SPTEs, page cache, RMP, frames) and the large ``sizes``.
 
-    The map holds ``[4i, 4i+3) = 1 + i % 3``; each op splits one random range with a new value and
-    the next restores it (a merge), so the map keeps ``n`` ranges and both paths are timed.  Each
-    of ``repeat`` batches of ``ops`` ops is timed alone (CPU time of this process) and reported
-    with its spread.  Both large layouts run when the compiled core is built (``implementation``
-    is the one maps use; the Python chunked layout is measured too, for comparison and as the
-    fallback's figure); the goal is judged on the one in use.
+    The map holds ``[4i, 4i+3) = 1 + i % 3``; each set op splits one random range with a new value
+    and the next restores it (a merge), so the map keeps ``n`` ranges and both paths are timed;
+    ``segments`` is iterated to the end.  Each of ``repeat`` batches of ``ops`` ops is timed alone
+    (CPU time of this process, per call from Python) and reported with its spread.  Both
+    implementations run when the compiled layout is built (``implementation`` is the one maps use:
+    at every size; the Python layouts — flat up to ``2 * _LOAD`` ranges, chunked above — are
+    measured too, for comparison and as the fallback's figure); the goal is judged on the one in use.
     """
     import random
 
@@ -406,12 +410,12 @@ def bench_rangemap(sizes: list[int], ops: int = 2000, repeat: int = 7) -> dict[s
     for impl in impls:
         ranges._native = built if impl == "c-extension" else None
         try:
-            for n in sizes:
+            for n in [*small, *sizes]:
                 m: RangeMap[int] = RangeMap(0)
                 for i in range(n):
                     m.set(4 * i, 4 * i + 3, 1 + i % 3)
                 rnd = random.Random(n)
-                set_us, get_us = [], []
+                set_us, get_us, seg_us, eq_us = [], [], [], []
                 for _ in range(repeat):
                     picks = [rnd.randrange(n) for _ in range(ops)]
                     t = time.process_time()
@@ -424,9 +428,19 @@ def bench_rangemap(sizes: list[int], ops: int = 2000, repeat: int = 7) -> dict[s
                     for i in picks:
                         m.get(4 * i + 1)
                     get_us.append((time.process_time() - t) / ops * 1e6)
+                    t = time.process_time()
+                    for i in picks:
+                        for _piece in m.segments(4 * i + 1, 4 * i + 2):
+                            pass
+                    seg_us.append((time.process_time() - t) / ops * 1e6)
+                    t = time.process_time()
+                    for i in picks:
+                        m.all_equal(4 * i + 1, 4 * i + 2, 1)
+                    eq_us.append((time.process_time() - t) / ops * 1e6)
                 assert len(m) == n
                 rows.append({"ranges": n, "name": impl, "set_us": bench_vmm.spread(set_us),
-                             "get_us": bench_vmm.spread(get_us)})
+                             "get_us": bench_vmm.spread(get_us), "segments_us": bench_vmm.spread(seg_us),
+                             "all_equal_us": bench_vmm.spread(eq_us)})
                 del m
                 gc.collect()
         finally:

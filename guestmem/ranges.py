@@ -8,31 +8,42 @@ tree does for guest_memfd attributes), so a uniform 1 TiB guest is one entry.
 The intervals ``[start, end)`` are disjoint, non-empty, never hold ``default``, never touch an equal
 neighbour, and are kept sorted.  Indices not covered hold ``default``.  Three layouts, one behaviour:
 
-* **flat** (:class:`RangeMap`, up to ``2 * _LOAD`` intervals): three parallel sorted lists
-  (starts, ends, values).  Lookups are one ``bisect``; edits splice the lists, whose memmove is
-  negligible at this size.  Almost every map in the model (1-10 intervals) lives here, and this is
-  the cheapest Python layout for it.
-* **chunked** (:class:`_ChunkedRangeMap`, past ``2 * _LOAD``): the same lists cut into chunks of
-  ``_LOAD``..``2 * _LOAD`` intervals, with ``_mins`` holding each chunk's first start — the "list
-  of short sorted lists" of ``sortedcontainers``, specialised.  A point lookup is two bisects,
-  O(log n); an edit splices one chunk, so its memmove is bounded by the chunk size instead of by
-  n (a flat list paid a memmove of the whole tail: 32 µs per single-page set at 200k intervals);
-  an edit covering k intervals drops the chunks it covers whole: O(log n + k / _LOAD + _LOAD).
-* **native** (:class:`_NativeRangeMap`, past ``2 * _LOAD`` where the optional compiled core
-  ``guestmem._rangemap`` is built): the chunked layout again, in C, with the keys packed in int64
-  arrays.  At a million ranges the Python lists pay a cache and TLB miss per bisect probe (every
-  key is its own int object somewhere on the heap): 6-9 µs per random single-page set, against
-  1.1-1.6 µs here (``guestmem bench --only rangemap`` measures both in one run).  The core
-  applies the chunked layout's ``set`` rule to the letter (which value object a merge keeps, the
-  order values are compared with ``==``); it only takes keys that are exact ints within int64,
-  and a map given any other key moves to the Python chunked layout for good (``Unsupported`` is
-  raised before the core changes anything).  ``IMPLEMENTATION`` says which large layout this
-  process uses; without a compiler the Python one does everything.
+* **compiled** (:class:`_NativeRangeMap`, every map made while the optional compiled core
+  ``guestmem._rangemap`` is built): chunks of int64 keys packed in arrays, in C.  Every layout's
+  class derives from the core's ``Core`` type, and this one's ``get``, ``set``, ``segments``,
+  ``all_equal``, ``any_match``, ``items``, ``len`` and ``[]`` *are* the core's C methods, so a
+  call costs one C method call: at 1-100 intervals (almost every map in the model) a ``get`` is
+  0.02-0.07 µs and a single-page ``set`` that splits or merges 0.12-0.3 µs, against 0.13-0.3 and
+  1.2-1.7 µs in the flat Python layout; at a million ranges a random single-page set is 1.1-1.6 µs,
+  where Python lists pay a cache and TLB miss per bisect probe (6-9 µs) — ``guestmem bench
+  --only rangemap`` measures both in one run.  ``RangeMap(default)`` is made in this layout
+  directly by ``Core.__new__``.  The core only takes keys that are exact ints within int64: given
+  any other key it calls ``_unsupported`` before changing anything, and the map moves to a Python
+  layout for good (a query with int bounds beyond int64 is answered without moving).
+  Other C accelerators can call it without a Python method call through the capsule
+  ``guestmem._rangemap._C_API`` (documented in the C file).
+* **flat** (:class:`RangeMap`, when the core is absent, ``GUESTMEM_PURE=1``, or ``_native`` is
+  set to None, up to ``2 * _LOAD`` intervals): three parallel sorted lists (starts, ends,
+  values).  Lookups are one ``bisect``; edits splice the lists, whose memmove is negligible at
+  this size.
+* **chunked** (:class:`_ChunkedRangeMap`, a Python map past ``2 * _LOAD``): the same lists cut
+  into chunks of ``_LOAD``..``2 * _LOAD`` intervals, with ``_mins`` holding each chunk's first
+  start — the "list of short sorted lists" of ``sortedcontainers``, specialised.  A point lookup
+  is two bisects, O(log n); an edit splices one chunk, so its memmove is bounded by the chunk size
+  instead of by n (a flat list paid a memmove of the whole tail: 32 µs per single-page set at 200k
+  intervals); an edit covering k intervals drops the chunks it covers whole:
+  O(log n + k / _LOAD + _LOAD).
 
-A map switches layout by reassigning ``__class__`` (all classes share one slot layout): flat to
-native (or chunked) when it grows past ``2 * _LOAD``, back to flat when it shrinks below
-``_LOAD // 2`` (chunked: to one chunk that small).  Callers see one type, :class:`RangeMap`,
-and cannot tell the layouts apart.
+All three apply one ``set`` rule to the letter (:meth:`RangeMap.set` says it): which value object
+a merged interval keeps and the ``==`` calls made, in order — so a map behaves the same pure or
+compiled, even for values whose ``__eq__`` has effects.  ``IMPLEMENTATION`` says which layout new
+maps take in this process.
+
+A map switches layout by reassigning ``__class__`` (all classes share one layout in memory): a
+Python flat map to chunked when it grows past ``2 * _LOAD`` (or to the compiled layout, when
+``_native`` is set again and its keys fit), back to flat when it shrinks below ``_LOAD // 2``
+(chunked: to one chunk that small); a compiled map to flat or chunked on a key it cannot hold.
+Callers see one type, :class:`RangeMap`, and cannot tell the layouts apart.
 
 A generic ``sortedcontainers.SortedDict`` (start -> (end, value)) was measured against this in
 the same runs and is 2-7x slower per single-page set at 10k-1M intervals, 3-5x per point get: a
@@ -44,17 +55,21 @@ from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterator
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from guestmem import native
 
-# Not built (no compiler at install time) or GUESTMEM_PURE set: the Python chunked layout serves.
+# Not built (no compiler at install time) or GUESTMEM_PURE set: the Python layouts serve.
 _native = native.load("_rangemap")
+# The compiled module as imported, whatever ``_native`` is later set to: when built, every layout's
+# class derives from its ``Core`` (so ``__class__`` can switch between them, and the compiled
+# layout's methods are the C ones themselves, with no Python call in between).
+_CORE = _native
 
 V = TypeVar("V")
 
-# Which layout a large map takes in this process ("c-extension" or "python"); tests and the bench
-# set ``_native`` to None to run the Python one.
+# Which layout new maps take in this process ("c-extension" or "python"); tests and the bench set
+# ``_native`` to None to run the Python ones (Core.__new__ reads it, and _LOAD, at each new map).
 IMPLEMENTATION = "c-extension" if _native is not None else "python"
 
 # Intervals per chunk: a flat map becomes chunked above 2 * _LOAD; chunks are cut into pieces of
@@ -70,17 +85,34 @@ _NATIVE_LOAD = 128
 _I64_MIN, _I64_MAX = -(1 << 63), (1 << 63) - 1
 
 
-class RangeMap(Generic[V]):
+class _PyBase:
+    """Every layout's base when the compiled core is absent (a class of its own: ``object`` cannot
+    precede ``Generic`` in RangeMap's bases)."""
+
+    __slots__ = ()
+
+
+# Every layout's base: the compiled core's type where it is built.
+_Base: Any = _PyBase if _CORE is None else _CORE.Core
+
+
+class RangeMap(_Base, Generic[V]):
     """Integer intervals -> values, ``default`` elsewhere; equal neighbours always merged.
 
-    This class is the flat layout; a map that grows large turns itself into the chunked one.
+    This class is the flat layout; a new map takes the compiled layout instead where it is built
+    (and ``_native`` is set), and a flat map that grows large turns itself into the chunked one.
     """
 
-    # Flat layout: _starts/_ends/_values.  Chunked layout: _mins/_ss/_es/_vs/_len.
-    # Native layout: _core.
+    # Flat layout: _starts/_ends/_values.  Chunked layout: _mins/_ss/_es/_vs/_len.  Compiled
+    # layout: the fields of the ``Core`` base.  ``default`` is a plain slot in every layout (the
+    # core keeps it in sync with its own copy); ``_core`` is never set (the compiled layout used to
+    # keep a separate core object there, and C code that finds RangeMap's slots by name still
+    # looks it up: it finds the slot, reads it unset, and treats the map as one it does not know).
     __slots__ = ("_core", "_ends", "_es", "_len", "_mins", "_ss", "_starts", "_values", "_vs", "default")
 
     def __init__(self, default: V) -> None:
+        # (While ``_native`` is set, ``Core.__new__`` makes a new map as ``_NativeRangeMap``
+        # instead, and this is not run.)
         self.default: V = default
         self._starts: list[int] = []
         self._ends: list[int] = []
@@ -160,66 +192,86 @@ class RangeMap(Generic[V]):
 
     # --- edits --------------------------------------------------------------------------------
     def set(self, start: int, end: int, value: V) -> None:
-        """Assign ``value`` to ``[start, end)`` (``default`` erases), merging equal neighbours."""
+        """Assign ``value`` to ``[start, end)`` (``default`` erases), merging equal neighbours.
+
+        The one rule of every layout (the chunked one applies it within a chunk, the compiled one
+        in C): which value object a merged interval keeps — always ``value`` — and the ``==`` calls
+        made, in order: ``value == default``, then ``left == value`` and ``right == value`` for the
+        intervals cut or touched at either end.
+        """
         if start >= end:
             return
         starts, ends, values = self._starts, self._ends, self._values
-        # Entries [lo, hi) intersect or touch [start, end).
-        lo = bisect_left(ends, start)
-        hi = bisect_right(starts, end)
-        new_s: list[int] = []
-        new_e: list[int] = []
-        new_v: list[V] = []
-        # Left remainder of the first touched entry.
-        if lo < hi and starts[lo] < start:
-            if values[lo] == value:
-                start = starts[lo]
-            else:
-                new_s.append(starts[lo])
-                new_e.append(start)
-                new_v.append(values[lo])
-        elif lo < hi and starts[lo] == start and ends[lo] == start:
-            pass
-        # Right remainder of the last touched entry.
-        right: tuple[int, int, V] | None = None
-        if lo < hi and ends[hi - 1] > end:
-            if values[hi - 1] == value:
-                end = ends[hi - 1]
-            else:
-                right = (end, ends[hi - 1], values[hi - 1])
-        # Touching (adjacent, not overlapping) neighbours with a different value stay whole.
-        if lo < hi and ends[lo] == start and starts[lo] < start and values[lo] != value:
-            new_s, new_e, new_v = [starts[lo]], [ends[lo]], [values[lo]]
-        if lo < hi and starts[hi - 1] == end and ends[hi - 1] > end and values[hi - 1] != value:
-            right = (starts[hi - 1], ends[hi - 1], values[hi - 1])
-        if value != self.default:
-            new_s.append(start)
-            new_e.append(end)
-            new_v.append(value)
-        if right is not None:
-            new_s.append(right[0])
-            new_e.append(right[1])
-            new_v.append(right[2])
-        starts[lo:hi] = new_s
-        ends[lo:hi] = new_e
-        values[lo:hi] = new_v
+        # Entries [lo, hi) intersect or touch [start, end): i is the last starting before start;
+        # a short edit touches one or two entries after it, looked at before bisecting.
+        i = bisect_left(starts, start) - 1
+        lo = i if i >= 0 and ends[i] >= start else i + 1
+        hi = i + 1
+        n = len(starts)
+        if hi < n and starts[hi] <= end:
+            hi += 1
+            if hi < n and starts[hi] <= end:
+                hi = bisect_right(starts, end, hi + 1)
+        is_default = value == self.default
+        if lo == hi:  # touches nothing: a plain insert
+            if is_default:
+                return
+            starts.insert(lo, start)
+            ends.insert(lo, end)
+            values.insert(lo, value)
+        else:
+            new_s: list[int] = []
+            new_e: list[int] = []
+            new_v: list[V] = []
+            # Left remainder (or untouched left neighbour) of the first touched entry.
+            s_lo = starts[lo]
+            if s_lo < start:
+                v_lo = values[lo]
+                if v_lo == value:
+                    start = s_lo
+                else:
+                    new_s.append(s_lo)
+                    e_lo = ends[lo]
+                    new_e.append(e_lo if e_lo < start else start)
+                    new_v.append(v_lo)
+            if not is_default:
+                new_s.append(start)
+                new_e.append(end)
+                new_v.append(value)
+            # Right remainder (or untouched right neighbour) of the last touched entry.
+            e_hi = ends[hi - 1]
+            if e_hi > end:
+                v_hi = values[hi - 1]
+                if v_hi == value:
+                    if is_default:  # erasing up to the end of an entry that holds default: impossible
+                        raise AssertionError("default value stored")
+                    new_e[-1] = e_hi
+                else:
+                    s_hi = starts[hi - 1]
+                    new_s.append(s_hi if s_hi > end else end)
+                    new_e.append(e_hi)
+                    new_v.append(v_hi)
+            starts[lo:hi] = new_s
+            ends[lo:hi] = new_e
+            values[lo:hi] = new_v
         if len(starts) > 2 * _LOAD:
             self._grow()
 
     def _grow(self) -> None:
-        """Leave the flat layout: for the native one where it is built and takes these keys."""
+        """Leave the flat layout: for the compiled one where it is built and takes these keys, else
+        (when large) for the chunked one."""
         if _native is not None:
-            core = _native.Core(self.default, min(_LOAD, _NATIVE_LOAD))
             try:
-                core.load(self._starts, self._ends, self._values)
+                self._reset(min(_LOAD, _NATIVE_LOAD), self.default)
+                self._load(self._starts, self._ends, self._values)
             except _native.Unsupported:  # a key beyond int64 (or not an int): stay in Python
                 pass
             else:
-                self._core = core
                 self._starts, self._ends, self._values = [], [], []
                 self.__class__ = _NativeRangeMap
                 return
-        self._to_chunked()
+        if len(self._starts) > 2 * _LOAD:
+            self._to_chunked()
 
     def _to_chunked(self) -> None:
         """Switch to the chunked layout: cut the flat lists into chunks of ``_LOAD``."""
@@ -248,11 +300,22 @@ class RangeMap(Generic[V]):
 
     def copy(self) -> RangeMap[V]:
         """An independent map with the same intervals (values are shared, not copied)."""
-        other: RangeMap[V] = RangeMap(self.default)
+        other = _new_flat(self.default)
         other._starts = self._starts.copy()
         other._ends = self._ends.copy()
         other._values = self._values.copy()
         return other
+
+    def __reduce__(self) -> tuple[Callable[..., RangeMap[V]], tuple[object, ...]]:
+        """Pickle and ``copy.deepcopy`` through the intervals (whatever the layout)."""
+        starts: list[int] = []
+        ends: list[int] = []
+        values: list[V] = []
+        for s, e, v in self.items():
+            starts.append(s)
+            ends.append(e)
+            values.append(v)
+        return _rebuild, (self.default, starts, ends, values)
 
     def check(self) -> None:
         """Assert the representation invariants (sorted, disjoint, non-empty, merged, no default)."""
@@ -484,7 +547,7 @@ class _ChunkedRangeMap(RangeMap[V]):
 
     def copy(self) -> RangeMap[V]:
         """An independent map with the same intervals (values are shared, not copied)."""
-        other: RangeMap[V] = RangeMap(self.default)
+        other = _new_flat(self.default)
         other.__class__ = _ChunkedRangeMap
         other._mins = self._mins.copy()
         other._ss = [s.copy() for s in self._ss]
@@ -512,122 +575,99 @@ class _ChunkedRangeMap(RangeMap[V]):
             prev_end, prev_v = e, v
 
 
-class _NativeRangeMap(RangeMap[V]):
-    """The native layout of a large :class:`RangeMap`: ``_core`` is a ``guestmem._rangemap.Core``.
-
-    Every method hands the work to the core; a key the core cannot hold (``Unsupported``, raised
-    before anything changed) moves the map to the Python chunked layout, which then answers.
-    """
-
-    __slots__ = ()
-
-    def __len__(self) -> int:
-        return len(self._core)
-
-    def get(self, index: int) -> V:
-        """The value at ``index``."""
-        try:
-            value: V = self._core.get(index)
-        except _native.Unsupported:
-            self._to_python()
-            return self.get(index)
-        return value
-
-    __getitem__ = get
-
-    def items(self) -> Iterator[tuple[int, int, V]]:
-        """The stored intervals, in order (default-valued gaps are not yielded)."""
-        it: Iterator[tuple[int, int, V]] = self._core.items()
-        return it
-
-    def segments(self, start: int, end: int) -> Iterator[tuple[int, int, V]]:
-        """Cover ``[start, end)`` exactly with maximal pieces ``(s, e, value)``, gaps as ``default``."""
-        try:
-            it: Iterator[tuple[int, int, V]] = self._core.segments(start, end)
-        except _native.Unsupported:
-            if type(start) is int and type(end) is int:
-                return self._segments_wide(start, end)
-            self._to_python()
-            return self.segments(start, end)
-        return it
-
-    def _segments_wide(self, start: int, end: int) -> Iterator[tuple[int, int, V]]:
-        """``segments`` for int bounds beyond int64: every stored key is within it, so the pieces
-        are the core's over the clamped bounds, with the default gaps at either end widened."""
-        if start >= end:
-            return
-        lo, hi = max(start, _I64_MIN), min(end, _I64_MAX)
-        default = self.default
-        if lo >= hi:
-            yield start, end, default
-            return
-        pieces = list(self._core.segments(lo, hi))
-        _, e0, v0 = pieces[0]
-        if start < lo:
-            if v0 is default:  # a gap (stored values never equal default): widen it
-                pieces[0] = (start, e0, v0)
-            else:
-                pieces.insert(0, (start, lo, default))
-        s1, _, v1 = pieces[-1]
-        if end > hi:
-            if v1 is default:
-                pieces[-1] = (s1, end, v1)
-            else:
-                pieces.append((hi, end, default))
-        yield from pieces
-
-    def set(self, start: int, end: int, value: V) -> None:
-        """Assign ``value`` to ``[start, end)`` (``default`` erases), merging equal neighbours."""
-        try:
-            n: int = self._core.set(start, end, value)
-        except _native.Unsupported:
-            self._to_python()
-            self.set(start, end, value)
-            return
-        if n < _LOAD // 2:
-            self._to_flat_from_native()
-
-    def _to_flat_from_native(self) -> None:
-        self._starts, self._ends, self._values = self._core.export()
-        del self._core
-        self.__class__ = RangeMap
-
-    def _to_python(self) -> None:
-        """Move to the Python chunked layout (a key the core cannot hold has arrived)."""
-        self._starts, self._ends, self._values = self._core.export()
-        del self._core
-        self.__class__ = RangeMap
-        self._to_chunked()
-
-    def clear(self) -> None:
-        """Forget every interval: all indices hold ``default`` (and the map is flat again)."""
-        del self._core
-        self._starts, self._ends, self._values = [], [], []
-        self.__class__ = RangeMap
-
-    def copy(self) -> RangeMap[V]:
-        """An independent map with the same intervals (values are shared, not copied)."""
-        other: RangeMap[V] = RangeMap(self.default)
-        other._core = self._core.copy()
-        other.__class__ = _NativeRangeMap
-        return other
-
-    def __reduce__(self) -> tuple[Callable[..., RangeMap[V]], tuple[object, ...]]:
-        """Pickle and ``copy.deepcopy`` through the intervals (the core itself is not picklable)."""
-        starts, ends, values = self._core.export()
-        return _rebuild, (self.default, starts, ends, values)
-
-    def check(self) -> None:
-        """Assert the representation invariants (the core's structure, then the intervals)."""
-        self._core.check()
-        assert len(self) == sum(1 for _ in self.items())
-        RangeMap.check(self)
+def _new_flat(default: V) -> RangeMap[V]:
+    """An empty map in the flat layout, whatever ``_native`` says (``__init__`` is not run)."""
+    m: RangeMap[V] = _Base.__new__(RangeMap)
+    m.default = default
+    m._starts, m._ends, m._values = [], [], []
+    return m
 
 
 def _rebuild(default: V, starts: list[int], ends: list[int], values: list[V]) -> RangeMap[V]:
-    """A map holding these (sorted, merged) intervals: how a native map is unpickled."""
-    m: RangeMap[V] = RangeMap(default)
+    """A map holding these (sorted, merged) intervals, in the layout a new map of them would have:
+    how a map is unpickled and deep-copied."""
+    m = _new_flat(default)
     m._starts, m._ends, m._values = starts, ends, values
-    if len(starts) > 2 * _LOAD:
+    if _native is not None or len(starts) > 2 * _LOAD:
         m._grow()
     return m
+
+
+if _CORE is not None:
+    _Core = _CORE.Core
+
+    class _NativeRangeMap(RangeMap[V]):
+        """The compiled layout of a :class:`RangeMap`: its ``Core`` base holds the intervals, and
+        the methods below are the core's own (C, called with no Python frame in between).
+
+        A key the core cannot hold (not an exact int, or beyond int64) makes the core call
+        ``_unsupported`` before it changed anything: the map moves to a Python layout for good
+        and the call is made again there (a query with int bounds beyond int64 is answered here).
+        """
+
+        __slots__ = ()
+
+        __init__ = _Core.__init__  # all done by Core.__new__
+        get = _Core.get
+        __getitem__ = _Core.__getitem__
+        __len__ = _Core.__len__
+        set = _Core.set
+        segments = _Core.segments
+        all_equal = _Core.all_equal
+        any_match = _Core.any_match
+        items = _Core.items
+        clear = _Core.clear
+        copy = _Core.copy
+
+        def _unsupported(self, name: str, *args: Any) -> Any:
+            """Called by the core for a key it cannot hold, before it changed anything."""
+            if name == "segments" and type(args[0]) is int and type(args[1]) is int:
+                return self._segments_wide(args[0], args[1])
+            if name in ("all_equal", "any_match"):  # over segments, which knows what to do
+                return getattr(RangeMap, name)(self, *args)
+            self._to_python()
+            return getattr(self, name)(*args)
+
+        def _segments_wide(self, start: int, end: int) -> Iterator[tuple[int, int, V]]:
+            """``segments`` for int bounds beyond int64: every stored key is within it, so the
+            pieces are the core's over the clamped bounds, with the default gaps at either end
+            widened."""
+            if start >= end:
+                return
+            lo, hi = max(start, _I64_MIN), min(end, _I64_MAX)
+            default = self.default
+            if lo >= hi:
+                yield start, end, default
+                return
+            pieces = list(_Core.segments(self, lo, hi))
+            _, e0, v0 = pieces[0]
+            if start < lo:
+                if v0 is default:  # a gap (stored values never equal default): widen it
+                    pieces[0] = (start, e0, v0)
+                else:
+                    pieces.insert(0, (start, lo, default))
+            s1, _, v1 = pieces[-1]
+            if end > hi:
+                if v1 is default:
+                    pieces[-1] = (s1, end, v1)
+                else:
+                    pieces.append((hi, end, default))
+            yield from pieces
+
+        def _to_python(self) -> None:
+            """Move to a Python layout (a key the core cannot hold has arrived): flat, or chunked
+            when large."""
+            starts, ends, values = self._export()
+            _Core.clear(self)
+            self.__class__ = RangeMap
+            self._starts, self._ends, self._values = starts, ends, values
+            if len(starts) > 2 * _LOAD:
+                self._to_chunked()
+
+        def check(self) -> None:
+            """Assert the representation invariants (the core's structure, then the intervals)."""
+            self._check_core()
+            assert len(self) == sum(1 for _ in self.items())
+            RangeMap.check(self)
+
+    _CORE._register(RangeMap, _NativeRangeMap, globals())

@@ -20,6 +20,7 @@ from typing import Protocol
 
 import numpy as np
 
+from guestmem import native
 from guestmem import uapi as u
 from guestmem.args import as_bytes, mapping_range, pin_range, u8, u64
 from guestmem.errors import GuestAccessFault, KvmError
@@ -31,6 +32,9 @@ MADV_REMOVE = 9
 PS = u.PAGE_SIZE
 _MMAP_BASE = 0x7F00_0000_0000  # model addresses grow down from here, like the kernel's mmap_base
 _MMAP_MIN = 0x1_0000_0000  # below this the model's address space is "full" (ENOMEM)
+# The compiled one-page MADV_REMOVE (guestmem/model/_fastconv.c; configured by the KVM model, and
+# refusing everything until then), or None: the Python madvise below is the reference.
+_FAST = native.load("model._fastconv")
 PROT_READ, PROT_WRITE = 0x1, 0x2
 PROT_RW = PROT_READ | PROT_WRITE
 U64 = 1 << 64
@@ -363,6 +367,9 @@ class ModelMapping:
 
     def discard(self, offset: int, length: int) -> None:
         """``madvise(MADV_REMOVE)``: punch the range out of the mapped file."""
+        fast = _FAST  # one page, compiled (madvise offers it too; this saves a call per page)
+        if fast is not None and fast.discard_one(self, offset, length, MADV_REMOVE) is None:
+            return
         self.madvise(offset, length, MADV_REMOVE)
 
     # --- mprotect / madvise (mm/mprotect.c, mm/madvise.c) ------------------------------------------
@@ -405,6 +412,9 @@ class ModelMapping:
     def madvise(self, offset: int, length: int, advice: int) -> None:
         """``madvise`` with the advices of :data:`guestmem.mman.MADV_SUPPORTED`; see
         :meth:`guestmem.api.Mapping.madvise` for each one's meaning and errnos."""
+        fast = _FAST  # MADV_REMOVE of one page with nothing to free or zap, compiled
+        if fast is not None and fast.discard_one(self, offset, length, advice) is None:
+            return
         from guestmem import mman
 
         off, n = u64(offset, "offset"), u64(length, "length")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 from typing import TYPE_CHECKING
 
+from guestmem import native, ranges, sync
 from guestmem import uapi as u
 from guestmem.errors import KvmError
 from guestmem.model.kvm import mmu as mmu_mod
@@ -21,6 +22,30 @@ if TYPE_CHECKING:
 
 OP = "KVM_SET_MEMORY_ATTRIBUTES"
 PS = u.PAGE_SIZE
+
+#: The compiled one-page path (guestmem/model/_fastconv.c), or None: ``ModelVm.set_memory_attributes``
+#: offers it every call; it runs only the common case (one page, nothing mapped at the gfn, no
+#: explorer, no lock held, RangeMaps that keep their layout) and answers NotImplemented, having
+#: changed nothing, for everything else -- the Python path below is the reference.
+#: :func:`configure_fast` (called once ModelVm exists) tells it the types it may handle.
+FAST = native.load("model._fastconv")
+
+
+def configure_fast(vm_type: type, shmem_type: type, pagecache_type: type) -> None:
+    """Give the compiled one-page paths the classes whose objects they may read and edit: a map of
+    any other class, a notifier that is not a model VM, a file that is not shmem is refused.  If
+    the classes are not what the compiled code was written for (RangeMap's slots changed), it is
+    switched off here, and the Python paths do everything."""
+    global FAST
+    if FAST is None:
+        return
+    try:
+        FAST.configure(ranges.RangeMap, getattr(ranges, "_NativeRangeMap", None), ranges, sync,
+                       sync._held, vm_type, shmem_type, pagecache_type)
+    except (TypeError, AttributeError):
+        from guestmem.model import process
+
+        FAST = process._FAST = None
 
 
 def set_vm_memory_attributes(vm: ModelVm, address: int, size: int, attributes: int, flags: int) -> None:

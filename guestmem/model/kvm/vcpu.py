@@ -11,9 +11,11 @@ it stopped, as the faulting instruction would be re-executed.
 from __future__ import annotations
 
 import errno
+import sys
 import threading
 from typing import TYPE_CHECKING
 
+from guestmem import native
 from guestmem import uapi as u
 from guestmem.api import (
     Exit,
@@ -36,6 +38,66 @@ if TYPE_CHECKING:
 
 PS = u.PAGE_SIZE
 U64 = (1 << 64) - 1
+
+# The accelerator of the lazy-accept path (_fastfault.c): ``run_accept(vcpu)`` does what run()
+# does for an Accept op's common case, or answers NotImplemented before changing anything it has
+# not finished.  None when not built or GUESTMEM_PURE is set; tests set it to None to compare.
+_fast = native.load("model.kvm._fastfault")
+_fast_ready = False
+_fast_why = ""  # why the accelerator was turned off after loading (setup refused this build)
+
+
+def _fast_setup() -> None:
+    """Hand the accelerator the classes and constants its checks compare against (on first use:
+    the arch modules import this one).  If it refuses them (a class it reads changed shape, e.g.
+    RangeMap's flat layout), it is turned off for this process and the Python path runs."""
+    global _fast, _fast_ready, _fast_why
+    import weakref
+
+    from guestmem import errors, ranges, sync
+    from guestmem.api import ExitMemoryFault
+    from guestmem.model.kvm import guest_memfd, mmu
+    from guestmem.model.kvm.arch.snp import Rmp, SnpFlavour
+    from guestmem.model.kvm.arch.tdx import TdxFlavour
+    from guestmem.model.kvm.memslot import Memslots
+    from guestmem.model.kvm.vm import ModelVm
+    from guestmem.model.mm import encryption, frames, pagecache
+
+    lib = encryption._load_native()
+    gm_pages = None
+    if lib is not None:
+        import ctypes
+
+        gm_pages = ctypes.cast(lib.lib.gm_pages, ctypes.c_void_p).value  # type: ignore[attr-defined]
+    # What the C runs instead of: if any is replaced (a test's monkeypatch), the Python path runs.
+    try:
+        originals = tuple((owner, name, getattr(owner, name)) for owner, name in (
+            (sys.modules[__name__], "page_fault"), (ModelVcpu, "_accept"), (ModelVcpu, "_run"),
+            (guest_memfd.GmemFile, "get_pfn_range"), (guest_memfd.GmemFile, "_get_pfn_one"),
+            (pagecache.PageCache, "get_page"), (frames.FramePool, "alloc_range"),
+            (frames.FramePool, "_find"), (mmu.Mmu, "translate"), (mmu.Mmu, "install"),
+            (mmu.Mmu, "retry"), (ModelVm, "mem_is_private"), (ModelVm, "attribute_run_end"),
+            (Memslots, "lookup"), (SnpFlavour, "gmem_prepare"), (SnpFlavour, "on_accept"),
+            (SnpFlavour, "mark_accepted"), (SnpFlavour, "accept_key"), (TdxFlavour, "on_accept"),
+            (TdxFlavour, "gmem_prepare"), (TdxFlavour, "mark_accepted"), (TdxFlavour, "accept_key"),
+            (Rmp, "assign"), (encryption.EncryptionEngine, "fill_encrypt"),
+            (ranges.RangeMap, "get"), (ranges.RangeMap, "set"), (ranges.RangeMap, "segments"),
+        ))
+        assert _fast is not None
+        _fast.setup({
+            "RangeMap": ranges.RangeMap, "Spte": mmu.Spte, "ExitMemoryFault": ExitMemoryFault,
+            "Accept": Accept, "Program": Program, "SnpFlavour": SnpFlavour, "TdxFlavour": TdxFlavour,
+            "sync_dict": vars(sync), "ranges_dict": vars(ranges), "held": sync._held,
+            "finalize_registry": weakref.finalize._registry,  # type: ignore[attr-defined]
+            "originals": originals, "exit_template": ExitMemoryFault(0, 0, 0, 0),
+            "EHWPOISON": errors.EHWPOISON, "MAX_INDEX": pagecache.MAX_INDEX,
+            "EFAULT": errno.EFAULT, "EIO": errno.EIO, "ATTR_PRIVATE": u.KVM_MEMORY_ATTRIBUTE_PRIVATE,
+            "EXIT_PRIVATE": u.KVM_MEMORY_EXIT_FLAG_PRIVATE, "MEM_GUEST_MEMFD": u.KVM_MEM_GUEST_MEMFD,
+            "MEM_READONLY": u.KVM_MEM_READONLY, "gm_pages": gm_pages,
+        })
+    except (AttributeError, TypeError, KeyError, ValueError) as exc:
+        _fast, _fast_why = None, f"_fastfault does not fit this tree: {exc}"
+    _fast_ready = True
 
 
 class ModelVcpu:
@@ -101,6 +163,12 @@ class ModelVcpu:
         return vcpu_ioctl(self, request, arg)
 
     def run(self) -> Exit:
+        if _fast is not None:  # the accelerator first; NotImplemented: this path from where it stopped
+            if not _fast_ready:
+                _fast_setup()
+            ex = _fast.run_accept(self) if _fast is not None else NotImplemented
+            if ex is not NotImplemented:
+                return ex  # type: ignore[no-any-return]
         self.vm.system.process.run_deferred()
         if self.closed:
             raise KvmError(errno.EBADF, "KVM_RUN", "vCPU is closed")

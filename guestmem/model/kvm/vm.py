@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from guestmem import uapi as u
 from guestmem.args import as_bytes, u32, u64
 from guestmem.errors import KvmError
+from guestmem.model.kvm import attributes as attributes_mod
 from guestmem.model.kvm import dirty_log
 from guestmem.model.kvm import mmu as mmu_mod
 from guestmem.model.kvm.arch import FLAVOURS, Flavour
@@ -397,6 +398,9 @@ class ModelVm:
 
     # --- memory attributes ------------------------------------------------------------------------
     def set_memory_attributes(self, address: int, size: int, attributes: int, flags: int = 0) -> None:
+        fast = attributes_mod.FAST  # one page, the common case, compiled (or NotImplemented)
+        if fast is not None and fast.set_attributes_one(self, address, size, attributes, flags) is None:
+            return
         address, size = u64(address, "address"), u64(size, "size")
         attributes, flags = u64(attributes, "attributes"), u64(flags, "flags")
         self._check_open("KVM_SET_MEMORY_ATTRIBUTES")
@@ -442,3 +446,13 @@ class ModelVm:
 
     def __repr__(self) -> str:
         return f"ModelVm(type={u.VM_TYPE_NAMES.get(self.vm_type, self.vm_type)}, fd={self.fd})"
+
+
+def _configure_fast() -> None:
+    from guestmem.model.anon import ShmemBacking
+    from guestmem.model.mm.pagecache import PageCache
+
+    attributes_mod.configure_fast(ModelVm, ShmemBacking, PageCache)
+
+
+_configure_fast()
