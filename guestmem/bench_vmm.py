@@ -33,7 +33,7 @@ from typing import Any
 import guestmem
 import guestmem.uapi as u
 from guestmem.guest.ops import Accept, MapGpaRange, Op, Program, Write
-from guestmem.vmm.exits import Action
+from guestmem.vmm.exits import CONTINUE, Action
 from guestmem.vmm.layout import RegionSpec
 from guestmem.vmm.machine import Machine, MachineConfig
 from guestmem.vmm.trace import EventTrace
@@ -76,6 +76,8 @@ def _drive(m: Machine, on_exit: Callable[[str], None] | None = None) -> None:
         if on_exit is not None:
             on_exit(ex.name)
         verdict = handle(0, v, ex)
+        if verdict is CONTINUE:
+            continue
         if verdict.action is Action.HALT:
             return
         if verdict.action is Action.FAIL:

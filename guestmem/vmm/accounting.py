@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 from guestmem import uapi as u
@@ -121,7 +121,7 @@ class Accounting:
                  introspection: Introspection | None, slack_bytes: int, trace: EventTrace) -> None:
         self.regions = list(regions)
         self.tracker = tracker
-        self.introspection = introspection
+        self.introspection = introspection  # (a property: also looks up the frame counter)
         self.trace = trace
         self.guest_pages = sum(r.spec.size for r in self.regions) // PAGE
         self.slack_pages = max(0, slack_bytes) // PAGE
@@ -139,6 +139,19 @@ class Accounting:
         self.host_peak_bytes = 0
         self.host_exceeded: str | None = None  # the first crossing, described
         self._host_last = 0.0
+
+    @property
+    def introspection(self) -> Introspection | None:
+        return self._introspection
+
+    @introspection.setter
+    def introspection(self, intro: Introspection | None) -> None:
+        self._introspection = intro
+        # The O(1) frame count, looked up once: it is read after every conversion.
+        self._frames: Callable[[], tuple[int, int] | None] | None = None
+        if intro is not None:
+            counter = getattr(intro, "frame_counter", None)  # optional in the protocol
+            self._frames = counter() if callable(counter) else intro.frames
 
     # --- measuring ----------------------------------------------------------------------------------
     def region_residency(self, r: RegionBacking) -> RegionResidency:
@@ -215,9 +228,27 @@ class Accounting:
             self.check_host(at)
         now = self.trace.now()
         if not force and (now < self._next_full_ns or self._measuring):
-            frames = self.introspection.frames() if self.introspection is not None else None
+            frames = self._frames() if self._frames is not None else None
             if frames is None or frames[0] <= self.limit_pages:
                 return None  # within the bound; the full picture waits for the next sample
+        return self._measure_and_check(now, at, tid, force)
+
+    def after_conversion(self, at: str, tid: int) -> None:
+        """``sample(at, tid, force=False)`` for the one-page fault path: the same checks, with the
+        common answer ("within the bound, no full measurement due") in a few comparisons."""
+        if self.host_limit_bytes is not None:
+            self.check_host(at)
+        now = self.trace.now()
+        if now < self._next_full_ns or self._measuring:
+            frames = self._frames
+            if frames is None:
+                return
+            got = frames()
+            if got is None or got[0] <= self.limit_pages:
+                return
+        self._measure_and_check(now, at, tid, False)
+
+    def _measure_and_check(self, now: int, at: str, tid: int, force: bool) -> Residency:
         self._last_ns = now
         if not force:
             self._measuring = True

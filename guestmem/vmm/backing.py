@@ -135,6 +135,7 @@ class RegionBacking:
     def __init__(self, kvm: Kvm, vm: Vm, spec: RegionSpec, slot: int, strategy: Strategy,
                  caps: Capabilities) -> None:
         self.spec = spec
+        self.base = spec.gpa  # the region's first gpa: offset 0 of ``shared`` and ``gmem``
         self.slot = slot
         self.strategy = strategy
         self.vm = vm

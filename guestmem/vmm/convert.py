@@ -49,6 +49,17 @@ ZERO = u.KVM_SET_MEMORY_ATTRIBUTES2_MODE_ZERO
 
 _TO_PRIVATE, _TO_SHARED = "a conversion to private", "a conversion to shared"
 
+#: Memory faults and other requests on one page of RAM take
+#: :meth:`ConversionManager._convert_one_page`, one straight path, instead of the general path it
+#: is a specialisation of (identical in every count, state change and error).  The differential
+#: test (tests/vmm/test_vmm_fast_fault.py) turns it off to compare the two.
+FAST_FAULT = True
+_ORIGIN_KEYS = {o: f"requests_{o}" for o in ("fault", "hypercall", "host")}  # no formatting per request
+_LAST_PAGE = (1 << 64) - PAGE  # the highest page-aligned gpa a one-page request may start at
+_ATTR_PRIVATE = u.KVM_MEMORY_ATTRIBUTE_PRIVATE
+_PRIVATE_MEMORY = (Strategy.SEPARATE, Strategy.INPLACE)  # Strategy.private_memory, as a tuple
+_UNDISCARDABLE = ("hugetlb", "prealloc")  # shared backings policy.shared_discard_blocker keeps
+
 Prefault = Literal["off", "private", "all"]
 PREFAULT_MODES = ("off", "private", "all")
 ContentMode = Literal["auto", "preserve", "zero", "unspecified"]
@@ -132,13 +143,26 @@ class ConversionManager:
         """Resolve a ``KVM_EXIT_MEMORY_FAULT`` by converting to the kind the access wanted.  A
         fault that cannot be resolved is not the guest's error to handle: ``ok`` is False and the
         run loop stops the vCPU with the reason."""
-        if not self.trace.enabled:  # the common case: no span, no argument formatting
-            return self._memory_fault(ex, tid, vcpu)
-        with self.trace.span(FAULT, "memory fault", tid, gpa=hex(ex.gpa), size=ex.size,
-                             private=ex.private) as args:
-            out = self._memory_fault(ex, tid, vcpu)
-            args["ok"] = out.ok
-        return out
+        if self.trace.enabled:
+            with self.trace.span(FAULT, "memory fault", tid, gpa=hex(ex.gpa), size=ex.size,
+                                 private=ex.private) as args:
+                out = self._memory_fault(ex, tid, vcpu)
+                args["ok"] = out.ok
+            return out
+        # The common case, inline: a well-formed fault on one page of RAM with no listener to
+        # tell goes straight to _convert_one_page; everything else takes the general path.
+        flags = ex.flags
+        if FAST_FAULT and ex.errno == errno.EFAULT and not flags & ~u.KVM_MEMORY_EXIT_FLAG_PRIVATE:
+            gpa = ex.gpa
+            start = gpa // PAGE * PAGE
+            if gpa + max(ex.size, 1) <= start + PAGE and start <= _LAST_PAGE and not self.listeners:
+                i = self.layout.region_at(start)
+                to_private = flags == u.KVM_MEMORY_EXIT_FLAG_PRIVATE
+                if i is not None and (not to_private or self.strategy in _PRIVATE_MEMORY):
+                    self.stats["memory_faults"] += 1
+                    return self._convert_one_page(self.regions[i], start, to_private, tid, vcpu,
+                                                  "requests_fault")
+        return self._memory_fault(ex, tid, vcpu)
 
     def _memory_fault(self, ex: ExitMemoryFault, tid: int, vcpu: Vcpu | None) -> Outcome:
         self.stats["memory_faults"] += 1
@@ -152,10 +176,104 @@ class ConversionManager:
         end = (ex.gpa + max(ex.size, 1) + PAGE - 1) // PAGE * PAGE
         return self.convert(start, end - start, ex.private, origin="fault", tid=tid, vcpu=vcpu)
 
+    def _convert_one_page(self, region: RegionBacking, gpa: int, to_private: bool, tid: int,
+                          vcpu: Vcpu | None, origin_key: str) -> Outcome:
+        """``convert(gpa, PAGE, to_private, origin=...)`` for the common request -- one page of RAM
+        (every lazily accepted page, every 4 KiB MAP_GPA_RANGE), no listener, trace off -- as one
+        straight path: the same steps in the same order, the same counters, tracker state,
+        accounting check, pre-fault and errors as the general path (:meth:`_convert_page`), with
+        the page's tracker state written once: the attribute and the discard that follows it are
+        one state change (written before the discard only if the discard raises, so the tracker
+        never claims a discard that did not happen).  ``origin_key`` is ``"requests_<origin>"``."""
+        stats = self.stats
+        stats["requests"] += 1
+        stats[origin_key] += 1
+        tracker = self.tracker
+        gfn = gpa // PAGE
+        with self._lock:
+            # Read without the tracker's lock: every writer of the tracker's state holds the
+            # conversion lock (held here), so the state cannot change under this read; readers
+            # elsewhere (the accounting) take the tracker's lock against the write below.
+            old = tracker.state.get(gfn)
+            if bool(old & st.PRIVATE) == to_private:
+                stats["pages_to_private" if to_private else "pages_to_shared"] += 0
+                stats["pages_unchanged"] += 1
+                return _PAGE_UNCHANGED
+            separate = region.strategy is Strategy.SEPARATE
+            if separate:
+                try:
+                    region.vm.set_memory_attributes(gpa, PAGE, _ATTR_PRIVATE if to_private else 0)
+                except KvmError as exc:
+                    stats["errors"] += 1
+                    return Outcome(False, -u.KVM_EINVAL, 0, 0, 0, self._attributes_failed(exc, gpa, PAGE))
+            else:
+                err = self._set_attributes(region, gpa, PAGE, to_private, tid)
+                if err is not None:
+                    stats["errors"] += 1
+                    return Outcome(False, -u.KVM_EINVAL, 0, 0, 0, err)
+            policy = self.policy
+            if to_private:
+                new = old | st.PRIVATE | st.PRIVATE_POP
+                if policy.preallocate_private:
+                    self._set_state(gfn, old, new)
+                    old = new
+                    region.allocate_private(gpa, PAGE)
+                if separate:
+                    if policy.shared_backing in _UNDISCARDABLE or not policy.discard_shared:
+                        stats["shared_discards_skipped"] += 1
+                    elif tracker.any_pins and tracker.pinned(gfn):
+                        tracker.deferred_discard.set(gfn, gfn + 1, True)
+                        stats["shared_discards_deferred"] += 1
+                    else:
+                        try:
+                            region.shared.discard(gpa - region.base, PAGE)
+                        except BaseException:
+                            self._set_state(gfn, old, new)
+                            raise
+                        new &= ~st.SHARED_POP
+                        stats["shared_discards"] += 1
+                stats["pages_to_private"] += 1
+            else:
+                new = (old & ~st.PRIVATE) | st.SHARED_POP
+                if separate:
+                    if policy.discard_private:
+                        try:
+                            region.punch_private(gpa, PAGE)
+                        except BaseException:
+                            self._set_state(gfn, old, new)
+                            raise
+                        new &= ~st.PRIVATE_POP
+                        stats["private_punches"] += 1
+                    else:
+                        stats["private_punches_skipped"] += 1
+                stats["pages_to_shared"] += 1
+            if new != old:
+                with tracker._lock:
+                    tracker.state.set(gfn, gfn + 1, new)
+            stats["pages_unchanged"] += 0
+            stats["conversions"] += 1
+        self.accounting.after_conversion(_TO_PRIVATE if to_private else _TO_SHARED, tid)
+        if self.prefault == "all" or (to_private and self.prefault == "private"):
+            self._prefault(vcpu or self.default_vcpu, gpa, PAGE, tid)
+        return _PAGE_CHANGED
+
+    def _set_state(self, gfn: int, old: int, new: int) -> None:
+        """Write one page's tracker state (``old`` is what it holds now)."""
+        if new != old:
+            tracker = self.tracker
+            with tracker._lock:
+                tracker.state.set(gfn, gfn + 1, new)
+
     # --- conversion -------------------------------------------------------------------------------
     def convert(self, gpa: int, size: int, to_private: bool, *, origin: str, tid: int,
                 vcpu: Vcpu | None = None, granule: int = PAGE) -> Outcome:
         """Convert ``[gpa, gpa+size)``; ``granule`` is the page size the request was made in."""
+        if (size == PAGE and granule == PAGE and FAST_FAULT and not gpa % PAGE and 0 <= gpa <= _LAST_PAGE
+                and not self.listeners and not self.trace.enabled):
+            i = self.layout.region_at(gpa)
+            if i is not None and (not to_private or self.strategy in _PRIVATE_MEMORY):
+                key = _ORIGIN_KEYS.get(origin) or f"requests_{origin}"
+                return self._convert_one_page(self.regions[i], gpa, to_private, tid, vcpu, key)
         if not self.trace.enabled:
             out = self._convert(gpa, size, to_private, origin, tid, granule)
         else:
@@ -298,9 +416,13 @@ class ConversionManager:
                     self.stats["content_mode_fallbacks"] += 1
                     flags = 0  # the flavour cannot honour the mode in this direction
                     continue
-                where = f" at offset {exc.error_offset:#x}" if exc.error_offset is not None else ""
-                return f"setting attributes on [{gpa:#x}, +{size:#x}) failed: {exc}{where}"
+                return self._attributes_failed(exc, gpa, size)
         return "setting attributes failed"
+
+    @staticmethod
+    def _attributes_failed(exc: KvmError, gpa: int, size: int) -> str:
+        where = f" at offset {exc.error_offset:#x}" if exc.error_offset is not None else ""
+        return f"setting attributes on [{gpa:#x}, +{size:#x}) failed: {exc}{where}"
 
     # --- discards -----------------------------------------------------------------------------------
     def _drop_shared(self, region: RegionBacking, gpa: int, size: int, tid: int) -> None:

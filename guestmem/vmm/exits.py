@@ -69,6 +69,8 @@ class ExitHandler:
         self._last_fault: dict[int, tuple[int, int, int]] = {}
 
     def handle(self, vid: int, vcpu: Vcpu, ex: Exit) -> Verdict:
+        if ex.__class__ is ExitMemoryFault:  # the common exit first (a subclass takes the long way)
+            return self._memory_fault(vid, vcpu, ex)
         if not isinstance(ex, ExitMemoryFault):
             self._last_fault.pop(vid, None)
         if isinstance(ex, ExitHypercall):
@@ -99,19 +101,22 @@ class ExitHandler:
         return Verdict(Action.FAIL, f"unexpected exit {ex!r}")
 
     def _memory_fault(self, vid: int, vcpu: Vcpu, ex: ExitMemoryFault) -> Verdict:
-        key = (ex.gpa, ex.flags, 1)
+        gpa, flags = ex.gpa, ex.flags
         last = self._last_fault.get(vid)
-        if last is not None and last[:2] == key[:2]:
-            key = (ex.gpa, ex.flags, last[2] + 1)
-        self._last_fault[vid] = key
-        if key[2] > MAX_REPEATED_FAULTS:
-            return Verdict(Action.FAIL, f"the guest is stuck: {key[2]} memory faults in a row at gpa "
-                           f"{ex.gpa:#x} ({'private' if ex.private else 'shared'}) that conversion "
-                           "does not resolve")
+        n = last[2] + 1 if last is not None and last[0] == gpa and last[1] == flags else 1
+        self._last_fault[vid] = (gpa, flags, n)
+        if n > MAX_REPEATED_FAULTS:
+            return self._stuck(ex, n)
         out = self.converter.handle_memory_fault(ex, vid, vcpu)
-        if not out.ok:
-            return Verdict(Action.FAIL, f"unresolvable memory fault: {out.error}")
-        return CONTINUE
+        if out.ok:
+            return CONTINUE
+        return Verdict(Action.FAIL, f"unresolvable memory fault: {out.error}")
+
+    @staticmethod
+    def _stuck(ex: ExitMemoryFault, n: int) -> Verdict:
+        return Verdict(Action.FAIL, f"the guest is stuck: {n} memory faults in a row at gpa "
+                       f"{ex.gpa:#x} ({'private' if ex.private else 'shared'}) that conversion "
+                       "does not resolve")
 
     def _mmio(self, vid: int, ex: ExitMmio) -> Verdict:
         if ex.is_write:

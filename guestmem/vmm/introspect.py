@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from guestmem import uapi as u
@@ -75,6 +76,12 @@ class ModelIntrospection:
         if not sptes:
             return None
         return [(s, e, sp.order, sp.private) for s, e, sp in sptes[0].segments(start, end) if sp is not None]
+
+    def frame_counter(self) -> Callable[[], tuple[int, int] | None]:
+        """:meth:`frames` as the cheapest callable that answers it: the pool's own O(1) counter
+        where it has one (the model's pool lives as long as its ``Kvm``), looked up once."""
+        allocation = getattr(getattr(self._kvm, "pool", None), "allocation", None)
+        return allocation if callable(allocation) else self.frames
 
     def frames(self) -> tuple[int, int] | None:
         pool = getattr(self._kvm, "pool", None)

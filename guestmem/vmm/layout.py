@@ -68,6 +68,7 @@ class Layout:
                 raise LayoutError(f"regions {a.name!r} and {b.name!r} overlap")
         self.regions: tuple[RegionSpec, ...] = tuple(regs)
         self._starts = [r.gpa for r in regs]
+        self._ends = [r.end for r in regs]
 
     @property
     def ram_bytes(self) -> int:
@@ -76,7 +77,7 @@ class Layout:
     def region_at(self, gpa: int) -> int | None:
         """Index of the region holding ``gpa``, or None (a hole)."""
         i = bisect_right(self._starts, gpa) - 1
-        if i >= 0 and gpa < self.regions[i].end:
+        if i >= 0 and gpa < self._ends[i]:
             return i
         return None
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from guestmem.api import Exit, ExitHypercall, ExitMemoryFault, ExitSync, Vcpu
-from guestmem.vmm.exits import Action, ExitHandler
+from guestmem.vmm.exits import CONTINUE, Action, ExitHandler
 from guestmem.vmm.trace import EXIT, GUEST, EventTrace
 
 Status = Literal["halted", "failed", "stopped", "stuck"]
@@ -67,6 +67,10 @@ class RunResult:
         return total
 
 
+_EXIT_NAME = Exit.name  # the property every exit class inherits: its name follows from its class
+_names: dict[type, str] = {}  # exit class -> name (one dict lookup per exit instead of a property call)
+
+
 def _exit_args(ex: Exit) -> dict[str, object]:
     if isinstance(ex, ExitMemoryFault):
         return {"gpa": hex(ex.gpa), "size": ex.size, "private": ex.private}
@@ -100,18 +104,28 @@ def run_vcpus(vcpus: Mapping[int, Vcpu], handler: ExitHandler, trace: EventTrace
 
     def body(vid: int, vcpu: Vcpu) -> None:
         res = results[vid]
+        exits = res.exits
+        handle = handler.handle
         try:
             tracing = trace.enabled  # fixed for the run: no argument formatting when off
             while not stop.is_set():
                 t0 = trace.now() if tracing else 0
                 ex = vcpu.run()
-                res.exits[ex.name] += 1
+                cls = ex.__class__
+                name = _names.get(cls)
+                if name is None:
+                    name = ex.name
+                    if cls.name is _EXIT_NAME:  # the name is the class's: remember it
+                        _names[cls] = name
+                exits[name] += 1
                 if tracing:
                     trace.complete(GUEST, "guest", vid, t0)
                     trace.instant(EXIT, ex.name, vid, **_exit_args(ex))
                 if on_exit is not None:
                     on_exit(vid, ex)
-                verdict = handler.handle(vid, vcpu, ex)
+                verdict = handle(vid, vcpu, ex)
+                if verdict is CONTINUE:  # the shared verdict of every exit that keeps running
+                    continue
                 if verdict.action is Action.HALT:
                     res.status = "halted"
                     return

@@ -35,13 +35,20 @@ class TrackedCounts:
 
 
 class PageTracker:
-    """Attributes, populated-side bounds, pins and deferred discards for RAM gfns."""
+    """Attributes, populated-side bounds, pins and deferred discards for RAM gfns.
+
+    Every change of ``state`` and ``deferred_discard`` is made by the conversion manager under its
+    conversion lock (and this tracker's lock, for readers that do not hold the former); ``pins``
+    change under this tracker's lock alone."""
 
     def __init__(self, ram_gfns: list[tuple[int, int]]) -> None:
         self._lock = threading.RLock()
         self.state: RangeMap[int] = RangeMap(0)
         self.pins: RangeMap[int] = RangeMap(0)
         self.deferred_discard: RangeMap[bool] = RangeMap(False)
+        # Whether any page may be pinned: read without the lock by the one-page conversion, which
+        # then skips the pin lookup (a pin being taken meanwhile is one taken after the check).
+        self.any_pins = False
         self.ram: list[tuple[int, int]] = list(ram_gfns)
         for s, e in self.ram:
             # Fresh RAM is shared, and the guest may populate the shared side at any time.
@@ -103,9 +110,12 @@ class PageTracker:
     # --- pins -----------------------------------------------------------------------------------
     def pin(self, start: int, end: int, delta: int) -> None:
         with self._lock:
+            if delta > 0:
+                self.any_pins = True  # before the pin exists: never False while one does
             self.pins.update(start, end, lambda n: n + delta)
             if delta < 0:
                 self.pins.check()
+                self.any_pins = len(self.pins) > 0
 
     def pinned(self, gfn: int) -> bool:
         """Whether page ``gfn`` is pinned for DMA."""
