@@ -9,9 +9,12 @@ Python chunked layout and the model its Python conversion paths (``guestmem benc
 
 from setuptools import Extension, setup
 
+CAPI = "guestmem/_rangemap_capi.h"  # the RangeMap C API the model's accelerators use
+
 setup(ext_modules=[
     Extension("guestmem.linux._fastioctl", ["guestmem/linux/_fastioctl.c"], optional=True),
-    Extension("guestmem._rangemap", ["guestmem/_rangemap.c"], optional=True),
-    Extension("guestmem.model._fastconv", ["guestmem/model/_fastconv.c"], optional=True),
-    Extension("guestmem.model.kvm._fastfault", ["guestmem/model/kvm/_fastfault.c"], optional=True),
+    Extension("guestmem._rangemap", ["guestmem/_rangemap.c"], depends=[CAPI], optional=True),
+    Extension("guestmem.model._fastconv", ["guestmem/model/_fastconv.c"], depends=[CAPI], optional=True),
+    Extension("guestmem.model.kvm._fastfault", ["guestmem/model/kvm/_fastfault.c"], depends=[CAPI],
+              optional=True),
 ])

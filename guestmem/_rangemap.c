@@ -21,6 +21,8 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+
+#include "_rangemap_capi.h"
 #include <structmember.h>
 #include <stdint.h>
 #include <string.h>
@@ -1010,7 +1012,7 @@ static PyObject *core_items(Core *m, PyObject *unused) {
 /* --- the C API for other accelerators ------------------------------------------------------------
 
    guestmem._rangemap._C_API is a PyCapsule named "guestmem._rangemap._C_API" holding a pointer to
-   a RangeMapCAPI (below; copy the struct into the using C file and check ``abi`` first).  It lets
+   a RangeMapCAPI (declared in guestmem/_rangemap_capi.h: include it, and check ``abi`` first).  It lets
    compiled code read and edit a RangeMap without a Python method call:
 
        const RangeMapCAPI *api = PyCapsule_Import("guestmem._rangemap._C_API", 0);
@@ -1032,16 +1034,7 @@ static PyObject *core_items(Core *m, PyObject *unused) {
    ``set_with_eq(map, start, end, value, eq)`` is ``set`` with ``eq(a, b)`` (1, 0, or -1 with an
    exception set) making every comparison the rule makes: a caller whose values have a Python
    ``__eq__`` it can decide in C passes its own, and the set then runs no Python code. */
-typedef struct {
-    int abi; /* 1 */
-    int (*is_native)(PyObject *map);
-    PyObject *(*get)(PyObject *map, int64_t index);
-    int (*set)(PyObject *map, int64_t start, int64_t end, PyObject *value);
-    Py_ssize_t (*length)(PyObject *map);
-    PyObject *(*piece)(PyObject *map, int64_t index, int64_t *start, int64_t *end);
-    int (*set_with_eq)(PyObject *map, int64_t start, int64_t end, PyObject *value,
-                       int (*eq)(PyObject *a, PyObject *b));
-} RangeMapCAPI;
+/* (the struct: guestmem/_rangemap_capi.h) */
 
 static int capi_is_native(PyObject *map) { return native_type != NULL && Py_TYPE(map) == native_type; }
 
@@ -1092,8 +1085,8 @@ static PyObject *capi_piece(PyObject *map, int64_t x, int64_t *start, int64_t *e
     return m->deflt;
 }
 
-static const RangeMapCAPI capi = {1, capi_is_native, capi_get, capi_set, capi_length, capi_piece,
-                                  capi_set_with_eq};
+static const RangeMapCAPI capi = {GUESTMEM_RANGEMAP_CAPI_ABI, capi_is_native, capi_get, capi_set,
+                                  capi_length, capi_piece, capi_set_with_eq};
 
 /* _register(flat, native, globals): RangeMap, the compiled layout's class, and ranges.py's globals
    (see core_new and is_native). */

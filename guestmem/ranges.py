@@ -85,6 +85,70 @@ _NATIVE_LOAD = 128
 _I64_MIN, _I64_MAX = -(1 << 63), (1 << 63) - 1
 
 
+def _set_in(starts: list[int], ends: list[int], values: list[V], start: int, end: int, value: V,
+            default: V) -> tuple[int, int] | None:
+    """``set(start, end, value)`` on three parallel sorted lists (a flat map, or one chunk): the
+    one rule of every layout.  Returns ``(lo, delta)`` -- the first index edited and the change in
+    length -- or None when nothing changed (``start >= end`` is the caller's to refuse).
+
+    The value object a merged interval keeps is always ``value``; the ``==`` calls made, in order:
+    ``value == default``, then ``left == value`` and ``right == value`` for the intervals cut or
+    touched at either end."""
+    # Entries [lo, hi) intersect or touch [start, end): i is the last starting before start; a
+    # short edit touches one or two entries after it, looked at before bisecting.
+    i = bisect_left(starts, start) - 1
+    lo = i if i >= 0 and ends[i] >= start else i + 1
+    hi = i + 1
+    n = len(starts)
+    if hi < n and starts[hi] <= end:
+        hi += 1
+        if hi < n and starts[hi] <= end:
+            hi = bisect_right(starts, end, hi + 1)
+    is_default = value == default
+    if lo == hi:  # touches nothing: a plain insert
+        if is_default:
+            return None
+        starts.insert(lo, start)
+        ends.insert(lo, end)
+        values.insert(lo, value)
+        return lo, 1
+    new_s: list[int] = []
+    new_e: list[int] = []
+    new_v: list[V] = []
+    # Left remainder (or untouched left neighbour) of the first touched entry.
+    s_lo = starts[lo]
+    if s_lo < start:
+        v_lo = values[lo]
+        if v_lo == value:
+            start = s_lo
+        else:
+            new_s.append(s_lo)
+            e_lo = ends[lo]
+            new_e.append(e_lo if e_lo < start else start)
+            new_v.append(v_lo)
+    if not is_default:
+        new_s.append(start)
+        new_e.append(end)
+        new_v.append(value)
+    # Right remainder (or untouched right neighbour) of the last touched entry.
+    e_hi = ends[hi - 1]
+    if e_hi > end:
+        v_hi = values[hi - 1]
+        if v_hi == value:
+            if is_default:  # erasing up to the end of an entry that holds default: impossible
+                raise AssertionError("default value stored")
+            new_e[-1] = e_hi
+        else:
+            s_hi = starts[hi - 1]
+            new_s.append(s_hi if s_hi > end else end)
+            new_e.append(e_hi)
+            new_v.append(v_hi)
+    starts[lo:hi] = new_s
+    ends[lo:hi] = new_e
+    values[lo:hi] = new_v
+    return lo, len(new_s) - (hi - lo)
+
+
 class _PyBase:
     """Every layout's base when the compiled core is absent (a class of its own: ``object`` cannot
     precede ``Generic`` in RangeMap's bases)."""
@@ -201,60 +265,9 @@ class RangeMap(_Base, Generic[V]):
         """
         if start >= end:
             return
-        starts, ends, values = self._starts, self._ends, self._values
-        # Entries [lo, hi) intersect or touch [start, end): i is the last starting before start;
-        # a short edit touches one or two entries after it, looked at before bisecting.
-        i = bisect_left(starts, start) - 1
-        lo = i if i >= 0 and ends[i] >= start else i + 1
-        hi = i + 1
-        n = len(starts)
-        if hi < n and starts[hi] <= end:
-            hi += 1
-            if hi < n and starts[hi] <= end:
-                hi = bisect_right(starts, end, hi + 1)
-        is_default = value == self.default
-        if lo == hi:  # touches nothing: a plain insert
-            if is_default:
-                return
-            starts.insert(lo, start)
-            ends.insert(lo, end)
-            values.insert(lo, value)
-        else:
-            new_s: list[int] = []
-            new_e: list[int] = []
-            new_v: list[V] = []
-            # Left remainder (or untouched left neighbour) of the first touched entry.
-            s_lo = starts[lo]
-            if s_lo < start:
-                v_lo = values[lo]
-                if v_lo == value:
-                    start = s_lo
-                else:
-                    new_s.append(s_lo)
-                    e_lo = ends[lo]
-                    new_e.append(e_lo if e_lo < start else start)
-                    new_v.append(v_lo)
-            if not is_default:
-                new_s.append(start)
-                new_e.append(end)
-                new_v.append(value)
-            # Right remainder (or untouched right neighbour) of the last touched entry.
-            e_hi = ends[hi - 1]
-            if e_hi > end:
-                v_hi = values[hi - 1]
-                if v_hi == value:
-                    if is_default:  # erasing up to the end of an entry that holds default: impossible
-                        raise AssertionError("default value stored")
-                    new_e[-1] = e_hi
-                else:
-                    s_hi = starts[hi - 1]
-                    new_s.append(s_hi if s_hi > end else end)
-                    new_e.append(e_hi)
-                    new_v.append(v_hi)
-            starts[lo:hi] = new_s
-            ends[lo:hi] = new_e
-            values[lo:hi] = new_v
-        if len(starts) > 2 * _LOAD:
+        starts = self._starts
+        changed = _set_in(starts, self._ends, self._values, start, end, value, self.default)
+        if changed is not None and len(starts) > 2 * _LOAD:
             self._grow()
 
     def _grow(self) -> None:
@@ -420,63 +433,13 @@ class _ChunkedRangeMap(RangeMap[V]):
         if c + 1 < len(mins) and mins[c + 1] <= end:
             self._join(c, bisect_right(mins, end) - 1)
         starts = self._ss[c]
-        ends = self._es[c]
-        values = self._vs[c]
-        # Entries [lo, hi) of the chunk intersect or touch [start, end).  One bisect finds the last
-        # entry starting before ``start``; a short edit touches one or two entries after it, so
-        # ``hi`` is found by looking at them before bisecting (each cold bisect costs µs at 1M).
-        i = bisect_left(starts, start) - 1
-        lo = i if i >= 0 and ends[i] >= start else i + 1
-        hi = i + 1
-        n = len(starts)
-        if hi < n and starts[hi] <= end:
-            hi += 1
-            if hi < n and starts[hi] <= end:
-                hi = bisect_right(starts, end, hi + 1)
-        is_default = value == self.default
-        if lo == hi:  # touches nothing: a plain insert
-            if is_default:
-                return
-            starts.insert(lo, start)
-            ends.insert(lo, end)
-            values.insert(lo, value)
-            delta = 1
-        else:
-            new_s: list[int] = []
-            new_e: list[int] = []
-            new_v: list[V] = []
-            # Left remainder (or untouched left neighbour) of the first touched entry.
-            s_lo = starts[lo]
-            if s_lo < start:
-                v_lo = values[lo]
-                if v_lo == value:
-                    start = s_lo
-                else:
-                    new_s.append(s_lo)
-                    e_lo = ends[lo]
-                    new_e.append(e_lo if e_lo < start else start)
-                    new_v.append(v_lo)
-            if not is_default:
-                new_s.append(start)
-                new_e.append(end)
-                new_v.append(value)
-            # Right remainder (or untouched right neighbour) of the last touched entry.
-            e_hi = ends[hi - 1]
-            if e_hi > end:
-                v_hi = values[hi - 1]
-                if v_hi == value:
-                    if is_default:  # erasing up to the end of an entry that holds default: impossible
-                        raise AssertionError("default value stored")
-                    new_e[-1] = e_hi
-                else:
-                    s_hi = starts[hi - 1]
-                    new_s.append(s_hi if s_hi > end else end)
-                    new_e.append(e_hi)
-                    new_v.append(v_hi)
-            starts[lo:hi] = new_s
-            ends[lo:hi] = new_e
-            values[lo:hi] = new_v
-            delta = len(new_s) - (hi - lo)
+        # (the rule below, within this chunk: one bisect finds the last entry starting before
+        # ``start``; a short edit touches one or two entries after it, looked at before bisecting,
+        # since each cold bisect costs µs at 1M)
+        res = _set_in(starts, self._es[c], self._vs[c], start, end, value, self.default)
+        if res is None:
+            return
+        lo, delta = res
         self._len += delta
         if lo == 0 and starts:
             mins[c] = starts[0]

@@ -30,6 +30,8 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+
+#include "../_rangemap_capi.h"
 #include <structmember.h>
 #include <limits.h>
 
@@ -61,14 +63,6 @@ static Py_ssize_t off_starts = -1, off_ends = -1, off_values = -1, off_default =
 /* guestmem._rangemap's C API (its capsule _C_API, abi 1; the struct is declared there): how the
    compiled RangeMap layout is read and edited here without a Python method call.  NULL when the
    core is not built, and then no map has that layout. */
-typedef struct {
-    int abi;
-    int (*is_native)(PyObject *map);
-    PyObject *(*get)(PyObject *map, int64_t index);
-    int (*set)(PyObject *map, int64_t start, int64_t end, PyObject *value);
-    Py_ssize_t (*length)(PyObject *map);
-    PyObject *(*piece)(PyObject *map, int64_t index, int64_t *start, int64_t *end);
-} RangeMapCAPI;
 static const RangeMapCAPI *capi;
 
 /* A slot's value as a new reference, or NULL (no exception) when it is unset. */
@@ -1017,7 +1011,7 @@ static PyObject *configure(PyObject *self, PyObject *const *args, Py_ssize_t nar
         const RangeMapCAPI *api = PyCapsule_Import("guestmem._rangemap._C_API", 0);
         if (api == NULL)
             PyErr_Clear();
-        else if (api->abi == 1)
+        else if (api->abi == GUESTMEM_RANGEMAP_CAPI_ABI)
             capi = api;
     }
     Py_XSETREF(FlatType, Py_NewRef(args[0]));

@@ -30,6 +30,8 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+
+#include "../../_rangemap_capi.h"
 #include <stdint.h>
 #include <string.h>
 #include <structmember.h>
@@ -303,16 +305,6 @@ typedef struct {
 /* guestmem._rangemap's C API (its capsule _C_API, abi 1; the struct is declared there), found by
  * setup(): how the compiled layout -- every map's, when that core is built -- is read and edited
  * here without a Python call.  NULL when the core is not built. */
-typedef struct {
-    int abi;
-    int (*is_native)(PyObject *map);
-    PyObject *(*get)(PyObject *map, int64_t index);
-    int (*set)(PyObject *map, int64_t start, int64_t end, PyObject *value);
-    Py_ssize_t (*length)(PyObject *map);
-    PyObject *(*piece)(PyObject *map, int64_t index, int64_t *start, int64_t *end);
-    int (*set_with_eq)(PyObject *map, int64_t start, int64_t end, PyObject *value,
-                       int (*eq)(PyObject *a, PyObject *b));
-} RangeMapCAPI;
 static const RangeMapCAPI *capi;
 
 /* Whether this is the only Python thread (set per call): then the map's own methods, Python code,
@@ -1407,7 +1399,7 @@ static PyObject *setup(PyObject *module, PyObject *d)
     const RangeMapCAPI *api = PyCapsule_Import("guestmem._rangemap._C_API", 0);
     if (api == NULL)
         PyErr_Clear();
-    else if (api->abi == 1)
+    else if (api->abi == GUESTMEM_RANGEMAP_CAPI_ABI)
         capi = api;
     G.ready = 1;
     Py_RETURN_NONE;
