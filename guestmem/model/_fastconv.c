@@ -23,10 +23,9 @@
  * (a RangeMap about to change layout, an SPTE to zap, an explorer, a non-int value) is refused by
  * the checks, before any change.
  *
- * RangeMaps are read and edited here in two layouts: the flat one (ranges.RangeMap: three sorted
- * lists _starts/_ends/_values) by the same rule as RangeMap.set, and the native one
- * (ranges._NativeRangeMap: its _core's C methods).  A map in any other layout, or one that a
- * one-page edit could move to another layout, is refused.
+ * RangeMaps are read and edited here through guestmem._rangemap's C API (_rangemap_capi.h): where
+ * that core is built every map has its layout.  A map in a Python layout (no core, or a key beyond
+ * int64) is refused.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -40,10 +39,10 @@
 #define MAX_TARGETS 4
 
 /* Configured once by guestmem.model.kvm.attributes (configure()). */
-static PyObject *FlatType, *NativeType, *RangesDict, *SyncDict, *Held, *VmType, *ShmemType,
+static PyObject *SyncDict, *Held, *VmType, *ShmemType,
     *PageCacheType;
 
-static PyObject *s_starts, *s_ends, *s_values, *s_core, *s_default, *s_LOAD, *s_explorer, *s_stack,
+static PyObject *s_default, *s_explorer, *s_stack,
     *s_system, *s_process, *s_deferred, *s_fd, *s_options, *s_attributes, *s_memory_attributes,
     *s_arch, *s_has_private_mem, *s_slots_lock, *s_mmu_lock, *s_lock, *s_locked, *s_memslots,
     *s_by_gfn, *s_by_id, *s_mmu, *s_sptes, *s_as_id, *s_base_gfn, *s_npages, *s_lpage_mixed,
@@ -54,11 +53,10 @@ static PyObject *s_starts, *s_ends, *s_values, *s_core, *s_default, *s_LOAD, *s_
 
 #define NI() Py_NewRef(Py_NotImplemented)
 
-/* Byte offsets of RangeMap's __slots__ (_starts, _ends, _values, default, _core) in its instances,
-   read from the class's member descriptors by configure(): the same read PyMember_GetOne makes,
-   without the attribute lookup (every map read here is of exactly that class or its native
-   subclass, which adds no slots).  -1 until configured. */
-static Py_ssize_t off_starts = -1, off_ends = -1, off_values = -1, off_default = -1, off_core = -1;
+/* Byte offset of RangeMap's ``default`` slot in its instances, read from the class's member
+   descriptor by configure(): the same read PyMember_GetOne makes, without the attribute lookup.
+   -1 until configured. */
+static Py_ssize_t off_default = -1;
 
 /* guestmem._rangemap's C API (its capsule _C_API, abi 1; the struct is declared there): how the
    compiled RangeMap layout is read and edited here without a Python method call.  NULL when the
@@ -74,156 +72,45 @@ static PyObject *slot_get(PyObject *obj, Py_ssize_t off) {
 
 /* ---- RangeMap access ------------------------------------------------------------------------- */
 
-enum { RM_FLAT = 1, RM_NATIVE = 2 };
-
+/* Maps are read and edited through guestmem._rangemap's C API only: every map has the compiled
+   layout where that core is built.  A map in a Python layout (the core not built, or a key beyond
+   int64) is refused, and the Python path, whose RangeMap methods serve any layout, runs. */
 typedef struct {
-    int kind;
-    PyObject *map;                    /* borrowed */
-    PyObject *starts, *ends, *values; /* flat: new references */
-    PyObject *core;                   /* native: new reference */
-    PyObject *deflt;                  /* new reference */
+    PyObject *map;   /* borrowed */
+    PyObject *deflt; /* new reference */
 } RM;
 
-static void rm_close(RM *r) {
-    Py_CLEAR(r->starts);
-    Py_CLEAR(r->ends);
-    Py_CLEAR(r->values);
-    Py_CLEAR(r->core);
-    Py_CLEAR(r->deflt);
-    r->kind = 0;
-}
+static void rm_close(RM *r) { Py_CLEAR(r->deflt); }
 
-static int key_fits(PyObject *o) {
-    if (!PyLong_CheckExact(o)) return 0;
-    int overflow;
-    long long v = PyLong_AsLongLongAndOverflow(o, &overflow);
-    if (v == -1 && PyErr_Occurred()) {
-        PyErr_Clear();
-        return 0;
-    }
-    return !overflow;
-}
-
-static long long key_of(PyObject *o) { return PyLong_AsLongLong(o); } /* checked by rm_open */
-
-static Py_ssize_t load_value(void) {
-    PyObject *v = PyDict_GetItemWithError(RangesDict, s_LOAD);
-    if (v == NULL || !PyLong_CheckExact(v)) return -1;
-    return PyLong_AsSsize_t(v);
-}
-
-/* Open ``map`` for reading and for one-page edits (``edit``: an edit must keep its layout).
-   1: usable; 0: refused (nothing changed); -1: error. */
+/* Open ``map`` for reads and one-page edits (the compiled layout keeps its layout for int64 keys,
+   so an edit needs no check).  1: usable; 0: refused (nothing changed). */
 static int rm_open(RM *r, PyObject *map, int edit) {
-    memset(r, 0, sizeof *r);
+    (void)edit;
     r->map = map;
-    PyTypeObject *t = Py_TYPE(map);
-    Py_ssize_t load = edit ? load_value() : 0;
-    if (edit && load < 2) {
-        PyErr_Clear();
-        return 0;
-    }
-    if ((PyObject *)t == FlatType) {
-        r->kind = RM_FLAT;
-        r->starts = slot_get(map, off_starts);
-        if (r->starts == NULL || !PyList_CheckExact(r->starts)) goto refuse;
-        if (!edit && PyList_GET_SIZE(r->starts) == 0) { /* empty: only the default is ever read */
-            r->deflt = slot_get(map, off_default);
-            if (r->deflt == NULL) goto refuse;
-            return 1;
-        }
-        r->ends = slot_get(map, off_ends);
-        r->values = slot_get(map, off_values);
-        r->deflt = slot_get(map, off_default);
-        if (r->ends == NULL || r->values == NULL) goto refuse;
-        if (r->deflt == NULL) goto refuse;
-        if (!PyList_CheckExact(r->starts) || !PyList_CheckExact(r->ends) || !PyList_CheckExact(r->values))
-            goto refuse;
-        Py_ssize_t n = PyList_GET_SIZE(r->starts);
-        if (PyList_GET_SIZE(r->ends) != n || PyList_GET_SIZE(r->values) != n) goto refuse;
-        /* Sorted keys: the first start and the last end bound them all. */
-        if (n && (!key_fits(PyList_GET_ITEM(r->starts, 0)) || !key_fits(PyList_GET_ITEM(r->ends, n - 1))))
-            goto refuse;
-        /* A one-page edit changes the count by at most 2; past 2 * _LOAD the map would change
-           layout (Python code): refused. */
-        if (edit && n + 2 > 2 * load) goto refuse;
-        return 1;
-    }
-    if (capi != NULL && capi->is_native(map)) {
-        /* The compiled layout (every map, when guestmem._rangemap is built): read and edited
-           through its C API.  It keeps its layout for int64 keys, so an edit needs no check. */
-        r->kind = RM_NATIVE;
-        r->deflt = slot_get(map, off_default);
-        if (r->deflt == NULL) goto refuse;
-        return 1;
-    }
-refuse:
-    if (PyErr_Occurred()) PyErr_Clear();
-    rm_close(r);
-    return 0;
-}
-
-/* First index with list[i] > x (bisect_right) or >= x (bisect_left). */
-static Py_ssize_t bisect(PyObject *list, long long x, int right) {
-    Py_ssize_t lo = 0, hi = PyList_GET_SIZE(list);
-    while (lo < hi) {
-        Py_ssize_t mid = (lo + hi) / 2;
-        long long v = key_of(PyList_GET_ITEM(list, mid));
-        if (right ? x < v : x <= v)
-            hi = mid;
-        else
-            lo = mid + 1;
-    }
-    return lo;
+    r->deflt = NULL;
+    if (capi == NULL || !capi->is_native(map)) return 0;
+    r->deflt = slot_get(map, off_default); /* kept in step with the core's */
+    return r->deflt != NULL;
 }
 
 /* RangeMap.get: a new reference. */
-static PyObject *rm_get(RM *r, long long index) {
-    if (r->kind == RM_NATIVE) return capi->get(r->map, index);
-    Py_ssize_t i = bisect(r->starts, index, 1) - 1;
-    if (i >= 0 && index < key_of(PyList_GET_ITEM(r->ends, i)))
-        return Py_NewRef(PyList_GET_ITEM(r->values, i));
-    return Py_NewRef(r->deflt);
-}
+static PyObject *rm_get(RM *r, long long index) { return capi->get(r->map, index); }
 
 /* Over the pieces of [start, end) (gaps as the default), in order: ``test(value)`` returns 1 to
    stop with 1, 0 to go on, -1 on error.  ``want`` is passed to test.  Returns 1, 0 or -1. */
 typedef int (*piece_test)(PyObject *value, PyObject *want);
 
 static int rm_scan(RM *r, long long start, long long end, piece_test test, PyObject *want) {
-    if (start >= end) return 0;
-    if (r->kind == RM_NATIVE) { /* the same maximal pieces segments() yields, in order */
-        long long pos = start;
-        while (pos < end) {
-            int64_t s, e;
-            PyObject *v = Py_NewRef(capi->piece(r->map, pos, &s, &e));
-            int res = test(v, want);
-            Py_DECREF(v);
-            if (res) return res;
-            pos = e;
-        }
-        return 0;
-    }
-    PyObject *starts = r->starts, *ends = r->ends, *values = r->values;
-    Py_ssize_t n = PyList_GET_SIZE(starts);
-    Py_ssize_t i = bisect(starts, start, 1) - 1;
-    if (i < 0 || key_of(PyList_GET_ITEM(ends, i)) <= start) i += 1;
-    long long pos = start;
-    int res;
-    while (i < n) {
-        long long s = key_of(PyList_GET_ITEM(starts, i));
-        if (s >= end) return test(r->deflt, want);
-        if (s > pos) {
-            if ((res = test(r->deflt, want)) != 0) return res;
-            pos = s;
-        }
-        long long e = key_of(PyList_GET_ITEM(ends, i));
-        if ((res = test(PyList_GET_ITEM(values, i), want)) != 0) return res;
-        if (e >= end) return 0;
+    long long pos = start; /* the same maximal pieces segments() yields, in order */
+    while (pos < end) {
+        int64_t s, e;
+        PyObject *v = Py_NewRef(capi->piece(r->map, pos, &s, &e));
+        int res = test(v, want);
+        Py_DECREF(v);
+        if (res) return res;
         pos = e;
-        i += 1;
     }
-    return test(r->deflt, want);
+    return 0;
 }
 
 static int differs(PyObject *v, PyObject *want) {
@@ -247,79 +134,9 @@ static int rm_any_true(RM *r, long long start, long long end) {
     return rm_scan(r, start, end, truthy, NULL);
 }
 
-static int append3(PyObject *ls, PyObject *le, PyObject *lv, PyObject *s, PyObject *e, PyObject *v) {
-    return (PyList_Append(ls, s) || PyList_Append(le, e) || PyList_Append(lv, v)) ? -1 : 0;
-}
-
-/* RangeMap.set(start, end, value): the flat layout's rule, step by step (which interval objects
-   are kept, the order values are compared in); the native layout's core.set.  0 or -1. */
+/* RangeMap.set(start, end, value): the core's rule.  0 or -1. */
 static int rm_set(RM *r, long long start, long long end, PyObject *value) {
-    if (start >= end) return 0;
-    if (r->kind == RM_NATIVE) return capi->set(r->map, start, end, value);
-    PyObject *starts = r->starts, *ends = r->ends, *values = r->values;
-    int rc = -1;
-    PyObject *ns = PyList_New(0), *ne = PyList_New(0), *nv = PyList_New(0);
-    PyObject *ostart = PyLong_FromLongLong(start), *oend = PyLong_FromLongLong(end);
-    PyObject *rs = NULL, *re = NULL, *rv = NULL; /* right remainder, borrowed or owned via tmp */
-    PyObject *tmp_rs = NULL;
-    if (!ns || !ne || !nv || !ostart || !oend) goto done;
-    Py_ssize_t lo = bisect(ends, start, 0), hi = bisect(starts, end, 1);
-    int eq;
-    if (lo < hi && key_of(PyList_GET_ITEM(starts, lo)) < start) {
-        if ((eq = PyObject_RichCompareBool(PyList_GET_ITEM(values, lo), value, Py_EQ)) < 0) goto done;
-        if (eq) {
-            start = key_of(PyList_GET_ITEM(starts, lo));
-            Py_SETREF(ostart, Py_NewRef(PyList_GET_ITEM(starts, lo)));
-        } else if (append3(ns, ne, nv, PyList_GET_ITEM(starts, lo), ostart, PyList_GET_ITEM(values, lo))) {
-            goto done;
-        }
-    }
-    if (lo < hi && key_of(PyList_GET_ITEM(ends, hi - 1)) > end) {
-        if ((eq = PyObject_RichCompareBool(PyList_GET_ITEM(values, hi - 1), value, Py_EQ)) < 0) goto done;
-        if (eq) {
-            end = key_of(PyList_GET_ITEM(ends, hi - 1));
-            Py_SETREF(oend, Py_NewRef(PyList_GET_ITEM(ends, hi - 1)));
-        } else {
-            tmp_rs = Py_NewRef(oend);
-            rs = tmp_rs;
-            re = PyList_GET_ITEM(ends, hi - 1);
-            rv = PyList_GET_ITEM(values, hi - 1);
-        }
-    }
-    if (lo < hi && key_of(PyList_GET_ITEM(ends, lo)) == start && key_of(PyList_GET_ITEM(starts, lo)) < start) {
-        if ((eq = PyObject_RichCompareBool(PyList_GET_ITEM(values, lo), value, Py_NE)) < 0) goto done;
-        if (eq) {
-            if (PyList_SetSlice(ns, 0, PY_SSIZE_T_MAX, NULL) || PyList_SetSlice(ne, 0, PY_SSIZE_T_MAX, NULL) ||
-                PyList_SetSlice(nv, 0, PY_SSIZE_T_MAX, NULL))
-                goto done;
-            if (append3(ns, ne, nv, PyList_GET_ITEM(starts, lo), PyList_GET_ITEM(ends, lo),
-                        PyList_GET_ITEM(values, lo)))
-                goto done;
-        }
-    }
-    if (lo < hi && key_of(PyList_GET_ITEM(starts, hi - 1)) == end && key_of(PyList_GET_ITEM(ends, hi - 1)) > end) {
-        if ((eq = PyObject_RichCompareBool(PyList_GET_ITEM(values, hi - 1), value, Py_NE)) < 0) goto done;
-        if (eq) {
-            rs = PyList_GET_ITEM(starts, hi - 1);
-            re = PyList_GET_ITEM(ends, hi - 1);
-            rv = PyList_GET_ITEM(values, hi - 1);
-        }
-    }
-    if ((eq = PyObject_RichCompareBool(value, r->deflt, Py_NE)) < 0) goto done;
-    if (eq && append3(ns, ne, nv, ostart, oend, value)) goto done;
-    if (rs != NULL && append3(ns, ne, nv, rs, re, rv)) goto done;
-    if (PyList_SetSlice(starts, lo, hi, ns) || PyList_SetSlice(ends, lo, hi, ne) ||
-        PyList_SetSlice(values, lo, hi, nv))
-        goto done;
-    rc = 0;
-done:
-    Py_XDECREF(ns);
-    Py_XDECREF(ne);
-    Py_XDECREF(nv);
-    Py_XDECREF(ostart);
-    Py_XDECREF(oend);
-    Py_XDECREF(tmp_rs);
-    return rc;
+    return capi->set(r->map, start, end, value);
 }
 
 /* ---- small helpers ------------------------------------------------------------------------------ */
@@ -420,7 +237,7 @@ typedef struct {
     long long base, end;
     RM sptes;       /* only checked: nothing mapped at the gfn */
     PyObject *lpage; /* the slot's lpage_mixed dict, new reference */
-    RM mixed[2];     /* orders 9 and 18; kind 0 when the slot has none */
+    RM mixed[2];     /* orders 9 and 18; deflt NULL when the slot has none */
 } Target;
 
 static const int ORDERS[2] = {9, 18};
@@ -452,7 +269,7 @@ static void range_add(Inval *v, long long start, long long end) {
 
 /* Lookups the Python path makes on a MIXED map: a missing map reads as "not mixed". */
 static int mixed_at(RM *r, long long hp) {
-    if (!r->kind) return 0;
+    if (r->deflt == NULL) return 0; /* not opened: the slot has no such map */
     PyObject *v = rm_get(r, hp);
     if (v == NULL) return -1;
     int t = PyObject_IsTrue(v);
@@ -623,7 +440,7 @@ static PyObject *set_attributes_one(PyObject *self, PyObject *const *args, Py_ss
         /* post_set_attributes for [gfn, gfn + 1): only the head hugepage of each order is
            recomputed (no hugepage lies wholly inside one page) */
         for (int o = 0; o < 2; o++) {
-            if (!t->mixed[o].kind) continue;
+            if (t->mixed[o].deflt == NULL) continue;
             int order = ORDERS[o];
             long long size = 1LL << order, hs = gfn >> order << order;
             if (!(hs >= t->base && hs + size <= t->end)) continue;
@@ -989,21 +806,14 @@ static PyObject *configure(PyObject *self, PyObject *const *args, Py_ssize_t nar
         return NULL;
     }
     {
-        PyObject *names[5] = {s_starts, s_ends, s_values, s_default, s_core};
-        Py_ssize_t found[5];
-        Py_ssize_t *offs[5] = {&off_starts, &off_ends, &off_values, &off_default, &off_core};
-        for (int i = 0; i < 5; i++) { /* all found before any is stored: a refusal changes nothing */
-            PyObject *d = PyDict_GetItemWithError(((PyTypeObject *)args[0])->tp_dict, names[i]);
-            if (d == NULL || Py_TYPE(d) != &PyMemberDescr_Type ||
-                ((PyMemberDescrObject *)d)->d_member->type != T_OBJECT_EX) {
-                if (!PyErr_Occurred())
-                    PyErr_Format(PyExc_TypeError, "configure: %R is not a __slots__ member of the flat RangeMap",
-                                 names[i]);
-                return NULL;
-            }
-            found[i] = ((PyMemberDescrObject *)d)->d_member->offset;
+        PyObject *d = PyDict_GetItemWithError(((PyTypeObject *)args[0])->tp_dict, s_default);
+        if (d == NULL || Py_TYPE(d) != &PyMemberDescr_Type ||
+            ((PyMemberDescrObject *)d)->d_member->type != T_OBJECT_EX) {
+            if (!PyErr_Occurred())
+                PyErr_SetString(PyExc_TypeError, "configure: 'default' is not a __slots__ member of RangeMap");
+            return NULL;
         }
-        for (int i = 0; i < 5; i++) *offs[i] = found[i];
+        off_default = ((PyMemberDescrObject *)d)->d_member->offset;
     }
     /* The compiled layout's C API, when the core is built (else no map has that layout). */
     capi = NULL;
@@ -1014,9 +824,6 @@ static PyObject *configure(PyObject *self, PyObject *const *args, Py_ssize_t nar
         else if (api->abi == GUESTMEM_RANGEMAP_CAPI_ABI)
             capi = api;
     }
-    Py_XSETREF(FlatType, Py_NewRef(args[0]));
-    Py_XSETREF(NativeType, Py_NewRef(args[1]));
-    Py_XSETREF(RangesDict, Py_NewRef(PyModule_GetDict(args[2])));
     Py_XSETREF(SyncDict, Py_NewRef(PyModule_GetDict(args[3])));
     Py_XSETREF(Held, Py_NewRef(args[4]));
     Py_XSETREF(VmType, Py_NewRef(args[5]));
@@ -1048,12 +855,7 @@ static struct PyModuleDef moddef = {PyModuleDef_HEAD_INIT, "_fastconv",
     } while (0)
 
 PyMODINIT_FUNC PyInit__fastconv(void) {
-    INTERN(s_starts, "_starts");
-    INTERN(s_ends, "_ends");
-    INTERN(s_values, "_values");
-    INTERN(s_core, "_core");
     INTERN(s_default, "default");
-    INTERN(s_LOAD, "_LOAD");
     INTERN(s_explorer, "_explorer");
     INTERN(s_stack, "stack");
     INTERN(s_system, "system");

@@ -4,9 +4,9 @@
  * while the op at pc is an Accept (vcpu.py _accept -> mmu.translate -> arch.on_accept, and
  * fault.page_fault for one gfn -> GmemFile._get_pfn_one -> PageCache.get_page -> FramePool
  * alloc_range -> arch gmem_prepare -> Mmu.install), on the SNP-like and TDX-like flavours with
- * per-VM attributes and order-0 guest_memfd files.  RangeMaps in the flat layout are read and
- * edited in place (flat_set is RangeMap.set's flat rule to the letter); a map in another layout
- * (a fragmented guest) is served through its own methods, but only while this is the only Python
+ * per-VM attributes and order-0 guest_memfd files.  RangeMaps in the compiled layout (every map,
+ * where guestmem._rangemap is built) are read and edited through its C API (_rangemap_capi.h); a
+ * map in a Python layout is served through its own methods, but only while this is the only Python
  * thread (see single_thread), else the accelerator declines.
  *
  * run_accept(vcpu) answers the exit the Python path would return, or NotImplemented.  Every unit
@@ -19,7 +19,7 @@
  *
  * Locks.  The GIL is held from entry to the end of the last commit: no Python code runs (values are
  * compared in C, Spte and ExitMemoryFault objects built in C, no property or method implemented in
- * Python is called -- except a non-flat map's own methods, and then no other Python thread exists),
+ * Python is called -- except a Python-layout map's own methods, and then no other Python thread exists),
  * so no other thread runs meanwhile.  The Python path's locks (mmu_lock, the inode's invalidate_lock
  * shared, the page cache's and the frame pool's locks, the encryption engine's lock) are each taken
  * and released within one step with nothing else able to run in between; so instead of taking them
@@ -48,7 +48,7 @@ static struct {
     PyObject *rangemap_type, *spte_type, *exit_mf, *accept_type, *program_type;
     PyObject *snp_type, *tdx_type;
     PyObject *sync_dict, *ranges_dict, *held, *finalize_registry;
-    Py_ssize_t off_starts, off_ends, off_values, off_default; /* RangeMap's slots */
+    Py_ssize_t off_default; /* RangeMap's default slot */
     PyObject *exit_template; /* an ExitMemoryFault: its dict's keys in __init__'s order */
     PyTypeObject *types[32]; /* the classes among the originals' owners (borrowed: originals holds them) */
     unsigned int tags[32];   /* their version tags when the originals were last found in place */
@@ -62,7 +62,7 @@ static struct {
 static unsigned char zero_page[PAGE_SIZE];
 
 /* Interned attribute names. */
-#define NAMES(X) X(_starts) X(_ends) X(_values) X(default) X(program) X(ops) X(pc) X(cpu) \
+#define NAMES(X) X(default) X(program) X(ops) X(pc) X(cpu) \
     X(image) X(closed) X(halted) X(_pending) X(_running) X(locked) X(vm) X(bugged) X(system) \
     X(process) X(_deferred) X(options) X(arch) X(finalized) X(mmu) \
     X(mmu_lock) X(owner) X(_lock) X(gpa) X(size) X(progress) X(pool) X(sptes) X(accepted) \
@@ -294,133 +294,65 @@ static PyObject *new_spte(int private, long long delta, int writable)
     return o;
 }
 
-/* --- the flat RangeMap layout (ranges.py, RangeMap) --------------------------------------------- */
+/* --- RangeMaps ---------------------------------------------------------------------------------- */
 
 typedef struct {
-    PyObject *map, *s, *e, *v, *dflt; /* borrowed */
-    int py;  /* not the flat layout: served by the map's own (Python) methods */
-    int nat; /* the compiled layout: served by guestmem._rangemap's C API (no Python code runs) */
+    PyObject *map, *dflt; /* borrowed */
+    int py; /* a Python layout: served by the map's own (Python) methods */
 } Flat;
 
-/* guestmem._rangemap's C API (its capsule _C_API, abi 1; the struct is declared there), found by
- * setup(): how the compiled layout -- every map's, when that core is built -- is read and edited
- * here without a Python call.  NULL when the core is not built. */
+/* guestmem._rangemap's C API (_rangemap_capi.h), found by setup(): how the compiled layout --
+ * every map's, when that core is built -- is read and edited here without a Python call.  NULL
+ * when the core is not built. */
 static const RangeMapCAPI *capi;
 
 /* Whether this is the only Python thread (set per call): then the map's own methods, Python code,
- * may serve a map not in the flat layout -- no other thread can run while they do.  Otherwise
- * such a map makes the accelerator decline. */
+ * may serve a map in a Python layout (the core not built, or a key beyond int64) -- no other
+ * thread can run while they do.  Otherwise such a map makes the accelerator decline. */
 static int single_thread;
 
-/* The map's three lists, if it is a RangeMap in the flat layout (exactly that class); any other
- * RangeMap layout is served through its methods when single_thread. */
+/* Open a RangeMap: the compiled layout through the C API (no Python code runs), any other layout
+ * through its methods when single_thread. */
 static int flat(PyObject *map, Flat *f)
 {
     if (map == NULL)
         return BAIL;
     f->map = map;
     f->py = 0;
-    f->nat = 0;
     if (capi != NULL && capi->is_native(map)) {
-        f->nat = 1;
         f->dflt = *(PyObject **)((char *)map + G.off_default); /* kept in step with the core's */
         return f->dflt == NULL ? BAIL : OK;
     }
-    if (Py_TYPE(map) != (PyTypeObject *)G.rangemap_type) {
-        if (!single_thread || !PyObject_TypeCheck(map, (PyTypeObject *)G.rangemap_type))
-            return BAIL;
-        f->py = 1;
-        f->dflt = attr(map, S_default);
-        return f->dflt == NULL ? BAIL : OK;
-    }
-    char *base = (char *)map;
-    f->s = *(PyObject **)(base + G.off_starts);
-    f->e = *(PyObject **)(base + G.off_ends);
-    f->v = *(PyObject **)(base + G.off_values);
-    f->dflt = *(PyObject **)(base + G.off_default);
-    if (f->s == NULL || f->e == NULL || f->v == NULL || f->dflt == NULL || !PyList_CheckExact(f->s) ||
-        !PyList_CheckExact(f->e) || !PyList_CheckExact(f->v))
+    if (!single_thread || !PyObject_TypeCheck(map, (PyTypeObject *)G.rangemap_type))
         return BAIL;
-    Py_ssize_t n = PyList_GET_SIZE(f->s);
-    if (PyList_GET_SIZE(f->e) != n || PyList_GET_SIZE(f->v) != n)
-        return BAIL;
-    return OK;
-}
-
-/* A key, clamped into int64 (keys beyond it keep their order against the gfns compared here). */
-static long long key(PyObject *list, Py_ssize_t i)
-{
-    int overflow;
-    long long k = PyLong_AsLongLongAndOverflow(PyList_GET_ITEM(list, i), &overflow);
-    if (overflow)
-        return overflow > 0 ? LLONG_MAX : LLONG_MIN;
-    return k;
-}
-
-static Py_ssize_t bisect_right(PyObject *list, long long x)
-{
-    Py_ssize_t lo = 0, hi = PyList_GET_SIZE(list);
-    while (lo < hi) {
-        Py_ssize_t mid = (lo + hi) / 2;
-        if (x < key(list, mid))
-            hi = mid;
-        else
-            lo = mid + 1;
-    }
-    return lo;
-}
-
-static Py_ssize_t bisect_left(PyObject *list, long long x)
-{
-    Py_ssize_t lo = 0, hi = PyList_GET_SIZE(list);
-    while (lo < hi) {
-        Py_ssize_t mid = (lo + hi) / 2;
-        if (key(list, mid) < x)
-            lo = mid + 1;
-        else
-            hi = mid;
-    }
-    return lo;
-}
-
-/* The index of the first stored interval segments(x, ...) meets (its first piece may be a gap). */
-static Py_ssize_t flat_first(Flat *f, long long x)
-{
-    Py_ssize_t i = bisect_right(f->s, x) - 1;
-    if (i < 0 || key(f->e, i) <= x)
-        i++;
-    return i;
+    f->py = 1;
+    f->dflt = attr(map, S_default);
+    return f->dflt == NULL ? BAIL : OK;
 }
 
 /* RangeMap.get: borrowed (the map holds it); NULL (no error set) if the map's get raised. */
 static PyObject *flat_get(Flat *f, long long x)
 {
-    if (f->nat) {
-        PyObject *v = capi->get(f->map, x);
-        Py_DECREF(v); /* stored in the map (or its default) */
-        return v;
-    }
+    PyObject *v;
     if (f->py) {
-        PyObject *k = PyLong_FromLongLong(x), *v = k ? PyObject_CallMethodOneArg(f->map, S_get, k) : NULL;
+        PyObject *k = PyLong_FromLongLong(x);
+        v = k ? PyObject_CallMethodOneArg(f->map, S_get, k) : NULL;
         Py_XDECREF(k);
         if (v == NULL) {
             PyErr_Clear();
             return NULL;
         }
-        Py_DECREF(v); /* stored in the map (or its default) */
-        return v;
+    } else {
+        v = capi->get(f->map, x);
     }
-    Py_ssize_t i = bisect_right(f->s, x) - 1;
-    if (i >= 0 && x < key(f->e, i))
-        return PyList_GET_ITEM(f->v, i);
-    return f->dflt;
+    Py_DECREF(v); /* stored in the map (or its default) */
+    return v;
 }
 
 /* Pieces (s, e, value) covering [start, end) exactly, as RangeMap.segments yields them. */
 typedef struct {
     Flat *f;
     long long pos, end;
-    Py_ssize_t i, n;
     PyObject *it;
 } Seg;
 
@@ -430,20 +362,15 @@ static int seg_begin(Seg *g, Flat *f, long long start, long long end)
     g->pos = start;
     g->end = end;
     g->it = NULL;
-    if (f->nat)
-        return OK; /* seg_next asks for the piece at pos each step */
-    if (f->py) {
-        PyObject *r = PyObject_CallMethod(f->map, "segments", "LL", start, end);
-        g->it = r ? PyObject_GetIter(r) : NULL;
-        Py_XDECREF(r);
-        if (g->it == NULL) {
-            PyErr_Clear();
-            return BAIL;
-        }
-        return OK;
+    if (!f->py)
+        return OK; /* seg_next asks the core for the piece at pos each step */
+    PyObject *r = PyObject_CallMethod(f->map, "segments", "LL", start, end);
+    g->it = r ? PyObject_GetIter(r) : NULL;
+    Py_XDECREF(r);
+    if (g->it == NULL) {
+        PyErr_Clear();
+        return BAIL;
     }
-    g->i = flat_first(f, start);
-    g->n = PyList_GET_SIZE(f->s);
     return OK;
 }
 
@@ -470,29 +397,12 @@ static int seg_next(Seg *g, long long *s, long long *e, PyObject **v)
         Py_DECREF(t);
         return ok ? 1 : -1;
     }
-    Flat *f = g->f;
     if (g->pos >= g->end)
         return 0;
-    *s = g->pos;
-    if (f->nat) { /* the maximal piece holding pos, cut at end: what segments yields */
-        int64_t ps, pe;
-        *v = capi->piece(f->map, g->pos, &ps, &pe);
-        *e = pe < g->end ? pe : g->end;
-        g->pos = *e;
-        return 1;
-    }
-    if (g->i >= g->n || key(f->s, g->i) >= g->end) {
-        *e = g->end;
-        *v = f->dflt;
-    } else if (key(f->s, g->i) > g->pos) {
-        *e = key(f->s, g->i);
-        *v = f->dflt;
-    } else {
-        long long ie = key(f->e, g->i);
-        *e = ie < g->end ? ie : g->end;
-        *v = PyList_GET_ITEM(f->v, g->i);
-        g->i++;
-    }
+    *s = g->pos; /* the maximal piece holding pos, cut at end: what segments yields */
+    int64_t ps, pe;
+    *v = capi->piece(g->f->map, g->pos, &ps, &pe);
+    *e = pe < g->end ? pe : g->end;
     g->pos = *e;
     return 1;
 }
@@ -510,121 +420,15 @@ static long long flat_piece_end(Flat *f, long long start, long long end)
     return r == 1 ? e : r == 0 ? end : -1;
 }
 
-/* Whether the map can take one set() in place, without leaving the flat layout (a set adds at
- * most two intervals); one that cannot is handed to its own set() when single_thread. */
-static int flat_room(Flat *f, long long load)
-{
-    if (f->nat || f->py || PyList_GET_SIZE(f->s) + 2 <= 2 * load)
-        return 1;
-    if (!single_thread)
-        return 0;
-    f->py = 1;
-    return 1;
-}
-
-/* Replace list[lo:hi] with the k objects of items (borrowed), in place where the lengths allow:
- * what ``list[lo:hi] = new`` leaves, without building the new list. */
-static int splice(PyObject *list, Py_ssize_t lo, Py_ssize_t hi, PyObject **items, Py_ssize_t k)
-{
-    Py_ssize_t m = hi - lo, j;
-    for (j = 0; j < k && j < m; j++) {
-        if (PyList_GET_ITEM(list, lo + j) != items[j])
-            PyList_SetItem(list, lo + j, Py_NewRef(items[j])); /* steals; drops the old item */
-    }
-    for (; j < k; j++)
-        if (PyList_Insert(list, lo + j, items[j]))
-            return -1;
-    if (k < m && PyList_SetSlice(list, lo + k, hi, NULL))
-        return -1;
-    return 0;
-}
-
-/* RangeMap.set(start, end, value), the flat layout's rule to the letter (which objects a merge
- * keeps, which comparisons decide).  The caller checked flat_room(); the values compared are ints,
- * bools, None or Spte (value_eq). */
+/* RangeMap.set(start, end, value): the core's rule, with this file's C comparison (value_eq: no
+ * Spte.__eq__ runs, so no Python code runs mid-commit); a Python layout's own set(). */
 static int flat_set(Flat *f, long long start_ll, long long end_ll, PyObject *value)
 {
-    if (f->nat) /* the core's rule, with this file's C comparison (no Spte.__eq__ runs) */
+    if (!f->py)
         return capi->set_with_eq(f->map, start_ll, end_ll, value, value_eq);
-    if (f->py) {
-        PyObject *r = PyObject_CallMethod(f->map, "set", "LLO", start_ll, end_ll, value);
-        Py_XDECREF(r);
-        return r == NULL ? -1 : 0;
-    }
-    if (start_ll >= end_ll)
-        return 0;
-    PyObject *starts = f->s, *ends = f->e, *values = f->v;
-    /* the new entries for [lo, hi): at most a left piece, the range itself and a right piece */
-    PyObject *ns[3], *ne[3], *nv[3], *start = NULL, *end = NULL, *cut = NULL;
-    PyObject *rs = NULL, *re = NULL, *rv = NULL; /* the right piece (borrowed, or cut/end) */
-    int k = 0, rc = -1, eq;
-    Py_ssize_t lo = bisect_left(ends, start_ll), hi = bisect_right(starts, end_ll);
-    if (lo < hi && key(starts, lo) < start_ll) {
-        if ((eq = value_eq(PyList_GET_ITEM(values, lo), value)) < 0)
-            goto out;
-        if (eq) {
-            start = Py_NewRef(PyList_GET_ITEM(starts, lo));
-            start_ll = key(starts, lo);
-        } else {
-            if ((cut = PyLong_FromLongLong(start_ll)) == NULL)
-                goto out;
-            ns[k] = PyList_GET_ITEM(starts, lo), ne[k] = cut, nv[k] = PyList_GET_ITEM(values, lo), k++;
-        }
-    }
-    if (lo < hi && key(ends, hi - 1) > end_ll) {
-        if ((eq = value_eq(PyList_GET_ITEM(values, hi - 1), value)) < 0)
-            goto out;
-        if (eq) {
-            end = Py_NewRef(PyList_GET_ITEM(ends, hi - 1));
-            end_ll = key(ends, hi - 1);
-        } else {
-            if ((end = PyLong_FromLongLong(end_ll)) == NULL)
-                goto out;
-            rs = end, re = PyList_GET_ITEM(ends, hi - 1), rv = PyList_GET_ITEM(values, hi - 1);
-        }
-    }
-    if (lo < hi && key(ends, lo) == start_ll && key(starts, lo) < start_ll) {
-        if ((eq = value_eq(PyList_GET_ITEM(values, lo), value)) < 0)
-            goto out;
-        if (!eq) {
-            k = 0;
-            ns[k] = PyList_GET_ITEM(starts, lo), ne[k] = PyList_GET_ITEM(ends, lo), nv[k] = PyList_GET_ITEM(values, lo), k++;
-        }
-    }
-    if (lo < hi && key(starts, hi - 1) == end_ll && key(ends, hi - 1) > end_ll) {
-        if ((eq = value_eq(PyList_GET_ITEM(values, hi - 1), value)) < 0)
-            goto out;
-        if (!eq)
-            rs = PyList_GET_ITEM(starts, hi - 1), re = PyList_GET_ITEM(ends, hi - 1), rv = PyList_GET_ITEM(values, hi - 1);
-    }
-    if ((eq = value_eq(value, f->dflt)) < 0)
-        goto out;
-    if (!eq) {
-        if (start == NULL && (start = PyLong_FromLongLong(start_ll)) == NULL)
-            goto out;
-        if (end == NULL && (end = PyLong_FromLongLong(end_ll)) == NULL)
-            goto out;
-        ns[k] = start, ne[k] = end, nv[k] = value, k++;
-    }
-    if (rs != NULL)
-        ns[k] = rs, ne[k] = re, nv[k] = rv, k++;
-    /* Borrowed items may sit in the slots being overwritten: hold them across the splice. */
-    for (int j = 0; j < k; j++) {
-        Py_INCREF(ns[j]);
-        Py_INCREF(ne[j]);
-        Py_INCREF(nv[j]);
-    }
-    rc = splice(starts, lo, hi, ns, k) || splice(ends, lo, hi, ne, k) || splice(values, lo, hi, nv, k) ? -1 : 0;
-    for (int j = 0; j < k; j++) {
-        Py_DECREF(ns[j]);
-        Py_DECREF(ne[j]);
-        Py_DECREF(nv[j]);
-    }
-out:
-    Py_XDECREF(start);
-    Py_XDECREF(end);
-    Py_XDECREF(cut);
-    return rc;
+    PyObject *r = PyObject_CallMethod(f->map, "set", "LLO", start_ll, end_ll, value);
+    Py_XDECREF(r);
+    return r == NULL ? -1 : 0;
 }
 
 /* --- the per-call context ------------------------------------------------------------------------ */
@@ -632,7 +436,6 @@ out:
 typedef struct {
     PyObject *vcpu, *vm, *system, *arch, *mmu, *pool, *mmu_stats;
     int tdx;
-    long long load;  /* ranges._LOAD */
     long long gpa;   /* the op's start, decoded */
     long long end;   /* the op's end */
     long long pos;
@@ -673,7 +476,7 @@ static int frame_ptr(Ctx *c, long long pfn, long long n, unsigned char **out)
 static int accept_run(Ctx *c, long long s, long long e, long long pfn)
 {
     Flat acc;
-    if (flat(attr(c->arch, S_accepted), &acc) || !flat_room(&acc, c->load))
+    if (flat(attr(c->arch, S_accepted), &acc))
         return BAIL;
     if (!c->tdx) /* SNP: the RMP's validated bit, per frame */
         return flat_set(&acc, pfn, pfn + (e - s), Py_True) ? ERR : OK;
@@ -910,8 +713,6 @@ static int fault_one(Ctx *c, long long gfn, long long end_gfn, PyObject **res)
         return BAIL; /* a page to clear (punch): the Python path */
     if (fresh && up == Py_True)
         return BAIL;
-    if ((fresh && !flat_room(&delta, c->load)) || (up == Py_False && !flat_room(&uptodate, c->load)))
-        return BAIL;
     PyObject *cstats = attr(cache, S__stats), *clock = attr(cache, S__lock);
     if (cstats == NULL || clock == NULL)
         return BAIL;
@@ -934,7 +735,7 @@ static int fault_one(Ctx *c, long long gfn, long long end_gfn, PyObject **res)
         hint = attr(pool, S__hint);
         pstats = attr(pool, S__stats);
         plock = attr(pool, S__lock);
-        if (flat(free_map, &pfree) || !flat_room(&pfree, c->load) || hint == NULL || !PyList_CheckExact(hint) ||
+        if (flat(free_map, &pfree) || hint == NULL || !PyList_CheckExact(hint) ||
             PyList_GET_SIZE(hint) < 1 || pstats == NULL || plock == NULL || attr_ll(pool, S__nfree, &nfree) ||
             nfree < 1 || attr_ll(pool, S_capacity_pages, &cap))
             return BAIL;
@@ -970,7 +771,7 @@ static int fault_one(Ctx *c, long long gfn, long long end_gfn, PyObject **res)
     if (!c->tdx) {
         PyObject *sysdict = attr(c->system, S___dict__);
         rmp = sysdict && PyDict_CheckExact(sysdict) ? PyDict_GetItem(sysdict, S_rmp) : NULL;
-        if (rmp == NULL || flat(attr(rmp, S_assigned), &assigned) || !flat_room(&assigned, c->load))
+        if (rmp == NULL || flat(attr(rmp, S_assigned), &assigned))
             return BAIL;
         long long rlo = pfn >> 9 << 9, rhi = rlo + 512;
         Seg g;
@@ -996,7 +797,7 @@ static int fault_one(Ctx *c, long long gfn, long long end_gfn, PyObject **res)
     if (sptes == NULL || !PyList_CheckExact(sptes) || as_id < 0 || as_id >= PyList_GET_SIZE(sptes))
         return BAIL;
     Flat sp;
-    if (flat(PyList_GET_ITEM(sptes, as_id), &sp) || !flat_room(&sp, c->load))
+    if (flat(PyList_GET_ITEM(sptes, as_id), &sp))
         return BAIL;
     int writable = !(flags & G.mem_readonly) && !logging;
     PyObject *last = attr(mmu, S__last_small);
@@ -1211,9 +1012,8 @@ static PyObject *run_accept(PyObject *module, PyObject *vcpu)
     c.pool = attr(c.system, S_pool);
     if (c.mmu_stats == NULL || !PyDict_CheckExact(c.mmu_stats) || c.pool == NULL)
         Py_RETURN_NOTIMPLEMENTED;
-    PyObject *load = PyDict_GetItem(G.ranges_dict, S__LOAD);
     long long gpa, size, progress;
-    if (as_ll(load, &c.load) || attr_ll(vcpu, S_progress, &progress))
+    if (attr_ll(vcpu, S_progress, &progress))
         Py_RETURN_NOTIMPLEMENTED;
     PyObject *sptes = attr(c.mmu, S_sptes);
     if (sptes == NULL || !PyList_CheckExact(sptes) || PyList_GET_SIZE(sptes) < 1)
@@ -1384,17 +1184,13 @@ static PyObject *setup(PyObject *module, PyObject *d)
             }
         }
     }
-    PyObject **names[] = {&S__starts, &S__ends, &S__values, &S_default};
-    Py_ssize_t *offs[] = {&G.off_starts, &G.off_ends, &G.off_values, &G.off_default};
-    for (int k = 0; k < 4; k++) {
-        PyObject *descr = PyDict_GetItem(((PyTypeObject *)G.rangemap_type)->tp_dict, *names[k]);
-        if (descr == NULL || !PyObject_TypeCheck(descr, &PyMemberDescr_Type) ||
-            ((PyMemberDescrObject *)descr)->d_member->type != T_OBJECT_EX) {
-            PyErr_SetString(PyExc_TypeError, "setup: RangeMap's layout is not the flat slots expected");
-            return NULL;
-        }
-        *offs[k] = ((PyMemberDescrObject *)descr)->d_member->offset;
+    PyObject *descr = PyDict_GetItem(((PyTypeObject *)G.rangemap_type)->tp_dict, S_default);
+    if (descr == NULL || !PyObject_TypeCheck(descr, &PyMemberDescr_Type) ||
+        ((PyMemberDescrObject *)descr)->d_member->type != T_OBJECT_EX) {
+        PyErr_SetString(PyExc_TypeError, "setup: RangeMap's layout has no 'default' slot");
+        return NULL;
     }
+    G.off_default = ((PyMemberDescrObject *)descr)->d_member->offset;
     capi = NULL; /* not built: no map has the compiled layout */
     const RangeMapCAPI *api = PyCapsule_Import("guestmem._rangemap._C_API", 0);
     if (api == NULL)
@@ -1406,19 +1202,18 @@ static PyObject *setup(PyObject *module, PyObject *d)
 }
 
 /* flat_set() on its own, for the tests that hold it to RangeMap.set: NotImplemented where the
- * accelerator would decline (not the flat layout, or no room to stay in it). */
+ * accelerator would decline (a map in a Python layout: this entry never counts as single-threaded). */
 static PyObject *rangemap_set(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)module;
-    long long start, end, load;
+    long long start, end;
     Flat f;
     if (nargs != 4) {
         PyErr_SetString(PyExc_TypeError, "rangemap_set(map, start, end, value)");
         return NULL;
     }
     single_thread = 0;
-    if (!G.ready || flat(args[0], &f) || as_ll(args[1], &start) || as_ll(args[2], &end) ||
-        as_ll(PyDict_GetItem(G.ranges_dict, S__LOAD), &load) || !flat_room(&f, load))
+    if (!G.ready || flat(args[0], &f) || as_ll(args[1], &start) || as_ll(args[2], &end))
         Py_RETURN_NOTIMPLEMENTED;
     if (flat_set(&f, start, end, args[3]))
         return NULL;
@@ -1427,7 +1222,7 @@ static PyObject *rangemap_set(PyObject *module, PyObject *const *args, Py_ssize_
 
 static PyMethodDef methods[] = {
     {"rangemap_set", (PyCFunction)(void (*)(void))rangemap_set, METH_FASTCALL,
-     "rangemap_set(map, start, end, value): the accelerator's RangeMap.set (flat layout only)."},
+     "rangemap_set(map, start, end, value): the accelerator's RangeMap.set (compiled layout only)."},
     {"run_accept", run_accept, METH_O,
      "run_accept(vcpu): ModelVcpu.run() for an Accept op's common case, or NotImplemented."},
     {"setup", setup, METH_O, "setup(dict): the classes and constants the checks compare against."},
