@@ -181,7 +181,7 @@ class ConversionManager:
         """``convert(gpa, PAGE, to_private, origin=...)`` for the common request -- one page of RAM
         (every lazily accepted page, every 4 KiB MAP_GPA_RANGE), no listener, trace off -- as one
         straight path: the same steps in the same order, the same counters, tracker state,
-        accounting check, pre-fault and errors as the general path (:meth:`_convert_page`), with
+        accounting check, pre-fault and errors as the general path (:meth:`_convert`), with
         the page's tracker state written once: the attribute and the discard that follows it are
         one state change (written before the discard only if the discard raises, so the tracker
         never claims a discard that did not happen).  ``origin_key`` is ``"requests_<origin>"``."""
@@ -291,10 +291,6 @@ class ConversionManager:
     def _convert(self, gpa: int, size: int, to_private: bool, origin: str, tid: int, granule: int) -> Outcome:
         self.stats["requests"] += 1
         self.stats[f"requests_{origin}"] += 1
-        if size == PAGE and granule == PAGE and gpa % PAGE == 0 and 0 <= gpa <= (1 << 64) - PAGE:
-            i = self.layout.region_at(gpa)
-            if i is not None and (not to_private or self.strategy.private_memory):
-                return self._convert_page(self.regions[i], gpa, to_private, tid)
         if size <= 0 or gpa < 0 or gpa % granule or size % granule or gpa + size > 1 << 64:
             return self._refuse(f"range [{gpa:#x}, +{size:#x}) is not aligned to its {granule >> 10} KiB "
                                 "page size (or is empty)")
@@ -334,28 +330,6 @@ class ConversionManager:
             # second measurement while one is under way).
             self.accounting.sample(_TO_PRIVATE if to_private else _TO_SHARED, tid, force=False)
         return Outcome(True, 0, changed, unchanged, hole_bytes)
-
-    def _convert_page(self, region: RegionBacking, gpa: int, to_private: bool, tid: int) -> Outcome:
-        """:meth:`_convert` for one 4 KiB page inside a RAM region (every memory fault): the same
-        steps, counters and outcome, without the piece and run lists."""
-        changed = unchanged = 0
-        with self._lock:
-            if self.tracker.is_private(gpa // PAGE) == to_private:
-                unchanged = 1
-            else:
-                err = self._convert_run(region, gpa, PAGE, to_private, tid)
-                if err is not None:
-                    self.stats["errors"] += 1
-                    return Outcome(False, -u.KVM_EINVAL, 0, 0, 0, err)
-                changed = 1
-            self.stats["pages_to_private" if to_private else "pages_to_shared"] += changed
-            self.stats["pages_unchanged"] += unchanged
-            if changed:
-                self.stats["conversions"] += 1
-        if changed:
-            self.accounting.sample(_TO_PRIVATE if to_private else _TO_SHARED, tid, force=False)
-            return _PAGE_CHANGED
-        return _PAGE_UNCHANGED
 
     def _refuse(self, msg: str) -> Outcome:
         self.stats["refused"] += 1
