@@ -21,12 +21,13 @@
  * compared in C, Spte and ExitMemoryFault objects built in C, no property or method implemented in
  * Python is called -- except a Python-layout map's own methods, and then no other Python thread exists),
  * so no other thread runs meanwhile.  The Python path's locks (mmu_lock, the inode's invalidate_lock
- * shared, the page cache's and the frame pool's locks, the encryption engine's lock) are each taken
+ * shared, the page cache's and the frame pool's locks, the pool's deferred-contents lock) are each taken
  * and released within one step with nothing else able to run in between; so instead of taking them
  * this code checks that each is free (and that this thread holds no named lock, and that no
  * interleaving explorer is installed: it needs every scheduling point), which makes taking and
  * releasing them an unobservable no-op.  The locks that are real mutexes here (page cache RLock,
- * pool lock, engine lock) are taken non-blocking for the duration of the commit all the same.
+ * pool lock, deferred-contents lock) are taken non-blocking for the duration of the commit all the
+ * same.  A TDX accept writes no bytes: its encrypted zeros are deferred (FramePool.defer).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -40,8 +41,6 @@
 #define PAGE_SIZE (1LL << PAGE_SHIFT)
 #define TDX_SHARED_BIT (1LL << 47)
 
-typedef int (*gm_pages_fn)(void *, uint64_t, const unsigned char *, unsigned char *, size_t, int);
-
 /* What setup() hands over: the classes and module dicts the checks compare against. */
 static struct {
     int ready;
@@ -54,12 +53,9 @@ static struct {
     unsigned int tags[32];   /* their version tags when the originals were last found in place */
     int ntypes;
     PyObject *originals; /* tuple of (owner, name, function): a monkeypatched one disables this */
-    gm_pages_fn gm_pages;
     long long ehwpoison, max_index, efault, eio;
     long long flag_private_attr, flag_private_exit, mem_gmem, mem_readonly;
 } G;
-
-static unsigned char zero_page[PAGE_SIZE];
 
 /* Interned attribute names. */
 #define NAMES(X) X(default) X(program) X(ops) X(pc) X(cpu) \
@@ -73,8 +69,8 @@ static unsigned char zero_page[PAGE_SIZE];
     X(zeroed) X(acquire) X(release) X(poison) X(_nfree) X(_free) X(_hint) X(capacity_pages) \
     X(_finalizer) X(alloc_calls) X(allocated_total) X(allocated) X(peak_allocated) X(rmp) \
     X(assigned) X(directmap_splits) X(as_id) X(_last_small) X(stats) X(faults) X(installs) \
-    X(exits) X(private) X(order) X(delta) X(writable) X(engine) X(backend) X(_native) X(_ctx) \
-    X(pages_encrypted) X(chunk_pages) X(_arrays) X(stack) X(errno) X(_explorer) X(_LOAD) X(native) \
+    X(exits) X(private) X(order) X(delta) X(writable) X(engine) \
+    X(pages_encrypted) X(zeros) X(_lazy) X(_lazy_lock) X(_exposed) X(stack) X(errno) X(_explorer) X(_LOAD) \
     X(__dict__) X(get)
 #define DECL(n) static PyObject *S_##n;
 NAMES(DECL)
@@ -446,32 +442,6 @@ static int set_progress(Ctx *c)
     return attr_set_ll(c->vcpu, S_progress, c->pos - c->gpa);
 }
 
-/* The pages of frames [pfn, pfn + n) as one pointer, if they lie in one chunk already mapped. */
-static int frame_ptr(Ctx *c, long long pfn, long long n, unsigned char **out)
-{
-    long long cp, cap;
-    if (attr_ll(c->pool, S_chunk_pages, &cp) || attr_ll(c->pool, S_capacity_pages, &cap) || cp <= 0)
-        return BAIL;
-    if (pfn < 0 || n <= 0 || pfn + n > cap || pfn / cp != (pfn + n - 1) / cp)
-        return BAIL;
-    PyObject *arrays = attr(c->pool, S__arrays);
-    if (arrays == NULL || !PyList_CheckExact(arrays) || pfn / cp >= PyList_GET_SIZE(arrays))
-        return BAIL;
-    PyObject *arr = PyList_GET_ITEM(arrays, pfn / cp);
-    if (arr == Py_None || !PyObject_CheckBuffer(arr))
-        return BAIL;
-    Py_buffer view;
-    if (PyObject_GetBuffer(arr, &view, PyBUF_SIMPLE | PyBUF_WRITABLE)) {
-        PyErr_Clear();
-        return BAIL;
-    }
-    long long off = (pfn - (pfn / cp) * cp) << PAGE_SHIFT;
-    int ok = view.len >= off + (n << PAGE_SHIFT);
-    *out = (unsigned char *)view.buf + off;
-    PyBuffer_Release(&view); /* the array keeps the mapping; the pool keeps the array */
-    return ok ? OK : BAIL;
-}
-
 /* arch.on_accept(pool, s, e, pfn) for one translated run: plan, then commit. */
 static int accept_run(Ctx *c, long long s, long long e, long long pfn)
 {
@@ -480,7 +450,8 @@ static int accept_run(Ctx *c, long long s, long long e, long long pfn)
         return BAIL;
     if (!c->tdx) /* SNP: the RMP's validated bit, per frame */
         return flat_set(&acc, pfn, pfn + (e - s), Py_True) ? ERR : OK;
-    /* TDX: ACCEPT clears each page not yet accepted (encrypted zeros), then marks the run. */
+    /* TDX: ACCEPT clears each page not yet accepted -- encrypted zeros, deferred to first use
+     * (EncryptionEngine.defer_zeros -> FramePool.defer) -- then marks the run. */
     long long todo[8][2];
     int ntodo = 0;
     Seg g;
@@ -501,32 +472,27 @@ static int accept_run(Ctx *c, long long s, long long e, long long pfn)
     seg_end(&g);
     if (r != 0)
         return BAIL;
-    PyObject *engine = NULL, *lock = NULL;
-    void *ctx = NULL;
-    unsigned char *dst[8];
+    PyObject *engine = NULL, *zeros = NULL, *lock = NULL;
+    Flat lazy;
     if (ntodo) {
+        long long cap;
         engine = attr(c->arch, S_engine);
-        if (engine == NULL || G.gm_pages == NULL)
-            return BAIL;
-        PyObject *backend = attr(engine, S_backend);
-        if (backend == NULL || !PyUnicode_Check(backend) || PyUnicode_CompareWithASCIIString(backend, "native"))
-            return BAIL;
-        PyObject *natives = attr(engine, S__native);
-        if (natives == NULL || !PyDict_CheckExact(natives))
-            return BAIL;
-        PyObject *enc = PyDict_GetItem(natives, Py_True);
-        PyObject *ptr = enc ? attr(enc, S__ctx) : NULL;
-        if (ptr == NULL || !PyLong_CheckExact(ptr))
-            return BAIL;
-        ctx = PyLong_AsVoidPtr(ptr);
-        if (ctx == NULL) {
+        zeros = engine ? attr(engine, S_zeros) : NULL;
+        PyObject *exposed = attr(c->pool, S__exposed), *fin = attr(c->pool, S__finalizer);
+        if (zeros == NULL || exposed == NULL || !PyAnySet_CheckExact(exposed) || PySet_GET_SIZE(exposed) != 0 ||
+            fin == NULL || G.finalize_registry == NULL || attr_ll(c->pool, S_capacity_pages, &cap))
+            return BAIL; /* a chunk's address went out (FramePool.defer decides per chunk), ... */
+        int alive = PyDict_Contains(G.finalize_registry, fin);
+        if (alive <= 0) { /* the pool is closed: the Python path raises */
             PyErr_Clear();
             return BAIL;
         }
         for (int k = 0; k < ntodo; k++)
-            if (frame_ptr(c, todo[k][0], todo[k][1], &dst[k]))
+            if (todo[k][0] < 0 || todo[k][0] + todo[k][1] > cap)
                 return BAIL;
-        lock = attr(engine, S__lock);
+        if (flat(attr(c->pool, S__lazy), &lazy))
+            return BAIL;
+        lock = attr(c->pool, S__lazy_lock);
         if (lock == NULL)
             return BAIL;
         int got = try_acquire(lock);
@@ -536,13 +502,9 @@ static int accept_run(Ctx *c, long long s, long long e, long long pfn)
     /* commit */
     long long total = 0;
     for (int k = 0; k < ntodo; k++) {
-        for (long long p = 0; p < todo[k][1]; p++) {
-            if (G.gm_pages(ctx, (uint64_t)(todo[k][0] + p), zero_page, dst[k] + (p << PAGE_SHIFT), 1,
-                           PAGE_SHIFT)) {
-                release(lock);
-                PyErr_SetString(PyExc_RuntimeError, "EVP XTS update failed");
-                return ERR;
-            }
+        if (flat_set(&lazy, todo[k][0], todo[k][0] + todo[k][1], zeros)) {
+            release(lock);
+            return ERR;
         }
         total += todo[k][1];
     }
@@ -1131,24 +1093,14 @@ static PyObject *setup(PyObject *module, PyObject *d)
         return NULL;
     }
     const char *ints[] = {"EHWPOISON", "MAX_INDEX", "EFAULT", "EIO", "ATTR_PRIVATE", "EXIT_PRIVATE",
-                          "MEM_GUEST_MEMFD", "MEM_READONLY", "gm_pages"};
+                          "MEM_GUEST_MEMFD", "MEM_READONLY"};
     long long *dst[] = {&G.ehwpoison, &G.max_index, &G.efault, &G.eio, &G.flag_private_attr,
-                        &G.flag_private_exit, &G.mem_gmem, &G.mem_readonly, NULL};
-    for (int k = 0; k < 9; k++) {
+                        &G.flag_private_exit, &G.mem_gmem, &G.mem_readonly};
+    for (int k = 0; k < 8; k++) {
         PyObject *v = PyDict_GetItemString(d, ints[k]);
         if (v == NULL) {
             PyErr_Format(PyExc_KeyError, "setup: %s missing", ints[k]);
             return NULL;
-        }
-        if (dst[k] == NULL) { /* the XTS loop's address, or None */
-            G.gm_pages = NULL;
-            if (v != Py_None) {
-                void *p = PyLong_AsVoidPtr(v);
-                if (p == NULL && PyErr_Occurred())
-                    return NULL;
-                G.gm_pages = (gm_pages_fn)(uintptr_t)p;
-            }
-            continue;
         }
         if (as_ll(v, dst[k])) {
             PyErr_Format(PyExc_TypeError, "setup: %s must be an int64", ints[k]);

@@ -63,12 +63,6 @@ def _fast_setup() -> None:
     from guestmem.model.kvm.vm import ModelVm
     from guestmem.model.mm import encryption, frames, pagecache
 
-    lib = encryption._load_native()
-    gm_pages = None
-    if lib is not None:
-        import ctypes
-
-        gm_pages = ctypes.cast(lib.lib.gm_pages, ctypes.c_void_p).value  # type: ignore[attr-defined]
     # What the C runs instead of: if any is replaced (a test's monkeypatch), the Python path runs.
     try:
         originals = tuple((owner, name, getattr(owner, name)) for owner, name in (
@@ -80,7 +74,8 @@ def _fast_setup() -> None:
             (Memslots, "lookup"), (SnpFlavour, "gmem_prepare"), (SnpFlavour, "on_accept"),
             (SnpFlavour, "mark_accepted"), (SnpFlavour, "accept_key"), (TdxFlavour, "on_accept"),
             (TdxFlavour, "gmem_prepare"), (TdxFlavour, "mark_accepted"), (TdxFlavour, "accept_key"),
-            (Rmp, "assign"), (encryption.EncryptionEngine, "fill_encrypt"),
+            (Rmp, "assign"), (encryption.EncryptionEngine, "defer_zeros"),
+            (frames.FramePool, "defer"),
             (ranges.RangeMap, "get"), (ranges.RangeMap, "set"), (ranges.RangeMap, "segments"),
         ))
         assert _fast is not None
@@ -93,7 +88,7 @@ def _fast_setup() -> None:
             "EHWPOISON": errors.EHWPOISON, "MAX_INDEX": pagecache.MAX_INDEX,
             "EFAULT": errno.EFAULT, "EIO": errno.EIO, "ATTR_PRIVATE": u.KVM_MEMORY_ATTRIBUTE_PRIVATE,
             "EXIT_PRIVATE": u.KVM_MEMORY_EXIT_FLAG_PRIVATE, "MEM_GUEST_MEMFD": u.KVM_MEM_GUEST_MEMFD,
-            "MEM_READONLY": u.KVM_MEM_READONLY, "gm_pages": gm_pages,
+            "MEM_READONLY": u.KVM_MEM_READONLY,
         })
     except (AttributeError, TypeError, KeyError, ValueError) as exc:
         _fast, _fast_why = None, f"_fastfault does not fit this tree: {exc}"

@@ -28,11 +28,15 @@ from __future__ import annotations
 
 import os
 import threading
+from typing import TYPE_CHECKING
 
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from guestmem.uapi import PAGE_SHIFT, PAGE_SIZE
+
+if TYPE_CHECKING:
+    from guestmem.model.mm.frames import FramePool
 
 CHUNK_PAGES = 256  # 1 MiB: big enough to amortise per-call costs, small beside any guest
 BLOCKS = PAGE_SIZE // 16  # AES blocks per data unit
@@ -160,6 +164,13 @@ class EncryptionEngine:
         # The cipher contexts are reused and the native loop runs without the GIL: one user at a
         # time (a vCPU's access and a conversion's content mode may come from different threads).
         self._lock = threading.Lock()
+        self.zeros = EncryptedZeros(self)
+
+    def defer_zeros(self, pool: FramePool, pfn: int, npages: int) -> None:
+        """Frames ``[pfn, pfn + npages)`` hold encrypted zero pages (a TDX ACCEPT), written when
+        first reached (:meth:`FramePool.defer`); counted in ``pages_encrypted`` now, as written."""
+        pool.defer(pfn, npages, self.zeros)
+        self.pages_encrypted += npages
 
     # --- the interface ----------------------------------------------------------------------------
     def encrypt(self, pfn: int, plaintext: np.ndarray) -> np.ndarray:
@@ -183,9 +194,10 @@ class EncryptionEngine:
     def decrypt_into(self, pfn: int, src: np.ndarray, dst: np.ndarray) -> None:
         self._apply(pfn, src, dst, encrypt=False)
 
-    def fill_encrypt(self, pfn: int, dst: np.ndarray, byte: int) -> None:
+    def fill_encrypt(self, pfn: int, dst: np.ndarray, byte: int, *, count: bool = True) -> None:
         """``dst`` (whole pages from ``pfn``) = the encryption of pages full of ``byte``: a guest's
-        page-aligned store of a pattern, without a plaintext copy of the range."""
+        page-aligned store of a pattern, without a plaintext copy of the range.  ``count=False``:
+        not counted in ``pages_encrypted`` (pages counted when their encryption was deferred)."""
         n = dst.size // PAGE_SIZE
         if n == 1:  # one page (a TDX accept, a 4 KiB store): a kept page of the byte, never written
             page = _ONE_PAGE_FILLS.get(byte)
@@ -193,12 +205,13 @@ class EncryptionEngine:
                 page = np.full(PAGE_SIZE, byte, dtype=np.uint8)
                 page.flags.writeable = False
                 _ONE_PAGE_FILLS[byte] = page
-            self.encrypt_into(pfn, page, dst)
+            self._apply(pfn, page, dst, encrypt=True, count=count)
             return
         plain = np.full(min(n, CHUNK_PAGES) * PAGE_SIZE, byte, dtype=np.uint8)
         for i in range(0, n, CHUNK_PAGES):
             m = min(CHUNK_PAGES, n - i)
-            self.encrypt_into(pfn + i, plain[: m * PAGE_SIZE], dst[i * PAGE_SIZE : (i + m) * PAGE_SIZE])
+            self._apply(pfn + i, plain[: m * PAGE_SIZE], dst[i * PAGE_SIZE : (i + m) * PAGE_SIZE],
+                        encrypt=True, count=count)
 
     # --- implementation ---------------------------------------------------------------------------
     @staticmethod
@@ -207,13 +220,16 @@ class EncryptionEngine:
         assert flat.size % PAGE_SIZE == 0, "encryption works on whole pages"
         return flat
 
-    def _apply(self, pfn: int, src: np.ndarray, dst: np.ndarray, *, encrypt: bool) -> None:
+    def _apply(self, pfn: int, src: np.ndarray, dst: np.ndarray, *, encrypt: bool,
+               count: bool = True) -> None:
         src = self._flat(src)
         assert dst.dtype == np.uint8 and dst.flags.c_contiguous and dst.size == src.size
         dst = dst.reshape(-1)
         n = src.size // PAGE_SIZE
         with self._lock:
             self._run(pfn, src, dst, n, encrypt)
+        if not count:
+            return
         if encrypt:
             self.pages_encrypted += n
         else:
@@ -256,6 +272,22 @@ class EncryptionEngine:
         got = self._cipher("enc" if encrypt else "dec").update_into(x.view(np.uint8), ws.y)  # type: ignore[attr-defined]
         assert got == x.size * 8
         np.bitwise_xor(ws.y[:got].view(U64), t, out=dst.view(U64))
+
+
+class EncryptedZeros:
+    """The filler of frames an engine's zero pages were deferred to: writes them on first access
+    (uncounted: :meth:`EncryptionEngine.defer_zeros` counted them)."""
+
+    __slots__ = ("engine",)
+
+    def __init__(self, engine: EncryptionEngine) -> None:
+        self.engine = engine
+
+    def materialize(self, pfn: int, dst: np.ndarray) -> None:
+        self.engine.fill_encrypt(pfn, dst, 0, count=False)
+
+    def __repr__(self) -> str:
+        return f"EncryptedZeros(engine at {id(self.engine):#x})"
 
 
 def scramble(frames: np.ndarray) -> None:

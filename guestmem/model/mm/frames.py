@@ -10,6 +10,15 @@ so resident memory really drops, and :meth:`FramePool.resident_bytes` reads the 
 ``fstat().st_blocks``.  Reads go through ``preadv`` so that reading a never-written frame costs
 nothing.
 
+Contents can also be *deferred* (:meth:`FramePool.defer`): a run of frames is recorded as holding
+what a filler object will write (a TDX ACCEPT's encrypted zeros), and the filler writes it the
+first time anything reaches those bytes.  Every way into frame contents -- views, reads, writes,
+fills, copies -- settles the frames it touches first, and a whole-page overwrite (or a free, or a
+punch) just forgets the deferral, so no reader can tell; the difference is that a page the guest
+accepts and never uses costs neither the host's first-touch fault nor its cipher pass.  The one
+way around the pool, a chunk's raw address handed out for another mapper (the x86 CPU's Unicorn),
+settles the chunk and turns deferral off in it for good.
+
 Free space is a :class:`~guestmem.ranges.RangeMap` of free runs (cost grows with fragmentation,
 never with pages).  Allocation is first-fit for a naturally aligned block of the requested order,
 starting from a per-order hint below which no such block is free; so consecutive allocations on a
@@ -26,6 +35,7 @@ import os
 import threading
 import weakref
 from collections.abc import Iterator
+from typing import Protocol
 
 import numpy as np
 
@@ -48,6 +58,13 @@ def _zip2(a: RangeMap, b: RangeMap, start: int, end: int) -> list[tuple[int, int
         for s2, e2, vb in b.segments(s, e):
             out.append((s2, e2, (va, vb)))
     return out
+
+
+class Filler(Protocol):
+    """What deferred frames hold: ``materialize(pfn, dst)`` writes those whole pages into ``dst``
+    (a writable uint8 view of frames ``pfn ..``).  Equal fillers merge in the deferral map."""
+
+    def materialize(self, pfn: int, dst: np.ndarray) -> None: ...
 
 
 def _is_pow2(x: int) -> bool:
@@ -111,6 +128,12 @@ class FramePool:
         self._refs: RangeMap[int] = RangeMap(0)  # extra references per frame
         self._deferred: RangeMap[bool] = RangeMap(False)  # freed by their owner, still referenced
         self._ndeferred = 0
+        # Deferred contents (see the module docstring): pfn -> the filler that writes them, or None.
+        # _lazy_lock is held while a run is written and then cleared, so a reader that finds a run
+        # pending waits for the writer instead of reading the bytes before they are there.
+        self._lazy: RangeMap[Filler | None] = RangeMap(None)
+        self._lazy_lock = threading.Lock()
+        self._exposed: set[int] = set()  # chunks whose raw address went out: no deferral there
 
     # --- allocation -----------------------------------------------------------------------------
     def alloc(self, order: int = 0) -> int:
@@ -196,7 +219,7 @@ class FramePool:
         self._check_run(pfn, npages)
         if npages == 0:
             return
-        with self._lock:
+        with self._lazy_lock, self._lock:  # _release_locked forgets deferred contents: both locks
             self._check_open()
             if self._free.any_match(pfn, pfn + npages, bool) or self._deferred.any_match(
                     pfn, pfn + npages, bool):
@@ -223,7 +246,7 @@ class FramePool:
         self._check_run(pfn, npages)
         if self.closed:
             return
-        with self._lock:
+        with self._lazy_lock, self._lock:
             if self._refs.any_match(pfn, pfn + npages, lambda v: v <= 0):
                 raise ValueError(f"reference count underflow in [{pfn:#x}, {pfn + npages:#x})")
             self._refs.update(pfn, pfn + npages, lambda v: v - 1)
@@ -239,7 +262,9 @@ class FramePool:
         return self._ndeferred
 
     def _release_locked(self, pfn: int, npages: int) -> None:
-        """Really free (punch) frames nobody references; the caller holds the lock."""
+        """Really free (punch) frames nobody references; the caller holds ``_lazy_lock`` and then
+        ``_lock`` (the order every path takes them in)."""
+        self._lazy.set(pfn, pfn + npages, None)
         punch_hole(self._fd, pfn << PAGE_SHIFT, npages << PAGE_SHIFT)
         self._free.set(pfn, pfn + npages, True)
         self._nfree += npages
@@ -309,6 +334,11 @@ class FramePool:
         mappings), which lives as long as the returned array does.
         """
         self._check_run(pfn, npages)
+        self._settle(pfn, npages)
+        return self._raw_view(pfn, npages)
+
+    def _raw_view(self, pfn: int, npages: int) -> np.ndarray:
+        """:meth:`view` without settling deferred contents (the caller has, or is writing them)."""
         c = pfn // self.chunk_pages
         if npages and (pfn + npages - 1) // self.chunk_pages != c:
             self._check_open()
@@ -320,6 +350,7 @@ class FramePool:
     def views(self, pfn: int, npages: int) -> Iterator[np.ndarray]:
         """Views covering ``[pfn, pfn + npages)`` in order, one per mapping chunk crossed."""
         self._check_run(pfn, npages)
+        self._settle(pfn, npages)
         for arr, _ in self._spans(pfn << PAGE_SHIFT, npages << PAGE_SHIFT):
             yield arr
 
@@ -353,6 +384,8 @@ class FramePool:
         if addr < 0 or addr + n > self.capacity_pages << PAGE_SHIFT:
             raise ValueError(f"physical range [{addr:#x}, {addr + n:#x}) outside the pool")
         self._check_open()
+        if n:
+            self._settle(addr >> PAGE_SHIFT, ((addr + n - 1) >> PAGE_SHIFT) + 1 - (addr >> PAGE_SHIFT))
         buf = out.data.cast("B")
         done = 0
         while done < n:
@@ -367,6 +400,7 @@ class FramePool:
             src = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
         else:
             src = np.frombuffer(data, dtype=np.uint8)
+        self._overwriting((pfn << PAGE_SHIFT) + offset, len(src))
         for arr, pos in self._spans((pfn << PAGE_SHIFT) + offset, len(src)):
             arr[:] = src[pos : pos + len(arr)]
 
@@ -376,11 +410,13 @@ class FramePool:
 
     def fill_bytes(self, pfn: int, offset: int, n: int, byte: int) -> None:
         """Set ``n`` bytes starting ``offset`` bytes into frame ``pfn`` to ``byte``."""
+        self._overwriting((pfn << PAGE_SHIFT) + offset, n)
         for arr, _ in self._spans((pfn << PAGE_SHIFT) + offset, n):
             arr.fill(byte)
 
     def copy(self, dst_pfn: int, src_pfn: int, npages: int) -> None:
         """Copy the contents of ``npages`` frames from ``src_pfn`` to ``dst_pfn`` (runs must not overlap)."""
+        self._overwriting(dst_pfn << PAGE_SHIFT, npages << PAGE_SHIFT)
         for arr, pos in self._spans(dst_pfn << PAGE_SHIFT, npages << PAGE_SHIFT):
             self.read_into(src_pfn, pos, arr)
 
@@ -394,9 +430,81 @@ class FramePool:
         if npages == 0:
             return
         self._check_open()
+        self._forget(pfn, npages)
         punch_hole(self._fd, pfn << PAGE_SHIFT, npages << PAGE_SHIFT)
         with self._lock:
             self._stats.punched_bytes += npages << PAGE_SHIFT
+
+    # --- deferred contents ----------------------------------------------------------------------
+    def defer(self, pfn: int, npages: int, filler: Filler) -> None:
+        """Frames ``[pfn, pfn + npages)`` now hold what ``filler.materialize`` writes, written when
+        something first reaches them (at once in a chunk whose raw address went out)."""
+        self._check_run(pfn, npages)
+        if npages == 0:
+            return
+        self._check_open()
+        cp = self.chunk_pages
+        if self._exposed and any(c in self._exposed for c in range(pfn // cp, (pfn + npages - 1) // cp + 1)):
+            with self._lazy_lock:
+                self._lazy.set(pfn, pfn + npages, None)
+                for arr, pos in self._spans(pfn << PAGE_SHIFT, npages << PAGE_SHIFT):
+                    filler.materialize(pfn + (pos >> PAGE_SHIFT), arr)
+            return
+        with self._lazy_lock:
+            self._lazy.set(pfn, pfn + npages, filler)
+
+    def deferred_runs(self) -> list[tuple[int, int]]:
+        """Runs ``(pfn, npages)`` whose contents are deferred (not yet written), for tests and
+        pictures."""
+        return [(s, e - s) for s, e, f in self._lazy.items() if f is not None]
+
+    def chunk_address(self, c: int) -> int:
+        """The address of chunk ``c``'s mapping, for a mapper outside the pool (the x86 CPU):
+        its deferred contents are written now, and none are deferred in it again."""
+        if not 0 <= c < len(self._arrays):
+            raise ValueError(f"chunk {c} outside the pool")
+        with self._lazy_lock:
+            self._exposed.add(c)
+        self._settle(c * self.chunk_pages, self.chunk_pages)
+        return int(self._chunk(c).ctypes.data)
+
+    def _settle(self, pfn: int, npages: int) -> None:
+        """Write the deferred contents of frames ``[pfn, pfn + npages)``, if any (O(log n) if none)."""
+        lazy = self._lazy
+        end = pfn + npages
+        if not len(lazy) or lazy.all_equal(pfn, end, None):  # nothing deferred (the usual case)
+            return
+        with self._lazy_lock:
+            for s, e, filler in list(lazy.segments(pfn, end)):
+                if filler is not None:
+                    for arr, pos in self._spans(s << PAGE_SHIFT, (e - s) << PAGE_SHIFT):
+                        filler.materialize(s + (pos >> PAGE_SHIFT), arr)
+                    lazy.set(s, e, None)
+
+    def _forget(self, pfn: int, npages: int) -> None:
+        """Drop the deferral of frames about to be overwritten whole (or freed)."""
+        lazy = self._lazy
+        end = pfn + npages
+        if not len(lazy) or lazy.all_equal(pfn, end, None):  # nothing deferred (the usual case)
+            return
+        with self._lazy_lock:
+            lazy.set(pfn, end, None)
+
+    def _overwriting(self, addr: int, n: int) -> None:
+        """Bytes ``[addr, addr + n)`` are about to be written: forget the frames they cover whole,
+        settle the (at most two) they cover in part."""
+        if n <= 0 or addr < 0 or addr + n > self.capacity_pages << PAGE_SHIFT:
+            return  # nothing to write, or _spans refuses it
+        first, last = addr >> PAGE_SHIFT, (addr + n - 1) >> PAGE_SHIFT
+        head = addr & (PAGE_SIZE - 1) != 0  # frame `first` is written in part
+        tail = (addr + n) & (PAGE_SIZE - 1) != 0  # frame `last` is written in part
+        if head:
+            self._settle(first, 1)
+        if tail:
+            self._settle(last, 1)
+        lo, hi = first + head, last + 1 - tail
+        if hi > lo:
+            self._forget(lo, hi - lo)
 
     # --- lifetime -------------------------------------------------------------------------------
     def close(self) -> None:

@@ -39,8 +39,9 @@ class TdxFlavour(EncryptedFlavour):
         for s, e, done in list(self.accepted.segments(gfn, end)):
             if done:
                 continue
-            p, n = pfn + (s - gfn), e - s
-            self.engine.fill_encrypt(p, pool.view(p, n).reshape(-1), 0)
+            # Written when first reached (FramePool.defer): a page accepted and never used costs
+            # neither the host's first-touch fault nor a cipher pass, and reads the same.
+            self.engine.defer_zeros(pool, pfn + (s - gfn), e - s)
         self.mark_accepted(gfn, end, pfn)
 
     def private_zapped(self, gfn: int, end: int) -> None:

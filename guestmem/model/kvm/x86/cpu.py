@@ -171,9 +171,7 @@ class X86Machine:
 
 
 def _pool_chunk_addr(vm: ModelVm, c: int) -> int:
-    pool = vm.system.pool
-    view = pool.view(c * pool.chunk_pages, pool.chunk_pages)
-    return int(view.ctypes.data)
+    return vm.system.pool.chunk_address(c)
 
 
 class X86Cpu:
