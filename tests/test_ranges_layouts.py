@@ -243,6 +243,44 @@ def test_a_cycle_through_a_value_is_collected():
         assert gone() is None
 
 
+class CycleNode:
+    """A value that will refer to its own map (module level: a pickle names its class)."""
+
+
+@needs_core
+@pytest.mark.parametrize("way", ["set", "after_ints", "after_clear", "copy", "pickle", "c_api"])
+def test_a_cycle_is_collected_however_the_value_entered_the_map(way):
+    """The compiled layout skips its values in tp_traverse while none was ever of a GC type (a map
+    of a million ints would otherwise cost every collection a million visits); a GC value stored
+    any way at all -- set, after int values, after clear(), through a copy or a pickle's load, or
+    the C API -- turns the visits back on, so a cycle through it is still found."""
+    with layout("c-extension", 4):
+        m: RangeMap[object] = RangeMap(0)
+        for i in range(40):
+            m.set(2 * i, 2 * i + 1, i % 3 + 1)
+        node = CycleNode()
+        if way == "after_clear":
+            m.set(100, 101, CycleNode())
+            m.clear()
+        if way == "c_api":
+            assert _capi().set(m, 500, 501, node) == 0
+            m2 = m
+        elif way in ("copy", "pickle"):
+            m.set(500, 501, node)
+            m2 = m.copy() if way == "copy" else pickle.loads(pickle.dumps(m))
+            node = m2.get(500)
+            del m
+        else:
+            m.set(500, 501, node)
+            m2 = m
+        node.map = m2  # type: ignore[attr-defined]
+        assert m2.get(500) is node
+        gone = weakref.ref(node)
+        m = m2 = node = None  # type: ignore[assignment]
+        gc.collect()
+        assert gone() is None, way
+
+
 @needs_core
 def test_an_iterator_survives_edits_of_a_small_map():
     with layout("c-extension", 512):
