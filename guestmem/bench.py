@@ -491,7 +491,7 @@ def _benches(quick: bool) -> dict[str, Callable[[], Any]]:
         "fault_and_convert": lambda: bench_vmm.bench_fault_and_convert(
             [8 * MiB, 32 * MiB] if quick else [32 * MiB, 64 * MiB, 128 * MiB, 256 * MiB],
             [GiB, 4 * GiB] if quick else [GiB, 4 * GiB, 64 * GiB], window=512 if quick else 2048,
-            repeat=2 if quick else 3, fragmented=(1 << 16,) if quick else (1 << 16, 1 << 20)),
+            repeat=3, fragmented=(1 << 16,) if quick else (1 << 16, 1 << 20)),
         "conversion_storm": lambda: bench_vmm.bench_conversion_storm(
             [8 * MiB, 32 * MiB] if quick else [8 * MiB, 32 * MiB, 128 * MiB, 512 * MiB],
             repeat=1 if quick else 2),
