@@ -369,7 +369,7 @@ def _run(scn: Scenario, plan: Plan, kvm: Kvm, machine: Machine, notes: list[str]
         # that grows without converting anything still stops at the bound.
         result = machine.run(on_sync=driver.on_sync, timeout_s=timeout_s or scn.timeout_s,
                              on_stop=[driver.barrier.abort],
-                             on_exit=lambda vid, ex: acct.check_host(f"a {ex.name} exit of vCPU {vid}"))
+                             on_exit=acct.check_host_after_exit)
         error = result.error
     else:
         machine.accounting.finish()

@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 from guestmem import uapi as u
+from guestmem.api import Exit
 from guestmem.vmm import state as st
 from guestmem.vmm.backing import RegionBacking, Strategy
 from guestmem.vmm.introspect import Introspection, Runs
@@ -216,6 +217,13 @@ class Accounting:
             if self.host_exceeded is None:
                 self.host_exceeded = message
             raise ResidentLimitExceeded(message)
+
+    def check_host_after_exit(self, vid: int, ex: Exit) -> None:
+        """:meth:`check_host` after vCPU ``vid``'s exit ``ex`` (a run loop's ``on_exit``): the
+        message naming the exit is built only when a check is due, not for every exit."""
+        if self.host_limit_bytes is None or time.monotonic() - self._host_last < HOST_CHECK_GAP_S:
+            return
+        self.check_host(f"a {ex.name} exit of vCPU {vid}")
 
     def sample(self, at: str, tid: int, *, force: bool = True) -> Residency | None:
         """Measure and check the bound.  With ``force=False`` (after each conversion) a full

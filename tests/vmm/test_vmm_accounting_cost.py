@@ -33,3 +33,25 @@ def test_measurement_in_progress_is_not_repeated(model: Kvm, make_machine: Machi
     before = m.accounting.samples
     m.convert(GPA, PAGE, True)
     assert m.accounting.samples == before
+
+
+def test_the_host_check_after_an_exit_names_it_and_is_rate_limited(model: Kvm, make_machine: MachineFactory,
+                                                                   monkeypatch) -> None:
+    """The run loop's on_exit hook: over the bound, the check stops the run naming the exit;
+    within HOST_CHECK_GAP_S of the last check it reads nothing (and builds no message)."""
+    import pytest
+
+    from guestmem.api import ExitHalt
+
+    m = make_machine(model, flavour="sw-protected")
+    acct = m.accounting
+    acct.check_host_after_exit(0, ExitHalt())  # no host limit: nothing to check
+    reads: list[int] = []
+    monkeypatch.setattr(accounting, "process_resident_bytes", lambda: reads.append(1) or 10 << 30)
+    acct.host_limit_bytes = 1 << 30
+    acct._host_last = -1e9  # the last check was long ago
+    with pytest.raises(accounting.ResidentLimitExceeded, match="after a halt exit of vCPU 3"):
+        acct.check_host_after_exit(3, ExitHalt())
+    assert len(reads) == 1 and acct.host_exceeded is not None
+    acct.check_host_after_exit(3, ExitHalt())  # just checked: within the gap, nothing read
+    assert len(reads) == 1
