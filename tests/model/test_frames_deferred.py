@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -40,6 +41,15 @@ class Pattern:
 
     def __hash__(self) -> int:
         return hash(self.seed)
+
+
+@pytest.fixture
+def pool() -> Iterator[FramePool]:
+    """A small pool (chunks of 4 frames) with every frame allocated."""
+    p = FramePool(PAGES * PAGE_SIZE, chunk_bytes=CHUNK)
+    assert p.alloc_range(PAGES) == [(0, PAGES)]
+    yield p
+    p.close()
 
 
 def _pools() -> tuple[FramePool, FramePool]:
@@ -146,56 +156,41 @@ def test_deferred_contents_read_like_contents_written_at_once(seq: list[tuple]) 
         eager.close()
 
 
-def test_defer_writes_nothing_until_reached() -> None:
-    pool = FramePool(PAGES * PAGE_SIZE, chunk_bytes=CHUNK)
-    try:
-        pool.alloc_range(PAGES)
-        f = Pattern(3)
-        pool.defer(2, 9, f)
-        assert pool.deferred_runs() == [(2, 9)]
-        assert f.pages == 0 and pool.resident_bytes() == 0
-        assert pool.read(5, 100, 10) == bytes([(5 * 7 + 3) & 0xFF]) * 10  # settles frame 5 only
-        assert f.pages == 1 and pool.deferred_runs() == [(2, 3), (6, 5)]
-        pool.fill(6, 5, 0xAA)  # whole pages overwritten: forgotten, never written
-        assert f.pages == 1 and pool.deferred_runs() == [(2, 3)]
-        pool.free(2, 3)  # freed: forgotten
-        assert pool.deferred_runs() == [] and f.pages == 1
-    finally:
-        pool.close()
+def test_defer_writes_nothing_until_reached(pool: FramePool) -> None:
+    f = Pattern(3)
+    pool.defer(2, 9, f)
+    assert pool.deferred_runs() == [(2, 9)]
+    assert f.pages == 0 and pool.resident_bytes() == 0
+    assert pool.read(5, 100, 10) == bytes([(5 * 7 + 3) & 0xFF]) * 10  # settles frame 5 only
+    assert f.pages == 1 and pool.deferred_runs() == [(2, 3), (6, 5)]
+    pool.fill(6, 5, 0xAA)  # whole pages overwritten: forgotten, never written
+    assert f.pages == 1 and pool.deferred_runs() == [(2, 3)]
+    pool.free(2, 3)  # freed: forgotten
+    assert pool.deferred_runs() == [] and f.pages == 1
 
 
-def test_an_exposed_chunk_is_settled_and_takes_no_deferral() -> None:
-    pool = FramePool(PAGES * PAGE_SIZE, chunk_bytes=CHUNK)
-    try:
-        pool.alloc_range(PAGES)
-        f = Pattern(1)
-        pool.defer(0, 8, f)  # chunks 0 and 1
-        addr = pool.chunk_address(1)
-        assert pool.deferred_runs() == [(0, 4)] and f.pages == 4
-        raw = np.ctypeslib.as_array((np.ctypeslib.ctypes.c_uint8 * CHUNK).from_address(addr))
-        assert raw[0] == (4 * 7 + 1) & 0xFF
-        pool.defer(3, 3, Pattern(2))  # crosses into the exposed chunk: written at once, all of it
-        assert pool.deferred_runs() == [(0, 3)]
-        assert raw[PAGE_SIZE] == (5 * 7 + 2) & 0xFF
+def test_an_exposed_chunk_is_settled_and_takes_no_deferral(pool: FramePool) -> None:
+    f = Pattern(1)
+    pool.defer(0, 8, f)  # chunks 0 and 1
+    addr = pool.chunk_address(1)
+    assert pool.deferred_runs() == [(0, 4)] and f.pages == 4
+    raw = np.ctypeslib.as_array((np.ctypeslib.ctypes.c_uint8 * CHUNK).from_address(addr))
+    assert raw[0] == (4 * 7 + 1) & 0xFF
+    pool.defer(3, 3, Pattern(2))  # crosses into the exposed chunk: written at once, all of it
+    assert pool.deferred_runs() == [(0, 3)]
+    assert raw[PAGE_SIZE] == (5 * 7 + 2) & 0xFF
+    with pytest.raises(ValueError):
+        pool.chunk_address(PAGES * PAGE_SIZE // CHUNK)
+
+
+def test_refused_calls_change_nothing(pool: FramePool) -> None:
+    for bad in ((-1, 2), (PAGES - 1, 2), (0, -1)):
         with pytest.raises(ValueError):
-            pool.chunk_address(PAGES * PAGE_SIZE // CHUNK)
-    finally:
-        pool.close()
-
-
-def test_refused_calls_change_nothing() -> None:
-    pool = FramePool(PAGES * PAGE_SIZE, chunk_bytes=CHUNK)
-    try:
-        pool.alloc_range(PAGES)
-        for bad in ((-1, 2), (PAGES - 1, 2), (0, -1)):
-            with pytest.raises(ValueError):
-                pool.defer(*bad, Pattern(0))
-        assert pool.deferred_runs() == []
-        pool.close()
-        with pytest.raises(ValueError):
-            pool.defer(0, 1, Pattern(0))
-    finally:
-        pool.close()
+            pool.defer(*bad, Pattern(0))
+    assert pool.deferred_runs() == []
+    pool.close()
+    with pytest.raises(ValueError):
+        pool.defer(0, 1, Pattern(0))
 
 
 class SlowPattern(Pattern):
@@ -204,71 +199,56 @@ class SlowPattern(Pattern):
         super().materialize(pfn, dst)
 
 
-def test_threads_reading_one_deferred_run_write_it_once() -> None:
-    pool = FramePool(PAGES * PAGE_SIZE, chunk_bytes=CHUNK)
-    try:
-        pool.alloc_range(PAGES)
-        f = SlowPattern(9)
-        pool.defer(0, 4, f)
-        seen: list[bytes] = []
-        threads = [threading.Thread(target=lambda: seen.append(pool.read(1, 0, 16))) for _ in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(10)
-        assert seen == [bytes([(7 + 9) & 0xFF]) * 16] * 4
-        assert f.pages == 1  # one writer; the others waited for it
-    finally:
-        pool.close()
+def test_threads_reading_one_deferred_run_write_it_once(pool: FramePool) -> None:
+    f = SlowPattern(9)
+    pool.defer(0, 4, f)
+    seen: list[bytes] = []
+    threads = [threading.Thread(target=lambda: seen.append(pool.read(1, 0, 16))) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert seen == [bytes([(7 + 9) & 0xFF]) * 16] * 4
+    assert f.pages == 1  # one writer; the others waited for it
 
 
-def test_free_while_another_thread_settles_does_not_deadlock() -> None:
-    pool = FramePool(PAGES * PAGE_SIZE, chunk_bytes=CHUNK)
-    try:
-        pool.alloc_range(PAGES)
-        stop = time.monotonic() + 1.0
-        errors: list[BaseException] = []
+def test_free_while_another_thread_settles_does_not_deadlock(pool: FramePool) -> None:
+    stop = time.monotonic() + 1.0
+    errors: list[BaseException] = []
 
-        def settle() -> None:
-            try:
-                while time.monotonic() < stop:
-                    pool.defer(0, 8, Pattern(4))
-                    pool.view(0, 8)
-            except BaseException as exc:  # pragma: no cover - reported below
-                errors.append(exc)
+    def settle() -> None:
+        try:
+            while time.monotonic() < stop:
+                pool.defer(0, 8, Pattern(4))
+                pool.view(0, 8)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
 
-        def churn() -> None:
-            try:
-                while time.monotonic() < stop:
-                    pool.free(8, 8)
-                    pool.alloc_range(8)
-            except BaseException as exc:  # pragma: no cover - reported below
-                errors.append(exc)
+    def churn() -> None:
+        try:
+            while time.monotonic() < stop:
+                pool.free(8, 8)
+                pool.alloc_range(8)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
 
-        ts = [threading.Thread(target=settle), threading.Thread(target=churn)]
-        for t in ts:
-            t.start()
-        for t in ts:
-            t.join(20)
-        assert not any(t.is_alive() for t in ts) and not errors
-    finally:
-        pool.close()
+    ts = [threading.Thread(target=settle), threading.Thread(target=churn)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(20)
+    assert not any(t.is_alive() for t in ts) and not errors
 
 
-def test_encrypted_zeros_are_the_engine_s_zero_pages_and_counted_once() -> None:
-    pool = FramePool(PAGES * PAGE_SIZE, chunk_bytes=CHUNK)
-    try:
-        pool.alloc_range(PAGES)
-        engine = EncryptionEngine(bytes(range(64)))
-        engine.defer_zeros(pool, 3, 5)
-        assert engine.pages_encrypted == 5 and pool.deferred_runs() == [(3, 5)]
-        expect = engine.encrypt(3, np.zeros(5 * PAGE_SIZE, dtype=np.uint8))
-        assert engine.pages_encrypted == 10
-        assert pool.view(3, 5).tobytes() == expect.tobytes()
-        assert engine.pages_encrypted == 10  # writing the deferred pages is not a second count
-        assert engine.decrypt(3, pool.view(3, 5)).tobytes() == bytes(5 * PAGE_SIZE)
-    finally:
-        pool.close()
+def test_encrypted_zeros_are_the_engine_s_zero_pages_and_counted_once(pool: FramePool) -> None:
+    engine = EncryptionEngine(bytes(range(64)))
+    engine.defer_zeros(pool, 3, 5)
+    assert engine.pages_encrypted == 5 and pool.deferred_runs() == [(3, 5)]
+    expect = engine.encrypt(3, np.zeros(5 * PAGE_SIZE, dtype=np.uint8))
+    assert engine.pages_encrypted == 10
+    assert pool.view(3, 5).tobytes() == expect.tobytes()
+    assert engine.pages_encrypted == 10  # writing the deferred pages is not a second count
+    assert engine.decrypt(3, pool.view(3, 5)).tobytes() == bytes(5 * PAGE_SIZE)
 
 
 @pytest.mark.parametrize("path", ["compiled", "python"])

@@ -447,8 +447,7 @@ class FramePool:
         if self._exposed and any(c in self._exposed for c in range(pfn // cp, (pfn + npages - 1) // cp + 1)):
             with self._lazy_lock:
                 self._lazy.set(pfn, pfn + npages, None)
-                for arr, pos in self._spans(pfn << PAGE_SHIFT, npages << PAGE_SHIFT):
-                    filler.materialize(pfn + (pos >> PAGE_SHIFT), arr)
+                self._write_locked(pfn, npages, filler)
             return
         with self._lazy_lock:
             self._lazy.set(pfn, pfn + npages, filler)
@@ -468,27 +467,33 @@ class FramePool:
         self._settle(c * self.chunk_pages, self.chunk_pages)
         return int(self._chunk(c).ctypes.data)
 
-    def _settle(self, pfn: int, npages: int) -> None:
-        """Write the deferred contents of frames ``[pfn, pfn + npages)``, if any (O(log n) if none)."""
+    def _none_deferred(self, pfn: int, end: int) -> bool:
+        """No frame of ``[pfn, end)`` is deferred (the usual case, answered in O(log n))."""
         lazy = self._lazy
-        end = pfn + npages
-        if not len(lazy) or lazy.all_equal(pfn, end, None):  # nothing deferred (the usual case)
+        return not len(lazy) or lazy.all_equal(pfn, end, None)
+
+    def _write_locked(self, pfn: int, npages: int, filler: Filler) -> None:
+        """``filler`` writes frames ``[pfn, pfn + npages)``, chunk by chunk; caller holds ``_lazy_lock``."""
+        for arr, pos in self._spans(pfn << PAGE_SHIFT, npages << PAGE_SHIFT):
+            filler.materialize(pfn + (pos >> PAGE_SHIFT), arr)
+
+    def _settle(self, pfn: int, npages: int) -> None:
+        """Write the deferred contents of frames ``[pfn, pfn + npages)``, if any: written first,
+        then cleared, so a reader that finds them pending waits on the lock for the writer."""
+        if self._none_deferred(pfn, pfn + npages):
             return
         with self._lazy_lock:
-            for s, e, filler in list(lazy.segments(pfn, end)):
+            for s, e, filler in list(self._lazy.segments(pfn, pfn + npages)):
                 if filler is not None:
-                    for arr, pos in self._spans(s << PAGE_SHIFT, (e - s) << PAGE_SHIFT):
-                        filler.materialize(s + (pos >> PAGE_SHIFT), arr)
-                    lazy.set(s, e, None)
+                    self._write_locked(s, e - s, filler)
+                    self._lazy.set(s, e, None)
 
     def _forget(self, pfn: int, npages: int) -> None:
         """Drop the deferral of frames about to be overwritten whole (or freed)."""
-        lazy = self._lazy
-        end = pfn + npages
-        if not len(lazy) or lazy.all_equal(pfn, end, None):  # nothing deferred (the usual case)
+        if self._none_deferred(pfn, pfn + npages):
             return
         with self._lazy_lock:
-            lazy.set(pfn, end, None)
+            self._lazy.set(pfn, pfn + npages, None)
 
     def _overwriting(self, addr: int, n: int) -> None:
         """Bytes ``[addr, addr + n)`` are about to be written: forget the frames they cover whole,
