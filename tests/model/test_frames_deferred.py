@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from guestmem.model.mm.encryption import EncryptionEngine
@@ -66,8 +66,9 @@ def _raw(pool: FramePool) -> bytes:
 
 run = st.tuples(st.integers(0, PAGES - 1), st.integers(1, PAGES)).map(
     lambda t: (t[0], min(t[1], PAGES - t[0])))
+# byte spans; some run off the end of the pool (refused with ValueError, changing nothing)
 span = st.tuples(st.integers(0, PAGES * PAGE_SIZE - 1), st.integers(1, 3 * PAGE_SIZE)).map(
-    lambda t: (t[0], min(t[1], PAGES * PAGE_SIZE - t[0])))
+    lambda t: (t[0], t[1] if t[1] % 5 == 0 else min(t[1], PAGES * PAGE_SIZE - t[0])))
 ops = st.one_of(
     st.tuples(st.just("defer"), run, st.integers(0, 2)),
     st.tuples(st.just("view"), run),
@@ -76,14 +77,22 @@ ops = st.one_of(
     st.tuples(st.just("write"), span, st.integers(0, 255)),
     st.tuples(st.just("fill_bytes"), span, st.integers(0, 255)),
     st.tuples(st.just("fill"), run, st.integers(0, 255)),
-    st.tuples(st.just("copy"), run, st.integers(0, PAGES - 1)),
+    st.tuples(st.just("copy"), st.tuples(st.integers(0, PAGES - 1), st.integers(1, 4)),
+              st.integers(0, PAGES - 1)),  # either run may go off the end: refused
     st.tuples(st.just("zero"), run),
     st.tuples(st.just("free"), run),
     st.tuples(st.just("expose"), st.integers(0, PAGES * PAGE_SIZE // CHUNK - 1)),
 )
 
 
-def _apply(pool: FramePool, op: tuple, defer: bool) -> bytes | None:
+def _apply(pool: FramePool, op: tuple, defer: bool) -> bytes | str | None:
+    try:
+        return _apply1(pool, op, defer)
+    except ValueError as exc:
+        return f"ValueError: {exc}"
+
+
+def _apply1(pool: FramePool, op: tuple, defer: bool) -> bytes | None:
     kind = op[0]
     if kind == "defer":
         (p, n), seed = op[1], op[2]
@@ -115,8 +124,8 @@ def _apply(pool: FramePool, op: tuple, defer: bool) -> bytes | None:
         return None
     if kind == "copy":
         (src, n), dst = op[1], op[2]
-        if dst + n > PAGES or (dst < src + n and src < dst + n):
-            return None  # outside the pool, or overlapping: not a valid copy
+        if dst + n <= PAGES and dst < src + n and src < dst + n:
+            return None  # overlapping: not a valid copy (one off the end is refused below)
         pool.copy(dst, src, n)
         return None
     if kind == "zero":
@@ -135,6 +144,7 @@ def _apply(pool: FramePool, op: tuple, defer: bool) -> bytes | None:
 
 @settings(max_examples=300, deadline=None)
 @given(st.lists(ops, max_size=25))
+@example([("defer", (0, 2), 1), ("copy", (15, 2), 0)])  # a refused copy must keep dst's deferral
 def test_deferred_contents_read_like_contents_written_at_once(seq: list[tuple]) -> None:
     lazy, eager = _pools()
     try:
@@ -284,3 +294,11 @@ def test_a_tdx_accept_defers_its_encrypted_zeros(path: str, monkeypatch: pytest.
     finally:
         m.close()
         kvm.close()
+
+
+def test_a_refused_copy_keeps_the_destination_s_deferral(pool: FramePool) -> None:
+    pool.defer(0, 2, Pattern(5))
+    with pytest.raises(ValueError):
+        pool.copy(0, PAGES - 1, 2)  # the source runs off the pool
+    assert pool.deferred_runs() == [(0, 2)]
+    assert pool.read(1, 0, 4) == bytes([(7 + 5) & 0xFF]) * 4

@@ -416,6 +416,9 @@ class FramePool:
 
     def copy(self, dst_pfn: int, src_pfn: int, npages: int) -> None:
         """Copy the contents of ``npages`` frames from ``src_pfn`` to ``dst_pfn`` (runs must not overlap)."""
+        self._check_run(src_pfn, npages)  # both runs checked before dst's deferral is dropped
+        self._check_run(dst_pfn, npages)
+        self._check_open()
         self._overwriting(dst_pfn << PAGE_SHIFT, npages << PAGE_SHIFT)
         for arr, pos in self._spans(dst_pfn << PAGE_SHIFT, npages << PAGE_SHIFT):
             self.read_into(src_pfn, pos, arr)
