@@ -28,7 +28,7 @@ import threading
 from collections.abc import Callable
 from typing import Protocol
 
-RANK = {"slots_lock": 10, "filemap_invalidate_lock": 20, "mmu_lock": 30, "pool_lock": 40}
+RANK = {"slots_lock": 10, "filemap_invalidate_lock": 20, "mmu_lock": 30}
 
 _get_ident = threading.get_ident
 
