@@ -302,3 +302,25 @@ def test_a_refused_copy_keeps_the_destination_s_deferral(pool: FramePool) -> Non
         pool.copy(0, PAGES - 1, 2)  # the source runs off the pool
     assert pool.deferred_runs() == [(0, 2)]
     assert pool.read(1, 0, 4) == bytes([(7 + 5) & 0xFF]) * 4
+
+
+@pytest.mark.parametrize("flavour", ["snp", "tdx"])
+def test_what_a_guest_reads_from_a_page_it_accepted_and_never_wrote(flavour: str) -> None:
+    """TDX's ACCEPT clears the page (the guest reads zeros through its key, deferred or not);
+    SNP's PVALIDATE does not, so the guest reads the decryption of whatever the frame held (a fresh
+    frame's zeros), which is not zeros: a guest must not rely on it."""
+    from guestmem import bench_vmm
+    from guestmem.guest.ops import Accept, Program, Verify
+
+    kvm, m = bench_vmm._machine(flavour, 8 << 20)
+    try:
+        m.create_vcpus(1)
+        m.load({0: Program([Accept(bench_vmm.GPA, 4 * PAGE_SIZE), Verify(bench_vmm.GPA, 4 * PAGE_SIZE, 0)])})
+        if flavour == "tdx":
+            bench_vmm._drive(m)
+        else:
+            with pytest.raises(RuntimeError, match="expected 0x00"):
+                bench_vmm._drive(m)
+    finally:
+        m.close()
+        kvm.close()
