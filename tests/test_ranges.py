@@ -6,15 +6,15 @@ skipped, saying so, when it is not built), and they are compared with each other
 tests/test_ranges_layouts.py holds the small-map side (same ``==`` calls, pickles, the C API).
 """
 
-import contextlib
 import math
 import random
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from ranges_layout import BUILT as _BUILT
+from ranges_layout import layout
 
-from guestmem import ranges
 from guestmem.ranges import RangeMap
 
 N = 48
@@ -132,20 +132,6 @@ def _check_queries(m: RangeMap[int], ref: _Ref, a: int, b: int) -> None:
 
 
 IMPLS = ["python", "c-extension"]
-_BUILT = ranges._native
-
-
-@contextlib.contextmanager
-def layout(impl: str, load: int = 512):
-    """Large maps made inside use ``impl`` and chunks of ``load``."""
-    if impl == "c-extension" and _BUILT is None:
-        pytest.skip("guestmem._rangemap is not built (no C compiler at install time)")
-    saved = ranges._native, ranges._LOAD
-    ranges._native, ranges._LOAD = (_BUILT if impl == "c-extension" else None), load
-    try:
-        yield
-    finally:
-        ranges._native, ranges._LOAD = saved
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -9,39 +9,25 @@ accelerators.  Tests that need the compiled layout are skipped, saying so, when 
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import ctypes
 import gc
 import pickle
 import weakref
-from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from ranges_layout import BUILT as _BUILT
+from ranges_layout import layout
 
-from guestmem import ranges
 from guestmem.ranges import RangeMap
 
-_BUILT = ranges._CORE
 needs_core = pytest.mark.skipif(_BUILT is None, reason="guestmem._rangemap is not built")
 
 # (implementation, _LOAD): flat only (512), flat then chunked (2), compiled (512 and 2).
 LAYOUTS = [("python", 512), ("python", 2), ("c-extension", 512), ("c-extension", 2)]
-
-
-@contextlib.contextmanager
-def layout(impl: str, load: int) -> Iterator[None]:
-    if impl == "c-extension" and _BUILT is None:
-        pytest.skip("guestmem._rangemap is not built (no C compiler at install time)")
-    saved = ranges._native, ranges._LOAD
-    ranges._native, ranges._LOAD = (_BUILT if impl == "c-extension" else None), load
-    try:
-        yield
-    finally:
-        ranges._native, ranges._LOAD = saved
 
 
 class Logged:

@@ -196,6 +196,7 @@ class ConversionManager:
             # elsewhere (the accounting) take the tracker's lock against the write below.
             old = tracker.state.get(gfn)
             if bool(old & st.PRIVATE) == to_private:
+                # (+= 0: the key exists after this request, as after the general path's count)
                 stats["pages_to_private" if to_private else "pages_to_shared"] += 0
                 stats["pages_unchanged"] += 1
                 return _PAGE_UNCHANGED
@@ -247,9 +248,7 @@ class ConversionManager:
                     else:
                         stats["private_punches_skipped"] += 1
                 stats["pages_to_shared"] += 1
-            if new != old:
-                with tracker._lock:
-                    tracker.state.set(gfn, gfn + 1, new)
+            self._set_state(gfn, old, new)
             stats["pages_unchanged"] += 0
             stats["conversions"] += 1
         self.accounting.after_conversion(_TO_PRIVATE if to_private else _TO_SHARED, tid)

@@ -416,6 +416,29 @@ static long long flat_piece_end(Flat *f, long long start, long long end)
     return r == 1 ? e : r == 0 ? end : -1;
 }
 
+/* The first index of [start, end) whose value is True, in a map of bools: OK with *at = that index
+ * (-1 if none), BAIL if a value is not a bool or the map declined. */
+static int flat_first_true(Flat *f, long long start, long long end, long long *at)
+{
+    Seg g;
+    long long s, e;
+    PyObject *v;
+    int r;
+    *at = -1;
+    if (seg_begin(&g, f, start, end))
+        return BAIL;
+    while ((r = seg_next(&g, &s, &e, &v)) == 1) {
+        if (v != Py_True && v != Py_False)
+            break;
+        if (v == Py_True) {
+            *at = s;
+            break;
+        }
+    }
+    seg_end(&g);
+    return r < 0 || (r == 1 && *at < 0) ? BAIL : OK;
+}
+
 /* RangeMap.set(start, end, value): the core's rule, with this file's C comparison (value_eq: no
  * Spte.__eq__ runs, so no Python code runs mid-commit); a Python layout's own set(). */
 static int flat_set(Flat *f, long long start_ll, long long end_ll, PyObject *value)
@@ -705,25 +728,8 @@ static int fault_one(Ctx *c, long long gfn, long long end_gfn, PyObject **res)
         if (as_ll(PyList_GET_ITEM(hint, 0), &lo) || lo >= cap)
             return BAIL;
         /* _find(1, 0): the first free frame at or after the hint */
-        Seg g;
-        long long ps, pe;
-        PyObject *v;
-        int r;
-        if (seg_begin(&g, &pfree, lo, cap))
-            return BAIL;
-        while ((r = seg_next(&g, &ps, &pe, &v)) == 1) {
-            if (v != Py_True && v != Py_False)
-                break;
-            if (v == Py_True) {
-                base_pfn = ps;
-                break;
-            }
-        }
-        seg_end(&g);
-        if (r < 0 || (r == 1 && base_pfn < 0))
-            return BAIL;
-        if (base_pfn < 0)
-            return BAIL; /* ENOMEM: the Python path raises it */
+        if (flat_first_true(&pfree, lo, cap, &base_pfn) || base_pfn < 0)
+            return BAIL; /* (none: ENOMEM, which the Python path raises) */
     }
     long long pfn = fresh ? base_pfn : i + dv;
     /* SNP gmem_prepare: the RMP assigns the frame to the guest */
@@ -735,24 +741,10 @@ static int fault_one(Ctx *c, long long gfn, long long end_gfn, PyObject **res)
         rmp = sysdict && PyDict_CheckExact(sysdict) ? PyDict_GetItem(sysdict, S_rmp) : NULL;
         if (rmp == NULL || flat(attr(rmp, S_assigned), &assigned))
             return BAIL;
-        long long rlo = pfn >> 9 << 9, rhi = rlo + 512;
-        Seg g;
-        long long ps, pe;
-        PyObject *v;
-        int r;
-        if (seg_begin(&g, &assigned, rlo, rhi))
+        long long rlo = pfn >> 9 << 9, owned_at;
+        if (flat_first_true(&assigned, rlo, rlo + 512, &owned_at))
             return BAIL;
-        while ((r = seg_next(&g, &ps, &pe, &v)) == 1) {
-            if (v != Py_True && v != Py_False)
-                break;
-            if (v == Py_True) {
-                region_owned = 1;
-                break;
-            }
-        }
-        seg_end(&g);
-        if (r < 0 || (r == 1 && !region_owned))
-            return BAIL;
+        region_owned = owned_at >= 0;
     }
     /* Mmu.install at order 0 */
     PyObject *sptes = attr(mmu, S_sptes);
