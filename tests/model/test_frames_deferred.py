@@ -324,3 +324,10 @@ def test_what_a_guest_reads_from_a_page_it_accepted_and_never_wrote(flavour: str
     finally:
         m.close()
         kvm.close()
+
+
+def test_an_empty_view_at_the_end_of_the_pool(pool: FramePool) -> None:
+    """``view(capacity, 0)`` is an empty run, not an index past the last chunk."""
+    assert pool.view(PAGES, 0).size == 0 and pool.view(3, 0).size == 0
+    with pytest.raises(ValueError):
+        pool.view(PAGES, 1)

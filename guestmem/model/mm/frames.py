@@ -339,8 +339,11 @@ class FramePool:
 
     def _raw_view(self, pfn: int, npages: int) -> np.ndarray:
         """:meth:`view` without settling deferred contents (the caller has, or is writing them)."""
+        if npages == 0:  # an empty run (even one at the pool's end, past the last chunk)
+            self._check_open()
+            return np.empty(0, dtype=np.uint8)
         c = pfn // self.chunk_pages
-        if npages and (pfn + npages - 1) // self.chunk_pages != c:
+        if (pfn + npages - 1) // self.chunk_pages != c:
             self._check_open()
             m = mmap.mmap(self._fd, npages << PAGE_SHIFT, mmap.MAP_SHARED, offset=pfn << PAGE_SHIFT)
             return np.frombuffer(m, dtype=np.uint8)
